@@ -1,0 +1,175 @@
+"""VesperLM model configuration: one frozen dataclass, the named presets, and validation.
+
+Every field is a plain Python value so a config round-trips through JSON (it is saved
+with each run and read back by `generate`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and behaviour of a VesperLM.
+
+  FlyLoRA (arXiv 2510.08396) sits in the gate/up projections of every FFN: a frozen sparse
+  random A (lora_rank x hidden, `lora_density` of each row non-zero), rank-wise top-k
+  routing that keeps `lora_topk` of the `lora_rank` ranks per token, and a trainable
+  zero-initialised B scaled by lora_alpha / lora_rank. `lora_rank=0` disables it.
+  """
+  vocab_size: int = 32768
+  hidden_size: int = 256
+  num_layers: int = 6
+  num_heads: int = 4
+  ffn_size: int = 1024
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  era_gamma: float = 0.1
+  # FlyLoRA
+  lora_rank: int = 16
+  lora_alpha: float = 32.0
+  lora_topk: int = 4  # the original's "sparsity 0.25" read as k / r
+  lora_density: float = 0.25  # non-zero fraction of each row of the frozen A
+  lora_bias_rate: float = 1e-3  # step of the gradient-free rank load-balancing bias
+  freeze_base: bool = False  # adapter-only training: only FlyLoRA B matrices train
+  # Mixture of Experts (num_experts == 0: dense FFN)
+  num_experts: int = 0
+  top_k: int = 2
+  moe_aux_weight: float = 0.01
+  # Numerics and memory
+  dtype: str = "auto"  # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  remat: str = "none"  # per-layer rematerialisation policy, one of REMAT_POLICIES
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+
+  def __post_init__(self):
+    _validate(self)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  @property
+  def lora_nonzeros_per_row(self) -> int:
+    """Non-zeros in each row of A, as the paper's reference code counts them."""
+    return max(1, int(self.hidden_size * self.lora_density))
+
+  def compute_dtype(self) -> jnp.dtype:
+    if self.dtype == "auto":
+      return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **overrides: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _validate(c: ModelConfig) -> None:
+  def need(ok: bool, field: str, why: str):
+    if not ok:
+      raise ValueError(f"ModelConfig.{field}={getattr(c, field)!r}: {why}")
+
+  for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
+               "max_seq_len"):
+    value = getattr(c, name)
+    need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+         "must be a positive integer")
+  need(c.hidden_size % c.num_heads == 0, "hidden_size",
+       f"must be divisible by num_heads={c.num_heads}")
+  need(c.head_dim % 2 == 0, "num_heads",
+       f"head_dim={c.head_dim} must be even for split-half RoPE")
+  need(c.rope_theta > 0, "rope_theta", "must be positive")
+  need(c.norm_eps > 0, "norm_eps", "must be positive")
+  need(c.init_std > 0, "init_std", "must be positive")
+  need(isinstance(c.lora_rank, int) and c.lora_rank >= 0, "lora_rank",
+       "must be an integer >= 0 (0 disables FlyLoRA)")
+  if c.lora_rank:
+    need(isinstance(c.lora_topk, int) and 1 <= c.lora_topk <= c.lora_rank, "lora_topk",
+         f"must be in [1, lora_rank={c.lora_rank}]")
+    need(0.0 < c.lora_density <= 1.0, "lora_density", "must be in (0, 1]")
+    need(c.lora_bias_rate >= 0, "lora_bias_rate", "must be >= 0")
+  need(c.lora_rank > 0 or not c.freeze_base, "freeze_base",
+       "needs FlyLoRA adapters (lora_rank > 0) to have anything to train")
+  need(isinstance(c.num_experts, int) and c.num_experts >= 0, "num_experts",
+       "must be an integer >= 0 (0 = dense FFN)")
+  if c.num_experts:
+    need(isinstance(c.top_k, int) and 1 <= c.top_k <= c.num_experts, "top_k",
+         f"must be in [1, num_experts={c.num_experts}]")
+    need(c.moe_aux_weight >= 0, "moe_aux_weight", "must be >= 0")
+  need(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+  need(c.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
+
+
+# hidden / layers / heads / ffn, from the design notes; MoE presets add experts, top-k.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024),
+    "small": dict(hidden_size=512, num_layers=8, num_heads=8, ffn_size=2048),
+    "medium": dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096),
+    "xlarge": dict(hidden_size=2048, num_layers=24, num_heads=16, ffn_size=5504),
+}
+_PRESETS["tiny-moe"] = dict(_PRESETS["tiny"], num_experts=4, top_k=2)
+_PRESETS["medium-moe"] = dict(_PRESETS["medium"], num_experts=8, top_k=2)
+_PRESETS["large-moe"] = dict(_PRESETS["large"], num_experts=16, top_k=2)
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+  """A named preset (tiny ... xlarge, *-moe; `_` and `-` are interchangeable)."""
+  key = name.replace("_", "-")
+  if key not in _PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f"model_preset({name!r}): unknown field(s) {sorted(unknown)}")
+  return ModelConfig(**{**_PRESETS[key], **overrides})
+
+
+def num_params(config: ModelConfig) -> int:
+  """Trainable parameters of `VesperLM(config)`, counted from the shapes alone.
+
+  The frozen FlyLoRA projections A and their routing biases are not parameters. With
+  `freeze_base` only the FlyLoRA up-projections B train.
+  """
+  d, f, r, h = config.hidden_size, config.ffn_size, config.lora_rank, config.num_heads
+  lora_b = 2 * r * f  # gate and up each carry a [r, f] B
+  if config.freeze_base:
+    return config.num_layers * lora_b * max(config.num_experts, 1)
+  ffn = 2 * (d * f + f) + lora_b + (f * d + d)  # gate, up (+ B), down
+  if config.is_moe:
+    ffn = d * config.num_experts + config.num_experts * ffn  # router + experts
+  head_dim = d // h
+  attention = d * 3 * h * head_dim + 3 * h * head_dim + h * head_dim * d + d
+  block = 2 * d + attention + 2 * d + ffn  # two LayerNorms (scale + bias)
+  return config.vocab_size * d + config.num_layers * block + 2 * d

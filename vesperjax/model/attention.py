@@ -1,0 +1,73 @@
+"""Multi-head causal self-attention with split-half RoPE and an optional KV cache."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vesperjax.config import ModelConfig
+from vesperjax.model.layers import param
+
+
+class KVCache(NamedTuple):
+  """Keys and values of one layer for `max_len` positions; `index` = tokens written."""
+  k: jax.Array  # [B, max_len, H, Dh]
+  v: jax.Array
+  index: jax.Array  # int32 scalar
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate the two halves of each head (GPT-NeoX "split-half" layout), in fp32.
+
+  x: [B, S, H, Dh]; positions: [B, S] integer positions.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, h, dh = config.hidden_size, config.num_heads, config.head_dim
+    self.config = config
+    self.qkv_kernel = param(rngs, (d, 3, h, dh), ("embed", None, "heads", "head_dim"),
+                            config.init_std)
+    self.qkv_bias = param(rngs, (3, h, dh), (None, "heads", "head_dim"), None)
+    self.out_kernel = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"),
+                            config.init_std)
+    self.out_bias = param(rngs, (d,), ("embed",), None)
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    dt = x.dtype
+    qkv = jnp.einsum("bsd,dthk->tbshk", x, self.qkv_kernel[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = rope(q, positions, self.config.rope_theta)
+    k = rope(k, positions, self.config.rope_theta)
+    if cache is None:
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation=self.config.attention_impl)
+    else:
+      cache, out = _attend_with_cache(q, k, v, positions, cache)
+    y = jnp.einsum("bshk,hkd->bsd", out, self.out_kernel[...].astype(dt))
+    return y + self.out_bias[...].astype(dt), cache
+
+
+def _attend_with_cache(q, k, v, positions, cache: KVCache):
+  """Write this step's keys/values at `cache.index`, then attend over all written ones."""
+  start = (0, cache.index, 0, 0)
+  k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+  v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+  key_pos = jnp.arange(k_all.shape[1])
+  mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, max_len]
+  out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                     mask=mask[:, None])
+  new = KVCache(k_all, v_all, cache.index + q.shape[1])
+  return new, out

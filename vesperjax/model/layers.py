@@ -1,0 +1,129 @@
+"""Building blocks: parameters with logical axes, LayerNorm, ERA, FlyLoRA, the GLU FFN.
+
+Every parameter carries logical axis names (`out_sharding` metadata); `vesperjax.sharding`
+maps them to mesh axes, so the model never mentions a mesh.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vesperjax.config import ModelConfig
+
+
+class FrozenProjection(nnx.Variable):
+  """FlyLoRA's fixed sparse random down-projection A: state, never a trainable Param."""
+
+
+class RoutingBias(nnx.Variable):
+  """FlyLoRA's rank load-balancing bias, updated in the forward pass without gradients."""
+
+
+def annotated(cls: type[nnx.Variable], value: jax.Array, axes) -> nnx.Variable:
+  """A variable with logical axis names; placement is left to `vesperjax.sharding`
+  (flax's eager sharding would demand a mesh at construction)."""
+  return cls(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
+  """An fp32 parameter, normal(std) or zeros (std=None), annotated with logical axes."""
+  if std is None:
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return annotated(nnx.Param, value, axes)
+
+
+def era(x: jax.Array, gamma: float) -> jax.Array:
+  """ERA activation: GELU (tanh approximation) plus gamma * softplus."""
+  return jax.nn.gelu(x, approximate=True) + gamma * jax.nn.softplus(x)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in fp32 whatever the compute dtype, returned in that dtype."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = annotated(nnx.Param, jnp.ones((dim,), jnp.float32), ("norm",))
+    self.bias = param(rngs, (dim,), ("norm",), None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x.astype(jnp.float32)
+    mean = h.mean(-1, keepdims=True)
+    var = jnp.square(h - mean).mean(-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+    return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def sparse_random_projection(key: jax.Array, n: int, r: int, nonzeros: int) -> jax.Array:
+  """FlyLoRA's A, stored transposed as [n, r]: each of the r ranks reads `nonzeros`
+  random inputs with weights drawn from N(0, 1/r^2) (the paper's initialisation)."""
+  k_pick, k_val = jax.random.split(key)
+  u = jax.random.uniform(k_pick, (r, n))
+  kth = jnp.sort(u, axis=1)[:, nonzeros - 1:nonzeros]
+  values = jax.random.normal(k_val, (r, n), jnp.float32) / r
+  return jnp.where(u <= kth, values, 0.0).T
+
+
+def rank_topk_mask(y: jax.Array, bias: jax.Array, k: int) -> jax.Array:
+  """Keep, per token, the k ranks with the largest |y + bias| (the implicit router)."""
+  _, idx = jax.lax.top_k(jnp.abs(y.astype(jnp.float32) + bias), k)
+  return jax.nn.one_hot(idx, y.shape[-1], dtype=y.dtype).sum(-2)
+
+
+def balance_step(counts: jax.Array, rate: float) -> jax.Array:
+  """Bias change that steers future tokens toward under-used ranks (sign of the gap)."""
+  return rate * jnp.sign(counts.mean(-1, keepdims=True) - counts)
+
+
+class FlyLoRALinear(nnx.Module):
+  """y = x W + b + (alpha / r) * B (topk_mask(A x) * A x), A frozen sparse random.
+
+  With `lora_rank == 0` this is a plain linear layer.
+  """
+
+  def __init__(self, d_in: int, d_out: int, config: ModelConfig, rngs: nnx.Rngs,
+               axes=("embed", "mlp")):
+    self.config = config
+    self.deterministic = False  # nnx's .eval() sets True: routing bias stays put
+    self.kernel = param(rngs, (d_in, d_out), axes, config.init_std)
+    self.bias = param(rngs, (d_out,), axes[1:], None)
+    if config.lora_rank:
+      r = config.lora_rank
+      self.lora_a = annotated(
+          FrozenProjection,
+          sparse_random_projection(rngs.params(), d_in, r, config.lora_nonzeros_per_row),
+          (axes[0], None))
+      self.lora_b = param(rngs, (r, d_out), (None, axes[1]), None)
+      self.routing_bias = annotated(RoutingBias, jnp.zeros((r,), jnp.float32), (None,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    out = x @ self.kernel[...].astype(dt) + self.bias[...].astype(dt)
+    if not self.config.lora_rank:
+      return out
+    y = x @ jax.lax.stop_gradient(self.lora_a[...]).astype(dt)
+    mask = rank_topk_mask(y, self.routing_bias[...], self.config.lora_topk)
+    if not self.deterministic:
+      counts = mask.reshape(-1, mask.shape[-1]).astype(jnp.float32).sum(0)
+      self.routing_bias[...] += balance_step(counts, self.config.lora_bias_rate)
+    lora = (y * mask) @ self.lora_b[...].astype(dt)
+    return out + jnp.asarray(self.config.lora_scale, dt) * lora
+
+
+class FeedForward(nnx.Module):
+  """GLU FFN: down(ERA(gate(x)) * up(x)); gate and up are FlyLoRA linears."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.ffn_size
+    self.gamma = config.era_gamma
+    self.gate = FlyLoRALinear(d, f, config, rngs)
+    self.up = FlyLoRALinear(d, f, config, rngs)
+    self.down_kernel = param(rngs, (f, d), ("mlp", "embed"), config.init_std)
+    self.down_bias = param(rngs, (d,), ("embed",), None)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    h = era(self.gate(x), self.gamma) * self.up(x)
+    dt = x.dtype
+    return h @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt), {}

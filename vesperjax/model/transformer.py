@@ -1,0 +1,110 @@
+"""VesperLM: tied embedding -> N pre-norm blocks (scanned) -> LayerNorm -> tied LM head."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vesperjax.config import ModelConfig
+from vesperjax.model.attention import Attention, KVCache
+from vesperjax.model.layers import FeedForward, LayerNorm, RoutingBias, param
+from vesperjax.model.moe import MoE
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  """x + Attn(LN(x)), then x + FFN-or-MoE(LN(x))."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
+    self.attn = Attention(config, rngs)
+    self.ffn_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
+    self.ffn = MoE(config, rngs) if config.is_moe else FeedForward(config, rngs)
+
+  def __call__(self, x, positions, cache=None):
+    h, cache = self.attn(self.attn_norm(x), positions, cache)
+    x = x + h
+    h, aux = self.ffn(self.ffn_norm(x))
+    return x + h, aux, cache
+
+
+class VesperLM(nnx.Module):
+  """The language model. `model(tokens)` -> (logits [B, S, V] fp32, aux dict).
+
+  The layer stack is one Block with a leading `layers` axis on every variable, run by
+  `jax.lax.scan`, so compile time does not grow with depth; `config.remat` wraps each
+  layer in `jax.checkpoint`. aux is empty for dense models; for MoE it holds the mean
+  Switch load-balancing loss over layers and the per-layer expert load [L, E].
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                       config.init_std)
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(config, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
+
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
+    hidden, aux, _ = self.hidden_states(tokens)
+    return self.logits(hidden), aux
+
+  def hidden_states(self, tokens, positions=None, cache: KVCache | None = None):
+    """Final-norm hidden states [B, S, D] (compute dtype), aux, and the updated cache.
+
+    With a cache (stacked over layers, see `init_cache`), `tokens` are written at
+    `cache.index` onward and attend to everything already in the cache.
+    """
+    c = self.config
+    dt = c.compute_dtype()
+    if positions is None:
+      start = 0 if cache is None else cache.index[0]
+      positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+
+    graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+
+    def layer(x, xs):
+      layer_params, layer_rest, layer_cache = xs
+      block = nnx.merge(graphdef, layer_params, layer_rest)
+      x, aux, layer_cache = block(x, positions, layer_cache)
+      return x, (aux, nnx.state(block, RoutingBias), layer_cache)
+
+    if c.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+    x, (aux, routing, cache) = jax.lax.scan(layer, x, (params, rest, cache))
+    nnx.update(self.blocks, routing)
+    if aux:
+      aux = {"load_balance_loss": aux["load_balance_loss"].mean(),
+             "expert_load": aux["expert_load"]}
+    return self.final_norm(x), aux, cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Tied LM head in the compute dtype, accumulated and returned in fp32."""
+    w = self.embed[...].astype(hidden.dtype)
+    return jnp.einsum("bsd,vd->bsv", hidden, w, preferred_element_type=jnp.float32)
+
+  def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    """An empty KV cache for all layers: arrays [L, B, max_len, H, Dh]."""
+    c = self.config
+    max_len = max_len or c.max_seq_len
+    shape = (c.num_layers, batch_size, max_len, c.num_heads, c.head_dim)
+    zeros = jnp.zeros(shape, c.compute_dtype())
+    return KVCache(zeros, zeros, jnp.zeros((c.num_layers,), jnp.int32))
+
+
+def trainable_filter(config: ModelConfig):
+  """The nnx filter of what trains: every Param, or only FlyLoRA's B with freeze_base."""
+  if config.freeze_base:
+    return nnx.All(nnx.Param, nnx.PathContains("lora_b"))
+  return nnx.Param

@@ -11,26 +11,34 @@ import jax
 import jax.numpy as jnp
 
 
-def _velvet_leaf(p, g, m, v, *, lr, b1, b2, eps, weight_decay, count,
-               skip_zero_grads):
-  """One leaf of ``velvet_update_reference``; math in the moments' dtype."""
-  dt = m.dtype
-  g32 = g.astype(dt)
-  lr, b1, b2, eps, weight_decay = (
-      jnp.asarray(x, dt) for x in (lr, b1, b2, eps, weight_decay))
-  t = jnp.asarray(count).astype(dt)
-  new_m = b1 * m + (1 - b1) * g32
-  new_v = b2 * v + (1 - b2) * (g32 * g32)
+def adam_moments(g, m, v, *, b1, b2, eps, t):
+  """Adam moments and bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``."""
+  new_m = b1 * m + (1 - b1) * g
+  new_v = b2 * v + (1 - b2) * (g * g)
   # Bias correction uses this step's (possibly adapted) b1, as the original.
   m_hat = new_m / (1 - b1**t)
   v_hat = new_v / (1 - b2**t)
-  u = -lr * (weight_decay * p.astype(dt) + m_hat / (jnp.sqrt(v_hat) + eps))
+  return new_m, new_v, m_hat / (jnp.sqrt(v_hat) + eps)
+
+
+def skip_where(skip, u, m, v, new_m, new_v):
+  """Where ``skip``: no update, moments unchanged (sparse_aware)."""
+  return (jnp.where(skip, jnp.zeros_like(u), u), jnp.where(skip, m, new_m),
+          jnp.where(skip, v, new_v))
+
+
+def _velvet_leaf(p, g, m, v, *, lr, b1, b2, eps, weight_decay, count,
+                 skip_zero_grads):
+  """One leaf of ``velvet_update_reference``; math in the moments' dtype."""
+  dt = m.dtype
+  g = g.astype(dt)
+  lr, b1, b2, eps, weight_decay = (
+      jnp.asarray(x, dt) for x in (lr, b1, b2, eps, weight_decay))
+  t = jnp.asarray(count).astype(dt)
+  new_m, new_v, direction = adam_moments(g, m, v, b1=b1, b2=b2, eps=eps, t=t)
+  u = -lr * (weight_decay * p.astype(dt) + direction)
   if skip_zero_grads:
-    # Lazy update: a structurally-zero gradient leaves p, m and v untouched.
-    skip = g32 == 0
-    u = jnp.where(skip, jnp.zeros_like(u), u)
-    new_m = jnp.where(skip, m, new_m)
-    new_v = jnp.where(skip, v, new_v)
+    u, new_m, new_v = skip_where(g == 0, u, m, v, new_m, new_v)
   return u.astype(p.dtype), new_m, new_v
 
 

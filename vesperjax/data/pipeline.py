@@ -1,0 +1,144 @@
+"""grain input pipeline over a token cache: windows, shuffle, shard, batch, prefetch.
+
+Training windows: the flat token stream (documents joined by EOD) is cut into
+W = (num_tokens - 1) // seq_len windows of seq_len + 1 tokens with stride seq_len
+(neighbours share one token, so every token is a target exactly once per epoch).
+Each epoch shifts all windows by a deterministic offset in [0, slack] (slack =
+num_tokens - 1 - W * seq_len < seq_len) so boundaries move between epochs, and visits
+them in a fresh seeded order (grain `shuffle` + `repeat(reseed_each_epoch=True)`).
+Windows ignore document boundaries: the EOD token tells the model where one ends.
+
+Sharding: window indices are split round-robin across processes (`ds[i::n]`) before
+shuffling, so hosts read disjoint windows; each host yields its slice of the global
+batch, int32 `[global_batch // process_count, seq_len + 1]`. Use
+`inputs, targets = x[:, :-1], x[:, 1:]`.
+
+The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()` (and
+`grain.checkpoint.CheckpointSave/Restore` under Orbax) resume exactly.
+"""
+import hashlib
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from vesperjax.data import errors
+from vesperjax.data.cache import TokenCache
+
+
+class Windows:
+  """Random-access source of seq_len+1 token windows; memmap opened lazily per process."""
+
+  def __init__(self, cache: TokenCache, seq_len: int, seed: int = 0):
+    if seq_len < 1:
+      raise errors.DataError(f"seq_len must be >= 1, got {seq_len}")
+    n = cache.num_tokens
+    if n < seq_len + 1:
+      raise errors.DatasetTooSmallError(
+          f"{cache.path}: {n} tokens, fewer than one window of seq_len + 1 = "
+          f"{seq_len + 1}; use more data or a shorter seq_len")
+    self.cache, self.seq_len, self.seed = cache, seq_len, seed
+    self.num_windows = (n - 1) // seq_len
+    self.slack = n - 1 - self.num_windows * seq_len
+
+  def __len__(self):
+    return self.num_windows
+
+  def offset(self, epoch: int) -> int:
+    if epoch == 0 or self.slack == 0:
+      return 0
+    h = hashlib.blake2b(f"{self.seed}/{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % (self.slack + 1)
+
+  def window(self, i: int, epoch: int = 0) -> np.ndarray:
+    start = self.offset(epoch) + i * self.seq_len
+    return np.asarray(self.cache.tokens[start:start + self.seq_len + 1], np.int32)
+
+
+def _shard(process_index, process_count):
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if not 0 <= pi < pc:
+    raise errors.DataError(f"process_index {pi} not in [0, {pc})")
+  return pi, pc
+
+
+def _host_batch(global_batch: int, pc: int) -> int:
+  if global_batch < 1 or global_batch % pc:
+    raise errors.DataError(
+        f"global batch {global_batch} is not a positive multiple of {pc} processes")
+  return global_batch // pc
+
+
+class _Window:
+  """map_with_index fn: (index in the repeated stream, window id) -> tokens."""
+
+  def __init__(self, windows: Windows, per_epoch: int):
+    self.windows, self.per_epoch = windows, per_epoch
+
+  def __call__(self, index, i):
+    return self.windows.window(int(i), int(index) // self.per_epoch)
+
+
+def train_dataset(cache: TokenCache, seq_len: int, global_batch: int, *, seed: int = 0,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_epochs: int | None = None, num_workers: int = 0,
+                  read_threads: int = 2, prefetch_buffer: int = 4) -> grain.IterDataset:
+  """Infinite (or `num_epochs`) shuffled batches for this host; iterate with iter()."""
+  pi, pc = _shard(process_index, process_count)
+  hb = _host_batch(global_batch, pc)
+  windows = Windows(cache, seq_len, seed)
+  ids = grain.MapDataset.range(len(windows))[pi::pc]
+  if len(ids) < hb:
+    raise errors.DatasetTooSmallError(
+        f"{cache.path}: {len(ids)} windows of {seq_len + 1} tokens per process, "
+        f"fewer than the host batch {hb}; use more data, a shorter seq_len or a "
+        f"smaller batch")
+  ds = ids.shuffle(seed=seed).repeat(num_epochs, reseed_each_epoch=True)
+  ds = ds.map_with_index(_Window(windows, len(ids)))
+  ds = ds.batch(hb, drop_remainder=True, batch_fn=np.stack)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=prefetch_buffer))
+  if num_workers > 0:
+    _mark_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def train_iterator(cache: TokenCache, seq_len: int, global_batch: int,
+                   **kw) -> grain.DatasetIterator:
+  """`iter(train_dataset(...))`: checkpointable with get_state()/set_state()."""
+  return iter(train_dataset(cache, seq_len, global_batch, **kw))
+
+
+def eval_batches(cache: TokenCache, batch_size: int, seq_len: int,
+                 num_batches: int | None = None, *, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[np.ndarray]:
+  """Deterministic validation: windows in order, no shuffle, the same every call.
+
+  `batch_size` is global; each host gets rows [pi*hb, (pi+1)*hb) of every batch.
+  `num_batches=None` covers as many full batches as the cache holds (at least one).
+  """
+  pi, pc = _shard(process_index, process_count)
+  hb = _host_batch(batch_size, pc)
+  windows = Windows(cache, seq_len)
+  available = len(windows) // batch_size
+  if available == 0:
+    raise errors.DatasetTooSmallError(
+        f"{cache.path}: {len(windows)} windows of {seq_len + 1} tokens, fewer than one "
+        f"eval batch of {batch_size}")
+  n = available if num_batches is None else min(num_batches, available)
+  for b in range(n):
+    first = b * batch_size + pi * hb
+    yield np.stack([windows.window(first + r) for r in range(hb)])
+
+
+def _mark_absl_flags_parsed():
+  """grain's mp_prefetch reads absl flags; outside absl.app they are unparsed."""
+  try:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+  except ImportError:
+    pass

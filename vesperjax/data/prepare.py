@@ -1,0 +1,88 @@
+"""The trainer's entry point: dataset spec + tokenizer spec -> token caches + tokenizer."""
+import hashlib
+import json
+import os
+import sys
+
+from vesperjax.data import errors, sources
+from vesperjax.data.cache import TokenCache, build_or_load
+from vesperjax.data.tokenizer import (BPE_MAX_BYTES, Tokenizer, byte_tokenizer,
+                                      parse_spec, train_bpe)
+
+
+def resolve_tokenizer(spec: str, dataset: str, cache_dir: str, *, text_field: str = "text",
+                      val_percent: float = 5.0, progress: bool = True) -> Tokenizer:
+  """Load / build the tokenizer; a trained BPE is saved (and reused) in cache_dir.
+
+  The BPE is trained on the training split only, so validation text never leaks in.
+  Its file name hashes the dataset and its file stats: changed data retrains it.
+  """
+  kind, vocab = parse_spec(spec)
+  if kind == "byte":
+    tok = byte_tokenizer()
+  elif kind == "file":
+    tok = Tokenizer.from_file(os.path.expanduser(spec))
+  else:
+    src = sources.open_source(dataset, "train", text_field=text_field,
+                              val_percent=val_percent)
+    ident = json.dumps([src.spec, src.fingerprint(), vocab, val_percent, text_field,
+                        BPE_MAX_BYTES])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokenizer-bpe{vocab}-{src.name}-{key}.json")
+    if os.path.isfile(path):
+      try:
+        tok = Tokenizer.from_file(path)
+        tok.path = path
+        return tok
+      except errors.TokenizerError as e:
+        print(f"retraining tokenizer: {e}", file=sys.stderr)
+    if progress:
+      print(f"training byte-level BPE (vocab {vocab}) on {src.name}:train "
+            f"(first {BPE_MAX_BYTES >> 20} MB)", file=sys.stderr)
+    tok = train_bpe(src.documents(), vocab, show_progress=progress)
+    tok.save(path)
+    tok.path = path
+    return tok
+  tok.path = None
+  return tok
+
+
+def prepare_dataset(dataset: str, tokenizer: str, cache_dir: str, split: str | None = None,
+                    *, text_field: str = "text", val_percent: float = 5.0,
+                    progress: bool = True) -> tuple[TokenCache, Tokenizer]:
+  """Token cache of one split of `dataset` (built once, then reused) and its tokenizer.
+
+  dataset: a .txt/.jsonl/.json file, a folder, or `stdlib`, optionally with `:train`,
+  `:val` or `:all` (the `split` argument wins). tokenizer: a tokenizer.json path,
+  `bpe:N` or `byte`. Raises a `DataError` subclass on bad input.
+  """
+  cache_dir = os.path.expanduser(cache_dir)
+  base, split = sources.parse_split(str(dataset), split)
+  tok = resolve_tokenizer(tokenizer, base, cache_dir, text_field=text_field,
+                          val_percent=val_percent, progress=progress)
+  src = sources.open_source(base, split, text_field=text_field, val_percent=val_percent)
+  return build_or_load(src, tok, cache_dir, progress=progress), tok
+
+
+def prepare_train_val(dataset: str, tokenizer: str, cache_dir: str, *,
+                      val_dataset: str | None = None, text_field: str = "text",
+                      val_percent: float = 5.0, progress: bool = True
+                      ) -> tuple[TokenCache, TokenCache | None, Tokenizer]:
+  """(train cache, validation cache or None if that split is empty, tokenizer).
+
+  Without `val_dataset`, both come from `dataset` by the hash split; with it, all of
+  `dataset` trains and all of `val_dataset` validates.
+  """
+  train_split = "all" if val_dataset else "train"
+  kw = dict(text_field=text_field, val_percent=val_percent, progress=progress)
+  train, tok = prepare_dataset(dataset, tokenizer, cache_dir, train_split, **kw)
+  spec = tok.path or tokenizer  # reuse the BPE just trained on the training data
+  try:
+    if val_dataset:
+      val, _ = prepare_dataset(val_dataset, spec, cache_dir, "all", **kw)
+    else:
+      val, _ = prepare_dataset(dataset, spec, cache_dir, "val", **kw)
+  except errors.EmptySourceError as e:
+    print(f"warning: no validation data ({e})", file=sys.stderr)
+    val = None
+  return train, val, tok

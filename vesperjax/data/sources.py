@@ -1,0 +1,293 @@
+"""Text sources: stream documents from .txt / .jsonl / SQuAD .json files, folders, stdlib.
+
+Everything streams `(text, ends_document)` pieces so a file larger than RAM never has
+to be held whole: a long document may arrive as several pieces, only the last of which
+has `ends_document=True` (the cache writes the end-of-document token after it).
+
+Formats (see docs/data.md):
+  .txt    documents are separated by blank lines (a line holding only whitespace).
+          A file with no blank lines is one document, streamed in ~4 MB pieces cut at
+          line ends. Any file with an unknown suffix given explicitly reads as .txt.
+  .jsonl  one JSON object per line; the document is its `text_field` (default "text").
+  .json   SQuAD: every paragraph becomes one document: title, context, then
+          "Q: ... / A: ..." lines for its questions.
+  folder  every .txt/.jsonl/.json file below it (recursive, sorted by relative path;
+          hidden files and folders skipped).
+  stdlib  the .py files of the running interpreter's standard library (tests,
+          site-packages and caches excluded), one document per file.
+
+Splits: each unit (a .txt document, a JSONL line, a SQuAD paragraph, a stdlib file) goes
+to "val" when a hash of its key (relative path + index) falls below `val_percent`
+(default 5 %), else to "train"; "all" keeps everything. So the split is deterministic,
+independent of file order, and stable when other files are added.
+"""
+import codecs
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sysconfig
+from typing import Iterator
+
+from vesperjax.data import errors
+
+Piece = tuple[str, bool]
+
+SPLITS = ("train", "val", "all")
+SUFFIXES = (".txt", ".jsonl", ".json")
+READ_BYTES = 4 << 20  # read/emit granularity for .txt; tests shrink it
+_BLANK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test",
+                "__pycache__", "__phello__"}
+
+
+def stdlib_root() -> str:
+  """Root of the embedded corpus; a function so tests can point it at a subset."""
+  return sysconfig.get_paths()["stdlib"]
+
+
+def in_split(key: str, split: str, val_percent: float) -> bool:
+  if split == "all":
+    return True
+  h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+  return ((h % 10000) < val_percent * 100) == (split == "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class File:
+  path: str  # absolute
+  rel: str  # relative to the dataset root, '/'-separated: the split/hash key
+  kind: str  # "txt" | "jsonl" | "squad" | "py"
+
+
+@dataclasses.dataclass
+class Source:
+  """A resolved dataset spec: its files and how to stream one split of them."""
+  spec: str  # canonical: "stdlib" or an absolute path
+  name: str  # short, for cache directory names
+  files: list[File]
+  split: str = "train"
+  val_percent: float = 5.0
+  text_field: str = "text"
+  explicit_file: bool = False  # a single file named on the command line
+
+  def fingerprint(self) -> list[list]:
+    """(path, size, mtime_ns) per file: what the cache compares to detect changes."""
+    out = []
+    for f in self.files:
+      try:
+        st = os.stat(f.path)
+      except OSError as e:
+        raise errors.MissingPathError(f"{f.path}: {e.strerror}") from None
+      out.append([f.rel, st.st_size, st.st_mtime_ns])
+    return out
+
+  def total_bytes(self) -> int:
+    return sum(s for _, s, _ in self.fingerprint())
+
+  def pieces(self) -> Iterator[Piece]:
+    """Stream the split's (text, ends_document) pieces, file by file, in order."""
+    for f in self.files:
+      if f.kind == "py":
+        yield from self._stdlib_file(f)
+        continue
+      if os.path.getsize(f.path) == 0:
+        if self.explicit_file:
+          raise errors.EmptySourceError(f"{f.path}: file is empty")
+        continue
+      reader = {"txt": _txt_pieces, "jsonl": self._jsonl_pieces, "squad": _squad_pieces}
+      index, keep = 0, None
+      for text, end in reader[f.kind](f):
+        if keep is None:  # first piece of a document decides its split
+          keep = in_split(f"{f.rel}#{index}", self.split, self.val_percent)
+        if keep:
+          yield text, end
+        if end:
+          index, keep = index + 1, None
+
+  def documents(self) -> Iterator[str]:
+    """Whole documents (joins pieces): for small data and tests."""
+    parts = []
+    for text, end in self.pieces():
+      parts.append(text)
+      if end:
+        yield "".join(parts)
+        parts = []
+
+  def _stdlib_file(self, f: File) -> Iterator[Piece]:
+    if not in_split(f.rel, self.split, self.val_percent):
+      return
+    try:
+      with open(f.path, encoding="utf-8") as fh:
+        text = fh.read()
+    except (UnicodeDecodeError, OSError):
+      return  # not user data: skip the odd file rather than fail
+    if text.strip():
+      yield text, True
+
+  def _jsonl_pieces(self, f: File) -> Iterator[Piece]:
+    with open(f.path, "rb") as fh:
+      for lineno, raw in enumerate(fh, 1):
+        if not raw.strip():
+          continue
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+          raise errors.DecodeError(
+              f"{f.path}:{lineno}: not valid UTF-8 (binary file?)") from None
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise errors.MalformedRecordError(
+              f"{f.path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or self.text_field not in rec:
+          raise errors.MalformedRecordError(
+              f"{f.path}:{lineno}: expected an object with a {self.text_field!r} field")
+        text = rec[self.text_field]
+        if not isinstance(text, str):
+          raise errors.MalformedRecordError(
+              f"{f.path}:{lineno}: field {self.text_field!r} is not a string")
+        if text:
+          yield text, True
+
+
+def _decoded_chunks(path: str) -> Iterator[str]:
+  """UTF-8 text of a file in READ_BYTES chunks; binary / bad UTF-8 raise DecodeError."""
+  dec = codecs.getincrementaldecoder("utf-8")("strict")
+  offset = 0
+  with open(path, "rb") as fh:
+    while True:
+      raw = fh.read(READ_BYTES)
+      if b"\0" in raw:
+        raise errors.DecodeError(
+            f"{path}: binary file (NUL byte near offset {offset + raw.index(0)})")
+      try:
+        text = dec.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        raise errors.DecodeError(
+            f"{path}: not valid UTF-8 (byte offset {offset + e.start})") from None
+      offset += len(raw)
+      if text:
+        yield text
+      if not raw:
+        return
+
+
+def _txt_pieces(f: File) -> Iterator[Piece]:
+  """Blank-line separated documents; a long one is flushed in pieces at line ends."""
+  buf, pending = "", False  # pending: part of the current document already emitted
+  for chunk in _decoded_chunks(f.path):
+    parts = _BLANK.split(buf + chunk)
+    buf = parts.pop()
+    for p in parts:
+      if pending or p.strip():
+        yield p, True
+      pending = False
+    if len(buf) > READ_BYTES:
+      # Cut at the last line end before any trailing whitespace, which may be the
+      # start of a blank-line separator split across chunks.
+      m = len(buf.rstrip())
+      cut = buf.rfind("\n", 0, m) + 1 or m
+      if cut:
+        yield buf[:cut], False
+        buf, pending = buf[cut:], True
+  if pending or buf.strip():
+    yield buf, True
+
+
+def _squad_pieces(f: File) -> Iterator[Piece]:
+  try:
+    with open(f.path, "rb") as fh:
+      raw = fh.read()
+    if b"\0" in raw:
+      raise errors.DecodeError(f"{f.path}: binary file (NUL byte)")
+    data = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    raise errors.DecodeError(f"{f.path}: not valid UTF-8 (binary file?)") from None
+  except json.JSONDecodeError as e:
+    raise errors.MalformedRecordError(
+        f"{f.path}:{e.lineno}: invalid JSON ({e.msg})") from None
+  if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+    raise errors.MalformedRecordError(
+        f"{f.path}: not a SQuAD file (expected a top-level 'data' list)")
+  for i, article in enumerate(data["data"]):
+    if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+      raise errors.MalformedRecordError(
+          f"{f.path}: data[{i}] has no 'paragraphs' list (not SQuAD format)")
+    title = str(article.get("title", "")).replace("_", " ").strip()
+    for j, para in enumerate(article["paragraphs"]):
+      if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+        raise errors.MalformedRecordError(
+            f"{f.path}: data[{i}].paragraphs[{j}] has no 'context' string")
+      yield squad_text(title, para), True
+
+
+def squad_text(title: str, para: dict) -> str:
+  """One paragraph as training text: title, context, then its Q/A pairs."""
+  lines = [title, ""] if title else []
+  lines += [para["context"].strip(), ""]
+  for qa in para.get("qas") or []:
+    if not isinstance(qa, dict) or "question" not in qa:
+      continue
+    answers = [a.get("text", "") for a in qa.get("answers") or [] if isinstance(a, dict)]
+    answer = answers[0] if answers and not qa.get("is_impossible") else "(no answer)"
+    lines += [f"Q: {str(qa['question']).strip()}", f"A: {answer.strip()}"]
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def _kind(path: str) -> str:
+  ext = os.path.splitext(path)[1].lower()
+  return {".jsonl": "jsonl", ".json": "squad"}.get(ext, "txt")
+
+
+def _stdlib_files(root: str) -> list[File]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in _STDLIB_SKIP and not d.startswith("."))
+    for name in sorted(filenames):
+      if name.endswith(".py") and not name.startswith("."):
+        path = os.path.join(dirpath, name)
+        out.append(File(path, os.path.relpath(path, root).replace(os.sep, "/"), "py"))
+  return sorted(out, key=lambda f: f.rel)
+
+
+def parse_split(spec: str, split: str | None) -> tuple[str, str]:
+  """`stdlib:val` / `data.txt:train` carry the split in the spec; an argument wins."""
+  base, sep, tail = spec.rpartition(":")
+  if sep and tail in SPLITS and (base == "stdlib" or not os.path.exists(spec)):
+    return base, split or tail
+  return spec, split or "train"
+
+
+def open_source(spec: str, split: str | None = None, *, text_field: str = "text",
+                val_percent: float = 5.0) -> Source:
+  """Resolve a dataset spec (path, folder, `stdlib`, optionally `:train`/`:val`)."""
+  spec, split = parse_split(str(spec), split)
+  if split not in SPLITS:
+    raise errors.DataError(f"unknown split {split!r} (expected one of {SPLITS})")
+  kw = dict(split=split, val_percent=val_percent, text_field=text_field)
+  if spec == "stdlib":
+    root = stdlib_root()
+    files = _stdlib_files(root)
+    if not files:
+      raise errors.EmptySourceError(f"{root}: no standard-library .py files found")
+    return Source("stdlib", "stdlib", files, **kw)
+  path = os.path.realpath(os.path.expanduser(spec))
+  if not os.path.exists(path):
+    raise errors.MissingPathError(f"{spec}: no such file or directory")
+  name = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "data"
+  if os.path.isfile(path):
+    return Source(path, name, [File(path, os.path.basename(path), _kind(path))],
+                  explicit_file=True, **kw)
+  files = []
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for fn in filenames:
+      if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in SUFFIXES:
+        p = os.path.join(dirpath, fn)
+        files.append(File(p, os.path.relpath(p, path).replace(os.sep, "/"), _kind(p)))
+  if not files:
+    raise errors.EmptySourceError(f"{spec}: no .txt/.jsonl/.json files in this folder")
+  return Source(path, name, sorted(files, key=lambda f: f.rel), **kw)

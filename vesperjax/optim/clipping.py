@@ -24,6 +24,10 @@ def global_norm(tree: Any) -> jax.Array:
                       for x in leaves))
 
 
+def _upcast(g):
+  return g.astype(jnp.promote_types(g.dtype, jnp.float32))
+
+
 def clip_by_global_norm_with_stats(
     max_norm: Optional[Any] = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -32,7 +36,9 @@ def clip_by_global_norm_with_stats(
   Same rule as ``optax.clip_by_global_norm``. ``max_norm=None`` or ``inf``
   disables clipping but still records the norm. ``max_norm`` may be a traced
   scalar (``optax.inject_hyperparams``), so it is never compared in Python.
-  Gradients keep their dtype; exact zeros stay exactly zero (sparse_aware).
+  Clipped gradients come out in fp32 (or wider): rescaling bf16 gradients and
+  rounding back would add a second bf16 rounding before the fp32 moments; under
+  jit the cast fuses into the consumer. Exact zeros stay exactly zero.
   """
 
   def init_fn(params):
@@ -46,7 +52,7 @@ def clip_by_global_norm_with_stats(
       limit = jnp.asarray(max_norm, jnp.float32)
       # min(1, limit / norm); a zero norm gives inf -> 1, an inf limit -> 1.
       scale = jnp.minimum(1.0, limit / norm)
-      updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
+      updates = jax.tree.map(lambda g: _upcast(g) * scale, updates)
     return updates, GlobalNormState(grad_norm=norm)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

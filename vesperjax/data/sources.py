@@ -177,16 +177,22 @@ def _decoded_chunks(path: str) -> Iterator[str]:
 def _txt_pieces(f: File) -> Iterator[Piece]:
   """Blank-line separated documents; a long one is flushed in pieces at line ends."""
   buf, pending = "", False  # pending: part of the current document already emitted
-  for chunk in _decoded_chunks(f.path):
-    parts = _BLANK.split(buf + chunk)
-    buf = parts.pop()
-    for p in parts:
-      if pending or p.strip():
-        yield p, True
-      pending = False
-    if len(buf) > READ_BYTES:
-      # Cut at the last line end before any trailing whitespace, which may be the
-      # start of a blank-line separator split across chunks.
+  for chunk in [*_decoded_chunks(f.path), None]:
+    s = buf if chunk is None else buf + chunk
+    # A separator running into the buffer's trailing blanks may continue in the next
+    # chunk: leave it (and what follows) in the buffer until more text arrives.
+    limit = len(s) if chunk is None else len(s.rstrip(" \t\r\f\v"))
+    pos = 0
+    for m in _BLANK.finditer(s):
+      if m.end() >= limit:
+        break
+      if pending or s[pos:m.start()].strip():
+        yield s[pos:m.start()], True
+      pos, pending = m.end(), False
+    buf = s[pos:]
+    if chunk is not None and len(buf) > READ_BYTES:
+      # Cut at the last line end before any trailing whitespace (a possible
+      # separator split across chunks).
       m = len(buf.rstrip())
       cut = buf.rfind("\n", 0, m) + 1 or m
       if cut:

@@ -168,7 +168,9 @@ def _write(source: Source, tok: Tokenizer, out: str, progress: bool) -> dict:
   fingerprint = source.fingerprint()
   n_tokens = n_docs = 0
   t0 = time.perf_counter()
-  bar = tqdm(total=sum(s for _, s, _ in fingerprint), unit="B", unit_scale=True,
+  share = {"all": 1.0, "train": 1 - source.val_percent / 100,
+           "val": source.val_percent / 100}[source.split]  # a progress estimate only
+  bar = tqdm(total=int(share * sum(s for _, s, _ in fingerprint)), unit="B", unit_scale=True,
              desc=f"tokenizing {source.name}:{source.split}", disable=not progress,
              leave=False, file=sys.stderr)
   with open(os.path.join(out, TOKENS), "wb") as ft, open(os.path.join(out, DOCS), "wb") as fd:

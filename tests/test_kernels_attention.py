@@ -1,0 +1,39 @@
+"""Attention dispatch: XLA and the Pallas flash kernel (interpret) vs naive attention."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vesperjax.kernels import attention as att
+
+
+def _qkv(shape, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(sum(shape)), 3)
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in ks]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_xla_and_auto_match_reference(causal):
+  q, k, v = _qkv((2, 24, 3, 16))
+  ref = att.attention_reference(q, k, v, causal=causal)
+  for impl in (None, "xla"):
+    np.testing.assert_allclose(att.attention(q, k, v, causal, impl), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_pallas_flash_interpret_fwd_and_grad():
+  q, k, v = _qkv((1, 32, 2, 16))
+  f = lambda q, k, v: att.attention(q, k, v, True, "pallas", interpret=True)
+  np.testing.assert_allclose(f(q, k, v), att.attention_reference(q, k, v), rtol=1e-4, atol=1e-4)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  g = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+  gr = jax.grad(loss(att.attention_reference), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, gr):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_choice_table_on_cpu():
+  q, k, v = _qkv((1, 16, 1, 8), jnp.bfloat16)
+  assert att.cudnn_supported(q, k, v)
+  assert att._choose(q, k, v, None) == "xla"  # no CUDA here
+  with pytest.raises(ValueError):
+    att.attention(q, k, v, True, "flash")

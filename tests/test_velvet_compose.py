@@ -182,3 +182,20 @@ def test_nnx_optimizer_forwards_extra_args():
   assert not np.allclose(model.kernel[...], before)
   stats = optim.velvet_stats(opt.opt_state)
   assert float(stats["perplexity_scale"]) == pytest.approx(1.3)  # small loss
+
+
+def test_state_follows_param_sharding():
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (simulated) devices")
+  mesh = jax.make_mesh((2, 2), ("a", "b"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  params = {"w": jax.device_put(jnp.ones((4, 6)), NamedSharding(mesh, P("a", "b"))),
+            "v": jax.device_put(jnp.ones((4,)), NamedSharding(mesh, P("a")))}
+  tx = optim.velvet(vocab_size=V)
+  state = tx.init(params)
+  u, state = jax.jit(tx.update)(params, state, params, loss=1.0)
+  for k in params:
+    for tree in (state[1].mu, state[1].nu, u):
+      assert tree[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim)

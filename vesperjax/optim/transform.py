@@ -62,7 +62,7 @@ def _lr_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def _zeros_moments(params, mu_dtype):
-  """fp32 (or ``mu_dtype``) zeros shaped like params: same shape -> same sharding."""
+  """fp32 (or ``mu_dtype``) zeros like params: same shape, same sharding."""
   def zeros(p):
     dt = mu_dtype or jnp.promote_types(p.dtype, jnp.float32)
     return jnp.zeros_like(p, dtype=dt)
@@ -127,7 +127,8 @@ def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay, **kw):
   else:
     flags = treedef.flatten_up_to(
         _broadcast_prefix(decay_mask, params, lambda f, _: bool(f)))
-  out_u, out_m, out_v = [None] * len(leaves), [None] * len(leaves), [None] * len(leaves)
+  n = len(leaves)
+  out_u, out_m, out_v = [None] * n, [None] * n, [None] * n
   for decay in (True, False):
     idx = [i for i, f in enumerate(flags) if f == decay]
     if not idx:

@@ -20,7 +20,6 @@ import hashlib
 from typing import Iterator
 
 import grain
-import jax
 import numpy as np
 
 from vesperjax.data import errors
@@ -57,6 +56,7 @@ class Windows:
 
 
 def _shard(process_index, process_count):
+  import jax  # lazily: the CLI and tests that pass both never pay for it
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if not 0 <= pi < pc:

@@ -39,7 +39,7 @@ def resolve_tokenizer(spec: str, dataset: str, cache_dir: str, *, text_field: st
     if progress:
       print(f"training byte-level BPE (vocab {vocab}) on {src.name}:train "
             f"(first {BPE_MAX_BYTES >> 20} MB)", file=sys.stderr)
-    tok = train_bpe(src.documents(), vocab, show_progress=progress)
+    tok = train_bpe(src.documents(), vocab)  # its bars write blank lines to stdout
     tok.save(path)
     tok.path = path
     return tok

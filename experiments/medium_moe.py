@@ -1,0 +1,15 @@
+"""medium-moe: medium with 8 experts, top-2: expert parallel over GPUs."""
+from vesperjax.run_config import default_run_config
+
+
+def get_config():
+  config = default_run_config("medium-moe")
+  config.data.seq_len = 1024
+  config.data.tokenizer = "bpe:32768"
+  config.optim.lr = 0.0004
+  config.optim.warmup_steps = 1000
+  config.train.batch_size = 32
+  config.train.max_steps = 20000
+  config.train.eval_every = 1000
+  config.train.save_every = 2000
+  return config

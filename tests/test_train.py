@@ -1,0 +1,186 @@
+"""Training: end to end, exact resume, signals, non-finite steps, CLI errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vesperjax.run_config import default_run_config, model_config
+from vesperjax.train import train
+from vesperjax.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """~150 KB of real text: a few stdlib modules, blank-line separated documents."""
+  import argparse, email, json as js  # noqa: E401
+  text = "\n\n".join(open(m.__file__).read() for m in (email, js.decoder, argparse))
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(text)
+  return str(path)
+
+
+def tiny_run(corpus, **train):
+  run = default_run_config("tiny")
+  run.model.update(dict(hidden_size=32, num_heads=2, num_layers=1, ffn_size=64,
+                        lora_rank=4, lora_topk=2))
+  run.data.update(dict(dataset=corpus, tokenizer="byte", seq_len=32))
+  run.optim.update(dict(lr=3e-3, warmup_steps=2))
+  run.train.update(dict(batch_size=8, max_steps=8, eval_every=4, save_every=4, log_every=1,
+                        eval_batches=2, sample_tokens=0))
+  run.train.update(train)
+  return run
+
+
+def losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      if "loss" in rec:
+        out[rec["step"]] = rec["loss"]
+  return out
+
+
+def test_end_to_end_run_writes_everything(corpus, tmp_path):
+  run = tiny_run(corpus, max_steps=6, sample_tokens=5, grad_accum=2)
+  assert train(run, str(tmp_path)) == 0
+  for name in ("config.json", "model_config.json", "tokenizer.json", "metrics.jsonl"):
+    assert (tmp_path / name).exists(), name
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
+  assert os.listdir(tmp_path / "best")
+  recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  steps = [r for r in recs if "loss" in r]
+  assert [r["step"] for r in steps] == list(range(1, 7))
+  for key in ("learning_rate", "b1", "entropy_scale", "perplexity_scale", "grad_norm",
+              "entropy", "perplexity"):
+    assert all(np.isfinite(r[key]) for r in steps), key
+  assert any("eval_loss" in r for r in recs)
+  assert any(tb.startswith("events") for tb in os.listdir(tmp_path / "tb"))
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  run = tiny_run(corpus, max_steps=8, save_every=100)
+  assert train(run, str(straight)) == 0
+
+  first = Trainer(run, str(split))
+  out = first.train(stop_at=4)
+  first.close()
+  assert out.step == 4
+  second = Trainer(run, str(split))
+  assert int(second.state.step) == 4
+  second.train()
+  second.close()
+
+  a, b = losses(straight), losses(split)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
+
+
+def test_workdir_with_other_model_is_refused(corpus, tmp_path):
+  assert train(tiny_run(corpus, max_steps=2), str(tmp_path)) == 0
+  other = tiny_run(corpus, max_steps=2)
+  other.model.hidden_size = 64
+  with pytest.raises(RuntimeError, match="different model.*hidden_size"):
+    Trainer(other, str(tmp_path))
+
+
+def test_batch_must_split_over_the_mesh(corpus, tmp_path):
+  with pytest.raises(RuntimeError, match="batch_size=12 must be a multiple of the 8"):
+    Trainer(tiny_run(corpus, batch_size=12), str(tmp_path))
+  assert not os.listdir(tmp_path)  # failed before touching the workdir
+
+
+def test_non_finite_step_is_skipped_and_counted(corpus, tmp_path):
+  trainer = Trainer(tiny_run(corpus), str(tmp_path))
+  batch = trainer._next_batch()
+  state, m = trainer.train_step(trainer.state, batch)
+  assert bool(m["finite"]) and int(m["skipped"]) == 0
+
+  # poison one weight: the loss turns NaN and the update must not touch anything
+  poisoned = jax.tree.map(lambda x: x, state)
+  emb = poisoned.params["embed"]
+  emb[...] = emb[...].at[:, 0].set(jnp.nan)
+  before = jax.tree.map(np.asarray, (poisoned.params, poisoned.opt_state, poisoned.rest))
+  after_state, m = trainer.train_step(poisoned, batch)
+  assert not bool(m["finite"]) and int(m["skipped"]) == 1
+  assert int(after_state.step) == 2
+  after = jax.tree.map(np.asarray, (after_state.params, after_state.opt_state,
+                                    after_state.rest))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  trainer.state = after_state
+  assert not trainer._finite()
+  trainer._save(2)
+  trainer.ckpt.wait()
+  assert trainer.ckpt.latest_step() is None  # a NaN state is never checkpointed
+  trainer.close()
+
+
+def cli(*args, timeout=240, **popen):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "vesperjax.train", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+def overrides(corpus, workdir):
+  run = tiny_run(corpus)
+  flat = [f"--config.model.{k}={v}" for k, v in run.model.items()
+          if v is not None and k != "preset"]
+  return ["--config", "experiments/tiny.py", f"--workdir={workdir}", *flat,
+          f"--config.data.dataset={corpus}", "--config.data.tokenizer=byte",
+          "--config.data.seq_len=32", "--config.train.batch_size=8",
+          "--config.train.eval_batches=1", "--config.train.sample_tokens=0"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.train.no_such_key=1"], "no_such_key"),
+    (["--config.train.batch_size=lots"], "batch_size"),
+    (["--config.optim.name=sgd"], "optim.name"),
+    (["--config.data.dataset=/no/such/file.txt"], "/no/such/file.txt"),
+    (["--config.model.num_heads=3"], "hidden_size"),
+    (["--config=experiments/no_such_preset.py"], "No such file"),
+    (["--config.train.batch_size=0"], "train.batch_size: must be positive"),
+])
+def test_cli_bad_input_is_one_line(corpus, tmp_path, extra, message):
+  r = cli(*overrides(corpus, tmp_path / "run"), *extra)
+  assert r.returncode == 2, r.stderr
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], r.stderr
+  assert r.stderr.strip().splitlines()[-1] == errors[0]
+  assert "Traceback" not in r.stderr
+
+
+def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  args = overrides(corpus, workdir) + ["--config.train.max_steps=100000",
+                                       "--config.train.save_every=100000",
+                                       "--config.train.eval_every=100000"]
+  proc = subprocess.Popen([sys.executable, "-m", "vesperjax.train", *args], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline and (not metrics.exists() or len(losses(workdir)) < 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  steps = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+  assert steps, err
+  resumed = tiny_run(corpus, max_steps=max(steps) + 2)
+  trainer = Trainer(resumed, str(workdir))
+  assert int(trainer.state.step) == max(steps)
+  out = trainer.train()
+  trainer.close()
+  assert out.step == max(steps) + 2 and np.isfinite(out.last_loss)

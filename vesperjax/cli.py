@@ -1,0 +1,66 @@
+"""What every vesperjax command shares: absl flag parsing and one-line errors.
+
+A user's mistake (unknown config key, wrong type, missing file, bad data) is reported as
+a single `error: ...` line on stderr with exit status 2; bugs still show a traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import flags
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that describe bad input rather than a bug."""
+  from vesperjax.checkpoint import CheckpointError
+  from vesperjax.trainer import RunError
+  return (ValueError, OSError, RunError, CheckpointError, flags.Error)
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return " ".join(text.split())
+
+
+def _config_file_error(e: BaseException) -> str:
+  return "cannot load --config: " + _one_line(e).rsplit("] ", 1)[-1]
+
+
+def run_cli(argv: list[str], body: Callable[[], int]) -> int:
+  """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: override of a missing key
+    print(f"error: unknown config key {_one_line(e).strip(chr(34))} in the --config "
+          "overrides", file=sys.stderr)
+    return 2
+  except (OSError, SyntaxError) as e:  # the --config file is missing or broken
+    print(f"error: {_config_file_error(e)}", file=sys.stderr)
+    return 2
+  except (flags.Error, TypeError, ValueError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  try:
+    return body()
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except user_errors() as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def load_run_config(config_flag):
+  """The parsed `--config` (with overrides applied), validated."""
+  from vesperjax.run_config import validate
+  run = config_flag.value
+  if run is None:
+    raise ValueError("--config FILE is required, e.g. --config experiments/tiny.py")
+  try:  # a config file that failed to load raises on first use
+    validate(run)
+  except (OSError, SyntaxError) as e:
+    raise ValueError(_config_file_error(e)) from None
+  return run

@@ -1,0 +1,174 @@
+"""The jit-compiled train and eval steps over a pure `TrainState` pytree.
+
+One step = `grad_accum` micro-batches scanned on device, one optimizer update. The mean
+token cross-entropy and the mean predictive entropy are computed in-graph and handed to
+Velvet as extra args; a step whose loss or gradient is not finite leaves params, optimizer
+state and model state untouched and is counted in `skipped`. Nothing syncs with the host.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from ml_collections import ConfigDict
+
+from vesperjax.config import ModelConfig
+from vesperjax.model import VesperLM, trainable_filter
+from vesperjax.optim import clip_by_global_norm_with_stats, global_norm, velvet, velvet_stats
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array  # int32: optimizer steps attempted (skipped ones included)
+  params: Any  # nnx.State of the trainable Params
+  rest: Any  # every other model variable (frozen FlyLoRA A, routing biases, ...)
+  opt_state: Any
+  rng: jax.Array  # uint32 key data, split once per step
+  skipped: jax.Array  # int32: non-finite steps skipped
+
+
+def lr_schedule(optim: ConfigDict, max_steps: int) -> optax.Schedule:
+  """Linear warmup to optim.lr, cosine decay to lr * min_lr_ratio at max_steps."""
+  warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+      decay_steps=max(max_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+
+
+def make_optimizer(optim: ConfigDict, max_steps: int,
+                   vocab_size: int) -> optax.GradientTransformationExtraArgs:
+  """Velvet (fed loss and entropy each step) or AdamW with the same clipping."""
+  schedule = lr_schedule(optim, max_steps)
+  if optim.name == "velvet":
+    return velvet(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm,
+                  entropy_adaptive=optim.entropy_adaptive,
+                  perplexity_guided=optim.perplexity_guided,
+                  sparse_aware=optim.sparse_aware, vocab_size=vocab_size,
+                  fused=optim.fused)
+  # adamw ignores the extra args; the clip records the pre-clip norm for logging
+  return optax.with_extra_args_support(optax.chain(
+      clip_by_global_norm_with_stats(optim.max_grad_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay)))
+
+
+def init_state_fn(config: ModelConfig, tx: optax.GradientTransformation):
+  """(graphdef, init(rng_key) -> TrainState); jit `init` to build the state in place."""
+  filt = trainable_filter(config)
+  graphdef = nnx.split(nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0))),
+                       filt, ...)[0]
+
+  def init(key: jax.Array) -> TrainState:
+    init_key, state_key = jax.random.split(key)
+    model = VesperLM(config, rngs=nnx.Rngs(init_key))
+    _, params, rest = nnx.split(model, filt, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=tx.init(params), rng=jax.random.key_data(state_key),
+                      skipped=jnp.zeros((), jnp.int32))
+
+  return graphdef, init
+
+
+def token_losses(model: VesperLM, tokens: jax.Array, valid_vocab: int, fused: bool):
+  """Per-token cross-entropy and predictive entropy (nats) of next-token prediction.
+
+  tokens: [B, S+1]. Logits of ids >= valid_vocab (vocab padding) are masked out.
+  """
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  hidden, aux, _ = model.hidden_states(inputs)
+  if fused:
+    from vesperjax.kernels.cross_entropy import linear_cross_entropy
+    w = model.embed[...].astype(hidden.dtype)
+    loss, entropy = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w,
+                                         targets.reshape(-1), valid_vocab=valid_vocab)
+  else:
+    logits = model.logits(hidden).reshape(-1, model.config.vocab_size)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
+    logp = jax.nn.log_softmax(logits)
+    loss = -jnp.take_along_axis(logp, targets.reshape(-1, 1), -1)[:, 0]
+    entropy = -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), -1)
+  return loss, entropy, aux
+
+
+def make_train_step(graphdef, config: ModelConfig, tx, *, valid_vocab: int,
+                    fused_loss: bool = True) -> Callable:
+  """train_step(state, batch [grad_accum, B, S+1] int32) -> (state, metrics)."""
+  filt = trainable_filter(config)
+
+  def loss_fn(params, rest, tokens):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    loss, entropy, aux = token_losses(model, tokens, valid_vocab, fused_loss)
+    ce = loss.mean()
+    total = ce
+    if aux:
+      total = total + config.moe_aux_weight * aux["load_balance_loss"]
+    new_rest = nnx.state(model, nnx.Not(filt))
+    return total, (ce, jax.lax.stop_gradient(entropy.mean()), aux, new_rest)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: jax.Array):
+    def micro(carry, tokens):
+      grads_sum, rest = carry
+      (_, (ce, entropy, aux, rest)), grads = grad_fn(state.params, rest, tokens)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, rest), (ce, entropy, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, rest), (ce, entropy, aux) = jax.lax.scan(micro, (zeros, state.rest), batch)
+    grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+    loss, entropy = ce.mean(), entropy.mean()
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   loss=loss, entropy=entropy)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params),
+        rest=keep(rest, state.rest), opt_state=keep(opt_state, state.opt_state),
+        rng=rng, skipped=state.skipped + (~finite).astype(jnp.int32))
+
+    metrics = {"loss": loss, "entropy": entropy, "grad_norm": grad_norm,
+               "finite": finite, "skipped": new_state.skipped}
+    metrics.update({k: v for k, v in velvet_stats(opt_state).items() if k != "grad_norm"})
+    if aux:
+      metrics["moe_balance_loss"] = aux["load_balance_loss"].mean()
+      metrics["expert_load"] = aux["expert_load"].mean(0)  # [L, E]
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, *, valid_vocab: int, fused_loss: bool = True) -> Callable:
+  """eval_step(state, tokens [B, S+1]) -> summed token loss, token count (no state change)."""
+  def eval_step(state: TrainState, tokens: jax.Array):
+    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model.eval()
+    loss, _, _ = token_losses(model, tokens, valid_vocab, fused_loss)
+    return loss.sum(), jnp.asarray(loss.size, jnp.float32)
+
+  return eval_step
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating leaf is finite: guards checkpoints against NaN states."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x active matmul params + causal attention scores."""
+  d, f, L = config.hidden_size, config.ffn_size, config.num_layers
+  ffn = 3 * d * f + 2 * config.lora_rank * f + 2 * d * config.lora_rank
+  if config.is_moe:
+    ffn = config.top_k * ffn + d * config.num_experts
+  matmul = L * (4 * d * d + ffn) + config.vocab_size * d  # + tied LM head
+  attention = L * 2 * seq_len * d  # QK^T and AV, causal half of 2 * 2 * S * d
+  return 6.0 * matmul + 3.0 * attention

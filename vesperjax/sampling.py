@@ -30,7 +30,8 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature=1.0, top_k=0,
   temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
   then only the `top_k` most likely tokens (0 = all) are kept, then the smallest set
   of those whose renormalised probability reaches `top_p` (the most likely token is
-  always kept). All three may be traced values: changing them does not recompile.
+  always kept; tokens tied with the cut-off value are kept too). All three may be
+  traced values: changing them does not recompile.
   """
   logits = jnp.asarray(logits, jnp.float32)
   temperature = jnp.asarray(temperature, jnp.float32)
@@ -50,21 +51,46 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature=1.0, top_k=0,
 
 
 def _filter_top_k_top_p(scaled, top_k, top_p):
-  """-inf outside the top-k / top-p set. Works in sorted order so ties cannot let more
-  than k tokens through (ties go to the lower token id, as a stable sort orders them)."""
+  """-inf outside the top-k, then top-p, set of each row.
+
+  No sort: XLA's CPU sort of a 8k vocabulary cost ~5 ms a token, while finding each
+  cut-off by bisection over the float bit patterns (32 masked reductions) costs ~0.3
+  ms and is exact. Tokens tied with the k-th value are all kept (a sort would break
+  the tie by index).
+  """
   vocab = scaled.shape[-1]
-  order = jnp.argsort(-scaled, axis=-1, stable=True)
-  ranked = jnp.take_along_axis(scaled, order, axis=-1)
-  rank = jnp.arange(vocab)
+  keys = _ordered_key(scaled)
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  keep = rank < k
-  probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = keep & ((mass_before < top_p) | (rank == 0))
-  ranked = jnp.where(keep, ranked, -jnp.inf)
-  # Scatter back to vocabulary order.
-  inverse = jnp.argsort(order, axis=-1)
-  return jnp.take_along_axis(ranked, inverse, axis=-1)
+  keep = keys >= _largest_threshold(keys, lambda m: m.sum(-1) >= k)[..., None]
+  probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+  # Nucleus: the most likely tokens whose mass reaches top_p = probs >= the largest
+  # cut-off whose kept mass is still >= top_p (never above the top token).
+  pkeys = jax.lax.bitcast_convert_type(probs, jnp.uint32)  # order-preserving for p >= 0
+  cut = _largest_threshold(pkeys, lambda m: jnp.where(m, probs, 0.0).sum(-1) >= top_p)
+  keep = keep & (pkeys >= jnp.minimum(cut, pkeys.max(-1))[..., None])
+  return jnp.where(keep, scaled, -jnp.inf)
+
+
+def _ordered_key(x):
+  """uint32 keys in the same order as the float32 values."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  bits = bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))  # negative floats: reverse order
+  return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _largest_threshold(keys, enough):
+  """Per row, the largest t with enough(keys >= t), by bisection over uint32
+  (`enough` must hold for t = 0 or the answer is 0: keep everything)."""
+  lo = jnp.zeros(keys.shape[:-1], jnp.uint32)
+  hi = keys.max(-1) + jnp.uint32(1)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = enough(keys >= mid[..., None])
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  return jax.lax.fori_loop(0, 32, body, (lo, hi), unroll=True)[0]
 
 
 def _inference_model(graphdef, state):
@@ -117,7 +143,7 @@ def _decode_step(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
   return _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, num_steps):
   """All remaining tokens in one `lax.while_loop`; stops early once every row is done."""
   out = jnp.zeros((tok.shape[0], cache.k.shape[2]), jnp.int32).at[:, 0].set(tok)

@@ -1,0 +1,186 @@
+"""`python -m vesperjax.generate --workdir RUN --prompt "def " [--max-tokens 100] ...`.
+
+Loads a run's model, tokenizer and checkpoint (latest, `--step N`, or `--best`) and
+streams the continuation of each prompt to stdout as it is sampled, stopping at the
+tokenizer's end-of-document token or after --max-tokens. A prompt too long for the
+model keeps its newest tokens (truncated from the left, with a note on stderr). Bad
+input ends with one `error:` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import flags
+
+from vesperjax.cli import _one_line, user_errors
+
+# Own FlagValues: the train and benchmark CLIs define flags of the same names, and
+# tests import them all into one process.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by vesperjax.train.",
+                               flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
+                             flag_values=FLAGS)
+_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest eval loss.",
+                          flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.", flag_values=FLAGS)
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts-file", None, "File with one prompt per line (blank lines skipped); each "
+    "is continued in turn.", flag_values=FLAGS)
+_MAX_TOKENS = flags.DEFINE_integer("max-tokens", 100, "Most new tokens per prompt.",
+                                   flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy).",
+                                  flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer("top-k", 0, "Keep the k most likely tokens (0: all).",
+                              flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top-p", 0.95, "Nucleus sampling mass (1: off).",
+                            flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+
+
+class TextStream:
+  """Turns a growing list of token ids into printable text deltas.
+
+  Byte-level BPE tokens can end inside a UTF-8 character; the decoder shows that as
+  U+FFFD, so a delta ending in it is held back until the next token completes it.
+  """
+
+  def __init__(self, tokenizer, out=None):
+    self.tokenizer, self.out = tokenizer, out or sys.stdout
+    self.ids: list[int] = []
+    self.printed = ""
+
+  def push(self, token_id: int) -> str:
+    self.ids.append(int(token_id))
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+      return ""
+    delta = text[len(self.printed):] if text.startswith(self.printed) else text
+    self.printed = text
+    self.out.write(delta)
+    self.out.flush()
+    return delta
+
+  def finish(self) -> str:
+    """Whatever was held back (an incomplete character at the very end)."""
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    delta = text[len(self.printed):] if text.startswith(self.printed) else ""
+    self.out.write(delta)
+    self.out.flush()
+    self.printed = text
+    return delta
+
+
+def _prompts() -> list[str]:
+  if _PROMPT.value is not None and _PROMPTS_FILE.value is not None:
+    raise ValueError("give --prompt or --prompts-file, not both")
+  if _PROMPTS_FILE.value is not None:
+    path = _PROMPTS_FILE.value
+    if not os.path.isfile(path):
+      raise ValueError(f"--prompts-file {path}: no such file")
+    with open(path, encoding="utf-8", errors="strict") as f:
+      try:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+      except UnicodeDecodeError:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text") from None
+    if not prompts:
+      raise ValueError(f"--prompts-file {path}: no prompts (every line is blank)")
+    return prompts
+  if _PROMPT.value is None:
+    raise ValueError("give --prompt TEXT (or --prompts-file FILE)")
+  return [_PROMPT.value]
+
+
+def _load(workdir: str, step: int | None, best: bool):
+  from vesperjax.checkpoint import CheckpointError, load_model
+  if not workdir:
+    raise ValueError("--workdir RUN is required (a directory written by vesperjax.train)")
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir}: no such directory")
+  if step is not None and step < 0:
+    raise ValueError(f"--step {step}: must be >= 0")
+  try:
+    return load_model(workdir, step, best=best)
+  except user_errors():
+    raise
+  except Exception as e:  # orbax/tensorstore on a damaged or foreign directory
+    raise CheckpointError(f"cannot load a checkpoint from {workdir}: {_one_line(e)}") from None
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> list[int]:
+  """The newest tokens of `ids` that leave room for max_new_tokens."""
+  room = max_seq_len - max_new_tokens
+  if room < 1:
+    raise ValueError(f"--max-tokens {max_new_tokens} leaves no room for a prompt in the "
+                     f"model's max_seq_len of {max_seq_len}")
+  return ids[-room:]
+
+
+def run() -> int:
+  from vesperjax.sampling import generate
+
+  prompts = _prompts()
+  if _MAX_TOKENS.value < 1:
+    raise ValueError(f"--max-tokens {_MAX_TOKENS.value}: must be >= 1")
+  if not _TEMPERATURE.value >= 0:
+    raise ValueError(f"--temperature {_TEMPERATURE.value}: must be >= 0")
+  if _TOP_K.value < 0:
+    raise ValueError(f"--top-k {_TOP_K.value}: must be >= 0 (0: off)")
+  if not 0 < _TOP_P.value <= 1:
+    raise ValueError(f"--top-p {_TOP_P.value}: must be in (0, 1]")
+  model, tokenizer, _ = _load(_WORKDIR.value, _STEP.value, _BEST.value)
+  max_len = model.config.max_seq_len
+  for i, text in enumerate(prompts):
+    ids = tokenizer.encode(text) or [tokenizer.eod_id]
+    fitted = fit_prompt(ids, _MAX_TOKENS.value, max_len)
+    if len(fitted) < len(ids):
+      print(f"note: prompt truncated to its last {len(fitted)} of {len(ids)} tokens "
+            f"(max_seq_len {max_len})", file=sys.stderr)
+    if i:
+      sys.stdout.write("\n\n")
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    stream = TextStream(tokenizer)
+    times = []
+
+    def on_token(t):
+      times.append(time.perf_counter())
+      stream.push(t[0])
+
+    start = time.perf_counter()
+    out = generate(model, [fitted], max_new_tokens=_MAX_TOKENS.value,
+                   temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                   seed=_SEED.value + i, eos_id=tokenizer.eod_id, on_token=on_token)
+    stream.finish()
+    n = out.shape[1]
+    rate = f", then {(n - 1) / (times[-1] - times[0]):.1f} tokens/s" if n > 1 else ""
+    print(f"\n[{n} tokens; first after {times[0] - start:.2f} s (prefill, compile on "
+          f"first use){rate}]", file=sys.stderr)
+  sys.stdout.write("\n")
+  return 0
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  argv = sys.argv if argv is None else argv
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  try:
+    return run()
+  except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    return 130
+  except user_errors() as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  finally:
+    FLAGS.unparse_flags()  # main() may be called again in the same process (tests)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -46,6 +46,10 @@ class ModelConfig:
   num_experts: int = 0
   top_k: int = 2
   moe_aux_weight: float = 0.01
+  # Per-expert capacity = ceil(factor * tokens * top_k / num_experts) over the tokens of
+  # one device (of the whole batch without a mesh); assignments beyond it are dropped
+  # (counted in aux "dropped_tokens"). None = dropless.
+  moe_capacity_factor: float | None = None
   # Numerics and memory
   dtype: str = "auto"  # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
   remat: str = "none"  # per-layer rematerialisation policy, one of REMAT_POLICIES
@@ -125,6 +129,10 @@ def _validate(c: ModelConfig) -> None:
     need(isinstance(c.top_k, int) and 1 <= c.top_k <= c.num_experts, "top_k",
          f"must be in [1, num_experts={c.num_experts}]")
     need(c.moe_aux_weight >= 0, "moe_aux_weight", "must be >= 0")
+    need(c.moe_capacity_factor is None or (
+        isinstance(c.moe_capacity_factor, (int, float))
+        and not isinstance(c.moe_capacity_factor, bool) and c.moe_capacity_factor > 0),
+         "moe_capacity_factor", "must be None (dropless) or a positive number")
   need(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
   need(c.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
 

@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -119,6 +120,45 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh) -> P
   while spec and spec[-1] is None:
     spec.pop()
   return P(*spec)
+
+
+def ambient_mesh():
+  """The mesh set by `jax.set_mesh` (abstract inside jit), or None."""
+  try:
+    mesh = jax.sharding.get_abstract_mesh()
+  except Exception:  # noqa: BLE001
+    return None
+  return None if mesh is None or getattr(mesh, "empty", True) else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pin an activation's sharding by logical axes under the ambient mesh (no-op without).
+
+  Without such pins XLA may keep activations sharded like the weights that produced
+  them (e.g. on `embed` under FSDP) and all-gather the full batch each layer. Use
+  ("batch", None, None) for [B, S, D] hidden states.
+  """
+  mesh = ambient_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over the last axis, as k argmax passes.
+
+  XLA's SPMD partitioner does not split TopK along batch dimensions (it all-gathers the
+  whole operand: measured on jax 0.10 CPU); argmax is a reduction and partitions. Same
+  values and indices as lax.top_k (ties to the lower index); meant for small k.
+  """
+  idx = []
+  masked = x
+  for _ in range(k):
+    i = jnp.argmax(masked, axis=-1)
+    idx.append(i)
+    masked = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, masked)
+  idx = jnp.stack(idx, -1).astype(jnp.int32)
+  return jnp.take_along_axis(x, idx, -1), idx
 
 
 def _logical_axes(variable) -> tuple | None:

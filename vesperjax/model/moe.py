@@ -23,6 +23,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vesperjax.config import ModelConfig
+from vesperjax.sharding import ambient_mesh, batch_axes
+from vesperjax.sharding import top_k as partitionable_top_k
 from vesperjax.model.layers import (FrozenProjection, RoutingBias, annotated, balance_step,
                                     era, param, rank_topk_mask, sparse_random_projection)
 
@@ -82,11 +84,16 @@ class ExpertFlyLoRA(nnx.Module):
     return out
 
 
+# Set False to make every MoE fall back to the local path even under an expert mesh
+# (XLA then gathers expert weights; used by benchmarks/sharding_moe.py to compare).
+EXPERT_PARALLEL = True
+
+
 def route(x, router, top_k: int):
   """Router probabilities [T, E] (fp32), top-k experts [T, k] and renormalised weights."""
   probs = jax.nn.softmax(
       jnp.dot(x, router.astype(x.dtype), preferred_element_type=jnp.float32), -1)
-  top_p, top_e = jax.lax.top_k(probs, top_k)
+  top_p, top_e = partitionable_top_k(probs, top_k)
   return probs, top_e, top_p / top_p.sum(-1, keepdims=True)
 
 
@@ -110,13 +117,8 @@ def position_in_expert(flat_e, num_experts: int):
 
 def expert_mesh(num_experts: int):
   """The ambient (abstract) mesh when it has an `expert` axis > 1 dividing the experts."""
-  try:
-    mesh = jax.sharding.get_abstract_mesh()
-  except Exception:  # noqa: BLE001
-    return None
-  if mesh is None or getattr(mesh, "empty", True):
-    return None
-  ep = dict(mesh.shape).get("expert", 1)
+  mesh = ambient_mesh()
+  ep = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
   return mesh if ep > 1 and num_experts % ep == 0 else None
 
 
@@ -140,7 +142,7 @@ class MoE(nnx.Module):
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     mesh = expert_mesh(self.config.num_experts)
-    if mesh is not None and x.shape[0] % _batch_devices(mesh) == 0:
+    if EXPERT_PARALLEL and mesh is not None and x.shape[0] % _batch_devices(mesh) == 0:
       y, aux = self._expert_parallel(x, mesh)
     else:
       y, aux = self._local(x)
@@ -189,7 +191,7 @@ class MoE(nnx.Module):
     """Tokens split over the batch axes, experts over `expert`: all_to_all dispatch."""
     c = self.config
     sizes = dict(mesh.shape)
-    baxes = _batch_axes(mesh)
+    baxes = batch_axes(mesh)
     f = c.ffn_size
     tp = "tensor" if sizes.get("tensor", 1) > 1 and f % sizes["tensor"] == 0 else None
     gate, up = self.gate.weights(), self.up.weights()
@@ -212,14 +214,9 @@ class MoE(nnx.Module):
     return y, aux
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-  from vesperjax.sharding import batch_axes
-  return batch_axes(mesh)
-
-
 def _batch_devices(mesh) -> int:
   sizes = dict(mesh.shape)
-  return math.prod(sizes[a] for a in _batch_axes(mesh))
+  return math.prod(sizes[a] for a in batch_axes(mesh))
 
 
 def _ep_body(c: ModelConfig, ep: int, baxes: tuple[str, ...], tp: str | None):

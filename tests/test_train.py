@@ -184,3 +184,14 @@ def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
   out = trainer.train()
   trainer.close()
   assert out.step == max(steps) + 2 and np.isfinite(out.last_loss)
+
+
+def test_moe_run_logs_expert_load(corpus, tmp_path):
+  run = tiny_run(corpus, max_steps=2, eval_every=2, save_every=2)
+  run.model.update(dict(num_experts=4, top_k=2))
+  assert train(run, str(tmp_path)) == 0
+  recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  last = [r for r in recs if "loss" in r][-1]
+  load = [last[f"expert_load/{i}"] for i in range(4)]
+  assert abs(sum(load) - 1) < 1e-5 and last["moe_dropped_tokens"] == 0
+  assert np.isfinite(last["moe_balance_loss"])

@@ -140,6 +140,7 @@ def make_train_step(graphdef, config: ModelConfig, tx, *, valid_vocab: int,
     if aux:
       metrics["moe_balance_loss"] = aux["load_balance_loss"].mean()
       metrics["expert_load"] = aux["expert_load"].mean(0)  # [L, E]
+      metrics["moe_dropped_tokens"] = aux["dropped_tokens"].sum()
     return new_state, metrics
 
   return train_step

@@ -274,9 +274,10 @@ class Trainer:
       scalars["tokens_per_s"] = tps
       if peak:
         scalars["mfu"] = tps * flops / (peak * jax.device_count())
-    if "expert_load" in host:
-      load = np.asarray(host["expert_load"])
+    if "expert_load" in host:  # [layers, experts]: each expert's share, layer-averaged
+      load = np.asarray(host["expert_load"]).mean(0)
       scalars.update({f"expert_load/{i}": float(x) for i, x in enumerate(load)})
+      scalars["expert_load/max_over_mean"] = float(load.max() * load.size)
     self._log(writer, step, scalars)
     if bar is not None:
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps or 0:,.0f}", refresh=False)

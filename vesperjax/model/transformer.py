@@ -39,7 +39,8 @@ class VesperLM(nnx.Module):
   The layer stack is one Block with a leading `layers` axis on every variable, run by
   `jax.lax.scan`, so compile time does not grow with depth; `config.remat` wraps each
   layer in `jax.checkpoint`. aux is empty for dense models; for MoE it holds the mean
-  Switch load-balancing loss over layers and the per-layer expert load [L, E].
+  Switch load-balancing loss over layers, the per-layer expert load [L, E] and the
+  number of expert assignments dropped over capacity (0 when dropless).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -84,9 +85,10 @@ class VesperLM(nnx.Module):
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
     x, (aux, routing, cache) = jax.lax.scan(layer, x, (params, rest, cache))
     nnx.update(self.blocks, routing)
-    if aux:
+    if aux:  # per-layer values -> the model's: mean balance loss, total drops
       aux = {"load_balance_loss": aux["load_balance_loss"].mean(),
-             "expert_load": aux["expert_load"]}
+             "expert_load": aux["expert_load"],
+             "dropped_tokens": aux["dropped_tokens"].sum()}
     return self.final_norm(x), aux, cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

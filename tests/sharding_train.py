@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-SEQ = 16
+SEQ = 12  # 8 x 12 = 96 tokens: no weight dimension looks like an activation one
 BATCH = 8
 
 
@@ -43,13 +43,11 @@ def build(cfg, mesh, lr: float = 1e-2):
   from vesperjax import sharding
   from vesperjax.model.transformer import VesperLM
 
-  with jax.set_mesh(mesh):
+  def create():
     model = VesperLM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-    shardings = sharding.state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-  return graphdef, state, shardings
+    return model, nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
+
+  return sharding.init_sharded(create, mesh)
 
 
 def make_step(graphdef, shardings, mesh):
@@ -78,26 +76,31 @@ def make_step(graphdef, shardings, mesh):
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-def train(cfg, mesh, steps: int = 3, data=None) -> list[float]:
-  """Losses of `steps` adamw steps on `mesh` (every process gets the same list)."""
+def train(cfg, mesh, steps: int = 3, data=None, hlo: bool = False):
+  """Losses of `steps` adamw steps on `mesh` (every process gets the same list).
+
+  Returns (losses, final state, compiled HLO text or None): the step is lowered and
+  compiled once, so the HLO inspected is the one that ran.
+  """
   import jax
 
   from vesperjax import sharding
 
   data = batches(steps) if data is None else data
   graphdef, state, shardings = build(cfg, mesh)
-  step = make_step(graphdef, shardings, mesh)
   bs = sharding.batch_sharding(mesh)
   n, i = jax.process_count(), jax.process_index()
-  losses = []
+  losses, compiled = [], None
   with jax.set_mesh(mesh):
     for tokens in data:
       rows = tokens.shape[0] // n
       local = tokens[i * rows:(i + 1) * rows]  # this process's share of the batch
       batch = sharding.global_batch_from_host(local, mesh, bs)
-      state, loss = step(state, batch)
+      if compiled is None:
+        compiled = make_step(graphdef, shardings, mesh).lower(state, batch).compile()
+      state, loss = compiled(state, batch)
       losses.append(float(loss))
-  return losses
+  return losses, state, (compiled.as_text() if hlo else None)
 
 
 def _mesh_arg(text: str) -> dict:
@@ -124,7 +127,7 @@ def main(argv=None) -> None:
   from vesperjax import sharding
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(**_mesh_arg(a.mesh))
-  losses = train(tiny_config(a.moe), mesh, a.steps)
+  losses, _, _ = train(tiny_config(a.moe), mesh, a.steps)
   print(json.dumps({"losses": losses, "process": jax.process_index(),
                     "devices": jax.device_count()}), flush=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -203,6 +204,21 @@ def shard_state(state, mesh: Mesh):
   return jax.device_put(state, state_shardings(state, mesh))
 
 
+def init_sharded(create, mesh: Mesh):
+  """Build `create()` (an nnx object or tuple of them) directly sharded on `mesh`.
+
+  Returns (graphdef, state, shardings). The construction runs as one jit program whose
+  outputs land on their rule-given shardings, so no host or device ever holds the whole
+  model (and it is one compile instead of hundreds of eager ops).
+  """
+  from flax import nnx
+  # No ambient mesh here: flax would read the logical names as mesh axes.
+  graphdef, abstract = nnx.split(nnx.eval_shape(create))
+  shardings = state_shardings(abstract, mesh)
+  state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
 def batch_axes(mesh) -> tuple[str, ...]:
   """Mesh axes that split the batch (size-1 axes left out)."""
   sizes = dict(mesh.shape)
@@ -235,6 +251,29 @@ def global_batch_from_host(host_batch: np.ndarray, mesh: Mesh,
   """
   sharding = sharding or batch_sharding(mesh, ndim=np.ndim(host_batch))
   return jax.make_array_from_process_local_data(sharding, np.asarray(host_batch))
+
+
+_COLLECTIVE = re.compile(
+    r"= (?P<shape>.*?) (?P<kind>all-gather|all-reduce|all-to-all|reduce-scatter|"
+    r"collective-permute|ragged-all-to-all)(?:-start)?\(")
+
+
+def hlo_collectives(hlo_text: str) -> list[dict]:
+  """The collectives of a compiled HLO module (`jit(f).lower(...).compile().as_text()`).
+
+  Each: kind, shapes (list of int tuples: the result, or each member of a tuple
+  result), op_name (the JAX op it came from: "/while/body/" marks the scanned layer).
+  """
+  found = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    shapes = [tuple(int(d) for d in dims.split(",") if d)
+              for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m["shape"])]
+    op = re.search(r'op_name="([^"]*)"', line)
+    found.append({"kind": m["kind"], "shapes": shapes, "op_name": op[1] if op else ""})
+  return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -112,11 +112,14 @@ def _reference(moe: bool):
 
 
 def _layer_activation_gathers(hlo: str) -> list[dict]:
-  """All-gathers inside the scanned layer of something shaped like the batch."""
+  """All-gathers of float arrays shaped like the batch ([B, S, ...] or [tokens, ...]).
+
+  (The int32 token ids gathered once for the embedding lookup are not counted.)"""
   b, s = st.BATCH, st.SEQ
   act = lambda shape: shape[:2] == (b, s) or (shape and shape[0] in (b * s, 2 * b * s))
   return [c for c in sh.hlo_collectives(hlo) if c["kind"] == "all-gather"
-          and "while/body" in c["op_name"] and any(act(x) for x in c["shapes"])]
+          and any(act(x) and t.startswith(("f", "bf")) for x, t in zip(c["shapes"],
+                                                                       c["dtypes"]))]
 
 
 def _check_equivalent(moe: bool, mesh_axes: dict):

@@ -262,17 +262,18 @@ def hlo_collectives(hlo_text: str) -> list[dict]:
   """The collectives of a compiled HLO module (`jit(f).lower(...).compile().as_text()`).
 
   Each: kind, shapes (list of int tuples: the result, or each member of a tuple
-  result), op_name (the JAX op it came from: "/while/body/" marks the scanned layer).
+  result), dtypes (HLO names: f32, s32, ...), op_name (the JAX op it came from: "/while/body/" marks the scanned layer).
   """
   found = []
   for line in hlo_text.splitlines():
     m = _COLLECTIVE.search(line)
     if not m:
       continue
-    shapes = [tuple(int(d) for d in dims.split(",") if d)
-              for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m["shape"])]
+    arrays = re.findall(r"([a-z]+\d*)\[([\d,]*)\]", m["shape"])
+    shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays]
     op = re.search(r'op_name="([^"]*)"', line)
-    found.append({"kind": m["kind"], "shapes": shapes, "op_name": op[1] if op else ""})
+    found.append({"kind": m["kind"], "shapes": shapes, "dtypes": [t for t, _ in arrays],
+                  "op_name": op[1] if op else ""})
   return found
 
 

@@ -546,7 +546,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   name = argv.pop(1)
+  saved_argv = sys.argv
   try:
+    sys.argv = argv  # config_flags reads the --config.* overrides from sys.argv
     FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: override of a missing key
     print(f"error: unknown config key {_one_line(e).strip(chr(34))} in the --config "
@@ -559,6 +561,8 @@ def main(argv=None) -> int:
   except (flags.Error, TypeError, ValueError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+  finally:
+    sys.argv = saved_argv
   try:
     return _command(name)
   except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from flax import nnx
 LENGTH_BUCKET = 64  # cache lengths and padded prompt lengths are multiples of this
 
 
+@jax.jit
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature=1.0, top_k=0,
                   top_p=1.0) -> jax.Array:
   """Draw one token per row of `logits` [..., V]; returns int32 ids [...].
@@ -90,7 +91,7 @@ def _largest_threshold(keys, enough):
     ok = enough(keys >= mid[..., None])
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-  return jax.lax.fori_loop(0, 32, body, (lo, hi), unroll=True)[0]
+  return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
 
 
 def _inference_model(graphdef, state):

@@ -434,11 +434,13 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
     state, m = compiled(state, batch)
   jax.block_until_ready(state)
   times = []
+  cpu_start = _cpu_seconds()
   for _ in range(steps):
     start = time.perf_counter()
     state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - start)
+  cpu_per_step = (_cpu_seconds() - cpu_start) / steps
   loss = float(m["loss"])
 
   tokens = t.grad_accum * batch_size * seq_len
@@ -461,7 +463,15 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
       peak_mem_bytes=mem, peak_mem_source=mem_source, final_loss=loss,
       backend=jax.default_backend(), device_kind=dev.device_kind,
       devices=jax.device_count(), jax=jax.__version__,
-      cpu_threads=os.cpu_count() if jax.default_backend() == "cpu" else None)
+      cpu_threads=os.cpu_count() if jax.default_backend() == "cpu" else None,
+      # CPU seconds (all threads) per step: on a shared CPU, wall time mostly measures
+      # the other jobs; this does not (much). cpu_s / threads ~ the wall time when idle.
+      process_cpu_s_per_step=cpu_per_step)
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
 
 
 def _count(tree) -> int:

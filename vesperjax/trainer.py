@@ -124,12 +124,13 @@ class Trainer:
     start = self.ckpt.latest_step() if t.resume or require_resume else None
     if require_resume and start is None:
       raise RunError(f"--resume: no checkpoint in {workdir}/checkpoints")
-    if start is not None:
-      self.state = self.ckpt.restore(start, self.abstract, self.data_iter)
-      self._log_line(f"resumed from step {start}")
-    else:
-      init_jit = jax.jit(init, out_shardings=self.state_sharding)
-      self.state = init_jit(jax.random.key(t.seed))
+    with jax.set_mesh(self.mesh):
+      if start is not None:
+        self.state = self.ckpt.restore(start, self.abstract, self.data_iter)
+        self._log_line(f"resumed from step {start}")
+      else:
+        init_jit = jax.jit(init, out_shardings=self.state_sharding)
+        self.state = init_jit(jax.random.key(t.seed))
     self._save_run_files()
 
   # -- setup ---------------------------------------------------------------------------
@@ -176,7 +177,10 @@ class Trainer:
   def evaluate(self) -> float | None:
     if self.val_cache is None or self.run.train.eval_batches == 0:
       return None
-    t = self.run.train
+    with jax.set_mesh(self.mesh):
+      return self._evaluate_batches(self.run.train)
+
+  def _evaluate_batches(self, t) -> float:
     total, count = 0.0, 0.0
     for host in vdata.eval_batches(self.val_cache, t.batch_size, self.run.data.seq_len,
                                    t.eval_batches):
@@ -201,7 +205,8 @@ class Trainer:
     stopped_by = None
     window_start, window_steps = time.perf_counter(), 0
     metrics = None
-    with _Signals() as signals:
+    # under the ambient mesh the model pins activations and the MoE goes expert-parallel
+    with _Signals() as signals, jax.set_mesh(self.mesh):
       while step < end:
         self.state, metrics = self.train_step(self.state, self._next_batch())
         step += 1

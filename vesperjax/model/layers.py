@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
+from vesperjax.sharding import top_k
 
 
 class FrozenProjection(nnx.Variable):
@@ -68,7 +69,7 @@ def sparse_random_projection(key: jax.Array, n: int, r: int, nonzeros: int) -> j
 
 def rank_topk_mask(y: jax.Array, bias: jax.Array, k: int) -> jax.Array:
   """Keep, per token, the k ranks with the largest |y + bias| (the implicit router)."""
-  _, idx = jax.lax.top_k(jnp.abs(y.astype(jnp.float32) + bias), k)
+  _, idx = top_k(jnp.abs(y.astype(jnp.float32) + bias), k)  # partitions over the batch
   return jax.nn.one_hot(idx, y.shape[-1], dtype=y.dtype).sum(-2)
 
 

@@ -9,6 +9,11 @@ from vesperjax.config import ModelConfig
 from vesperjax.model.attention import Attention, KVCache
 from vesperjax.model.layers import FeedForward, LayerNorm, RoutingBias, param
 from vesperjax.model.moe import MoE
+from vesperjax.sharding import constrain
+
+# Hidden states stay split over the batch axes under a mesh (a no-op without one): left
+# alone, XLA may shard them like the FSDP weights and all-gather the batch every layer.
+BATCH_ACTIVATION = ("batch", None, None)
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -27,10 +32,11 @@ class Block(nnx.Module):
     self.ffn = MoE(config, rngs) if config.is_moe else FeedForward(config, rngs)
 
   def __call__(self, x, positions, cache=None):
+    x = constrain(x, BATCH_ACTIVATION)
     h, cache = self.attn(self.attn_norm(x), positions, cache)
     x = x + h
     h, aux = self.ffn(self.ffn_norm(x))
-    return x + h, aux, cache
+    return constrain(x + h, BATCH_ACTIVATION), aux, cache
 
 
 class VesperLM(nnx.Module):
@@ -94,7 +100,8 @@ class VesperLM(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Tied LM head in the compute dtype, accumulated and returned in fp32."""
     w = self.embed[...].astype(hidden.dtype)
-    return jnp.einsum("bsd,vd->bsv", hidden, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bsd,vd->bsv", hidden, w, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
     """An empty KV cache for all layers: arrays [L, B, max_len, H, Dh]."""

@@ -7,8 +7,8 @@ def get_config():
   config.optim.lr = 0.001
   config.optim.warmup_steps = 30
   config.train.batch_size = 8
-  config.train.max_steps = 300
-  config.train.eval_every = 100
-  config.train.save_every = 100
+  config.train.max_steps = 150
+  config.train.eval_every = 50
+  config.train.save_every = 50
   config.train.log_every = 10
   return config

@@ -60,6 +60,10 @@ def _choose(q, k, v, interpret):
     return "pallas"
   if _dispatch.pallas_gpu_available() and cudnn_supported(q, k, v):
     return "cudnn"
+  if jax.default_backend() == "cpu":
+    # measured (2-core CPU, jax 0.10.2, tiny-preset layer [8, 256, 4, 64], fwd+bwd):
+    # the plain einsum/softmax path 42 ms vs jax.nn.dot_product_attention's 60 ms
+    return "reference"
   return "xla"
 
 

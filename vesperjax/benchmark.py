@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.cli import _one_line, load_run_config, user_errors
+from vesperjax.cli import load_run_config, run_cli
 
 COMMANDS = ("optimizers", "throughput", "plot")
 OPTIMIZERS = ("velvet", "adamw")
@@ -556,33 +556,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   name = argv.pop(1)
-  saved_argv = sys.argv
-  try:
-    sys.argv = argv  # config_flags reads the --config.* overrides from sys.argv
-    FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: override of a missing key
-    print(f"error: unknown config key {_one_line(e).strip(chr(34))} in the --config "
-          "overrides", file=sys.stderr)
-    return 2
-  except (OSError, SyntaxError) as e:
-    print(f"error: cannot load --config: {_one_line(e).rsplit('] ', 1)[-1]}",
-          file=sys.stderr)
-    return 2
-  except (flags.Error, TypeError, ValueError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  finally:
-    sys.argv = saved_argv
-  try:
-    return _command(name)
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
-  except user_errors() as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  finally:
-    FLAGS.unparse_flags()  # main() may run again in the same process (tests)
+  return run_cli(argv, lambda: _command(name), flag_values=FLAGS)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,14 @@ def _config_file_error(e: BaseException) -> str:
   return "cannot load --config: " + _one_line(e).rsplit("] ", 1)[-1]
 
 
-def run_cli(argv: list[str], body: Callable[[], int]) -> int:
+def run_cli(argv: list[str], body: Callable[[], int],
+            flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  saved_argv = sys.argv
   try:
-    flags.FLAGS(argv)
+    sys.argv = list(argv)  # config_flags reads the --config.* overrides from sys.argv
+    flag_values(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: override of a missing key
     print(f"error: unknown config key {_one_line(e).strip(chr(34))} in the --config "
           "overrides", file=sys.stderr)
@@ -43,6 +46,8 @@ def run_cli(argv: list[str], body: Callable[[], int]) -> int:
   except (flags.Error, TypeError, ValueError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+  finally:
+    sys.argv = saved_argv
   try:
     return body()
   except KeyboardInterrupt:
@@ -51,6 +56,8 @@ def run_cli(argv: list[str], body: Callable[[], int]) -> int:
   except user_errors() as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+  finally:
+    flag_values.unparse_flags()  # main() may run again in the same process (tests)
 
 
 def load_run_config(config_flag):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "auto", "cudnn", "pallas", "xla", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -53,7 +54,9 @@ class ModelConfig:
   # Numerics and memory
   dtype: str = "auto"  # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
   remat: str = "none"  # per-layer rematerialisation policy, one of REMAT_POLICIES
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+  # vesperjax.kernels.attention: None/"auto" (measured choice per backend), "cudnn",
+  # "pallas", "xla" (jax.nn.dot_product_attention) or "reference" (einsum + softmax)
+  attention_impl: str | None = None
 
   def __post_init__(self):
     _validate(self)
@@ -135,6 +138,8 @@ def _validate(c: ModelConfig) -> None:
          "moe_capacity_factor", "must be None (dropless) or a positive number")
   need(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
   need(c.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
+  need(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
+       f"must be one of {ATTENTION_IMPLS}")
 
 
 # hidden / layers / heads / ffn, from the design notes; MoE presets add experts, top-k.

@@ -14,7 +14,7 @@ import time
 
 from absl import flags
 
-from vesperjax.cli import _one_line, user_errors
+from vesperjax.cli import _one_line, run_cli, user_errors
 
 # Own FlagValues: the train and benchmark CLIs define flags of the same names, and
 # tests import them all into one process.
@@ -163,23 +163,7 @@ def run() -> int:
 
 
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  argv = sys.argv if argv is None else argv
-  try:
-    FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  try:
-    return run()
-  except KeyboardInterrupt:
-    print("\ninterrupted", file=sys.stderr)
-    return 130
-  except user_errors() as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  finally:
-    FLAGS.unparse_flags()  # main() may be called again in the same process (tests)
+  return run_cli(sys.argv if argv is None else argv, run, flag_values=FLAGS)
 
 
 if __name__ == "__main__":

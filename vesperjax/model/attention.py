@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
+from vesperjax.kernels.attention import attention
 from vesperjax.model.layers import param
 
 
@@ -52,8 +53,7 @@ class Attention(nnx.Module):
     q = rope(q, positions, self.config.rope_theta)
     k = rope(k, positions, self.config.rope_theta)
     if cache is None:
-      out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation=self.config.attention_impl)
+      out = attention(q, k, v, causal=True, implementation=self.config.attention_impl)
     else:
       cache, out = _attend_with_cache(q, k, v, positions, cache)
     y = jnp.einsum("bshk,hkd->bsd", out, self.out_kernel[...].astype(dt))

@@ -30,6 +30,6 @@ def test_pallas_flash_interpret_forward():
 def test_choice_table_on_cpu():
   q, k, v = _qkv((1, 16, 1, 8), jnp.bfloat16)
   assert att.cudnn_supported(q, k, v)
-  assert att._choose(q, k, v, None) == "xla"  # no CUDA here
+  assert att._choose(q, k, v, None) == "reference"  # no CUDA; einsum measured fastest on CPU
   with pytest.raises(ValueError):
     att.attention(q, k, v, True, "flash")

@@ -195,3 +195,22 @@ def test_moe_run_logs_expert_load(corpus, tmp_path):
   load = [last[f"expert_load/{i}"] for i in range(4)]
   assert abs(sum(load) - 1) < 1e-5 and last["moe_dropped_tokens"] == 0
   assert np.isfinite(last["moe_balance_loss"])
+
+
+def test_checkpoint_from_8_device_mesh_loads_on_one_device(corpus, tmp_path):
+  from flax import nnx
+
+  from vesperjax.checkpoint import load_model
+  run = tiny_run(corpus, max_steps=2, eval_every=2, save_every=2)
+  run.mesh.update(dict(data=1, fsdp=-1))  # params really split over the 8 devices
+  trainer = Trainer(run, str(tmp_path))
+  trainer.train()
+  trainer.close()
+  embed = trainer.state.params["embed"][...]
+  assert len(embed.sharding.device_set) == 8 and not embed.sharding.is_fully_replicated
+  model, tok, run = load_model(str(tmp_path))
+  loaded = nnx.state(model, nnx.Param)
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(loaded))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded),
+               jax.tree.map(np.asarray, trainer.state.params))
+  assert tok.vocab_size == trainer.tokenizer.vocab_size and run.train.max_steps == 2

@@ -135,6 +135,17 @@ class Trainer:
 
   # -- setup ---------------------------------------------------------------------------
   def _prepare_data(self):
+    """Process 0 trains the tokenizer and builds the caches; the others then load them."""
+    if jax.process_count() == 1:
+      return self._prepare_data_here()
+    from jax.experimental import multihost_utils
+    if not self.is_main:
+      multihost_utils.sync_global_devices("vesperjax: data prepared")
+    self._prepare_data_here()
+    if self.is_main:
+      multihost_utils.sync_global_devices("vesperjax: data prepared")
+
+  def _prepare_data_here(self):
     d = self.run.data
     cache_dir = d.cache_dir or os.path.join(self.workdir, "data")
     tokenizer = d.tokenizer

@@ -60,6 +60,19 @@ def test_hosts_read_disjoint_windows(tmp_path):
   assert sum(len(s) for s in seen) == 40 and set().union(*seen) == set(range(0, 640, 16))
 
 
+def test_global_batch_does_not_depend_on_process_count(tmp_path):
+  """Host slices stacked in process order are the single-process batch, epoch after
+  epoch: a run on 1, 2 or 4 hosts sees the same data at every step."""
+  c = make_cache(tmp_path / "c", 16 * 30 + 5)
+  one = train_iterator(c, 16, 8, seed=2, process_index=0, process_count=1)
+  want = [next(one) for _ in range(9)]  # crosses epoch boundaries (3 batches per epoch)
+  for pc in (2, 4):
+    hosts = [train_iterator(c, 16, 8, seed=2, process_index=p, process_count=pc)
+             for p in range(pc)]
+    for w in want:
+      np.testing.assert_array_equal(np.concatenate([next(h) for h in hosts]), w)
+
+
 def test_state_round_trip(tmp_path):
   c = make_cache(tmp_path / "c", 16 * 30 + 5)
   it = train_iterator(c, 16, 4, seed=1, process_index=0, process_count=1)
@@ -119,7 +132,7 @@ def test_errors(tmp_path):
   c = make_cache(tmp_path / "c", 10)
   with pytest.raises(errors.DatasetTooSmallError, match="fewer than one window"):
     train_iterator(c, 16, 1, process_index=0, process_count=1)
-  with pytest.raises(errors.DatasetTooSmallError, match="host batch"):
+  with pytest.raises(errors.DatasetTooSmallError, match="global batch 8"):
     train_iterator(c, 4, 8, process_index=0, process_count=1)
   with pytest.raises(errors.DatasetTooSmallError):
     list(eval_batches(c, 8, 4, process_index=0, process_count=1))

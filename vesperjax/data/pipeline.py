@@ -8,10 +8,11 @@ num_tokens - 1 - W * seq_len < seq_len) so boundaries move between epochs, and v
 them in a fresh seeded order (grain `shuffle` + `repeat(reseed_each_epoch=True)`).
 Windows ignore document boundaries: the EOD token tells the model where one ends.
 
-Sharding: window indices are split round-robin across processes (`ds[i::n]`) before
-shuffling, so hosts read disjoint windows; each host yields its slice of the global
-batch, int32 `[global_batch // process_count, seq_len + 1]`. Use
-`inputs, targets = x[:, :-1], x[:, 1:]`.
+Sharding: every host shuffles the window ids identically; global batch b is windows
+b*G .. (b+1)*G-1 of that order, and host p reads only its rows p*h .. (p+1)*h-1
+(h = G / process_count). Hosts read disjoint windows, and the global batch (so the whole
+run) is the same whatever the number of processes. Each host yields int32
+`[global_batch // process_count, seq_len + 1]`; use `inputs, targets = x[:, :-1], x[:, 1:]`.
 
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()` (and
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume exactly.
@@ -71,6 +72,17 @@ def _host_batch(global_batch: int, pc: int) -> int:
   return global_batch // pc
 
 
+class _HostRow:
+  """map fn: this host's m-th row -> its element of the global stream."""
+
+  def __init__(self, stream, global_batch: int, host_batch: int, process_index: int):
+    self.stream, self.gb, self.hb, self.pi = stream, global_batch, host_batch, process_index
+
+  def __call__(self, m):
+    m = int(m)
+    return self.stream[(m // self.hb) * self.gb + self.pi * self.hb + m % self.hb]
+
+
 class _Window:
   """map_with_index fn: (index in the repeated stream, window id) -> tokens."""
 
@@ -89,14 +101,16 @@ def train_dataset(cache: TokenCache, seq_len: int, global_batch: int, *, seed: i
   pi, pc = _shard(process_index, process_count)
   hb = _host_batch(global_batch, pc)
   windows = Windows(cache, seq_len, seed)
-  ids = grain.MapDataset.range(len(windows))[pi::pc]
-  if len(ids) < hb:
+  if len(windows) < global_batch:
     raise errors.DatasetTooSmallError(
-        f"{cache.path}: {len(ids)} windows of {seq_len + 1} tokens per process, "
-        f"fewer than the host batch {hb}; use more data, a shorter seq_len or a "
-        f"smaller batch")
-  ds = ids.shuffle(seed=seed).repeat(num_epochs, reseed_each_epoch=True)
-  ds = ds.map_with_index(_Window(windows, len(ids)))
+        f"{cache.path}: {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
+        f"global batch {global_batch}; use more data, a shorter seq_len or a smaller "
+        f"batch")
+  stream = grain.MapDataset.range(len(windows)).shuffle(seed=seed)
+  stream = stream.repeat(num_epochs, reseed_each_epoch=True)
+  stream = stream.map_with_index(_Window(windows, len(windows)))  # lazy: reads on access
+  rows = len(stream) // global_batch * hb
+  ds = grain.MapDataset.range(rows).map(_HostRow(stream, global_batch, hb, pi))
   ds = ds.batch(hb, drop_remainder=True, batch_fn=np.stack)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch_buffer))

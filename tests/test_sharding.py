@@ -144,9 +144,6 @@ def test_dense_fsdp_step_matches_single_device():
   _check_equivalent(False, dict(fsdp=8))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs sharding.constrain on block activations "
-                   "and sharding.top_k in FlyLoRA (model code, see docs/scaling.md)")
 def test_dense_fsdp_step_gathers_weights_not_activations():
   mesh = sh.make_mesh(fsdp=8)
   hlo = st.train(st.tiny_config(False), mesh, 1, hlo=True)[2]

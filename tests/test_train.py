@@ -78,6 +78,9 @@ def test_resume_continues_exactly(corpus, tmp_path):
   assert out.step == 4
   second = Trainer(run, str(split))
   assert int(second.state.step) == 4
+  evals = [json.loads(line)["eval_loss"] for line in open(split / "metrics.jsonl")
+           if "eval_loss" in line]
+  assert second.ckpt.best_loss == pytest.approx(min(evals))  # a worse eval won't replace it
   second.train()
   second.close()
 

@@ -63,10 +63,8 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.latest.restore(step, args=ocp.args.Composite(**args))
     best = self.best.best_step()
-    if best is not None:
-      meta = self.best.metrics(best) if hasattr(self.best, "metrics") else None
-      if meta and "eval_loss" in meta:
-        self.best_loss = float(meta["eval_loss"])
+    if best is not None:  # a resumed run must not replace a better earlier best
+      self.best_loss = float(self.best.metrics(best)["eval_loss"])
     return restored["state"]
 
   def wait(self):

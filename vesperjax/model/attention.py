@@ -13,10 +13,19 @@ from vesperjax.model.layers import param
 
 
 class KVCache(NamedTuple):
-  """Keys and values of one layer for `max_len` positions; `index` = tokens written."""
-  k: jax.Array  # [B, max_len, H, Dh]
+  """Keys and values of every layer for `max_len` positions; `index` = tokens written."""
+  k: jax.Array  # [L, B, max_len, H, Dh]
   v: jax.Array
-  index: jax.Array  # int32 scalar
+  index: jax.Array  # int32 [L] (all equal)
+
+
+class LayerCacheView(NamedTuple):
+  """What one layer's attention sees inside the layer scan: the whole stacked cache (a
+  scan carry, so writes are in place) and which layer / position to write."""
+  k: jax.Array  # [L, B, max_len, H, Dh]
+  v: jax.Array
+  layer: jax.Array  # int32 scalar
+  index: jax.Array  # int32 scalar: position of this call's first token
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -45,7 +54,8 @@ class Attention(nnx.Module):
     self.out_bias = param(rngs, (d,), ("embed",), None)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: LayerCacheView | None = None
+               ) -> tuple[jax.Array, LayerCacheView | None]:
     dt = x.dtype
     qkv = jnp.einsum("bsd,dthk->tbshk", x, self.qkv_kernel[...].astype(dt))
     qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
@@ -60,14 +70,16 @@ class Attention(nnx.Module):
     return y + self.out_bias[...].astype(dt), cache
 
 
-def _attend_with_cache(q, k, v, positions, cache: KVCache):
-  """Write this step's keys/values at `cache.index`, then attend over all written ones."""
-  start = (0, cache.index, 0, 0)
-  k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-  v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-  key_pos = jnp.arange(k_all.shape[1])
+def _attend_with_cache(q, k, v, positions, cache: LayerCacheView):
+  """Write this call's keys/values into the stacked cache in place (only the new
+  positions are touched), then attend over this layer's written ones."""
+  start = (cache.layer, 0, cache.index, 0, 0)
+  k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
+  v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
+  k_layer = jax.lax.dynamic_index_in_dim(k_all, cache.layer, keepdims=False)
+  v_layer = jax.lax.dynamic_index_in_dim(v_all, cache.layer, keepdims=False)
+  key_pos = jnp.arange(k_layer.shape[1])
   mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, max_len]
-  out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+  out = jax.nn.dot_product_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype),
                                      mask=mask[:, None])
-  new = KVCache(k_all, v_all, cache.index + q.shape[1])
-  return new, out
+  return cache._replace(k=k_all, v=v_all), out

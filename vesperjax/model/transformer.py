@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
-from vesperjax.model.attention import Attention, KVCache
+from vesperjax.model.attention import Attention, KVCache, LayerCacheView
 from vesperjax.model.layers import FeedForward, LayerNorm, RoutingBias, param
 from vesperjax.model.moe import MoE
 from vesperjax.sharding import constrain
@@ -80,17 +80,27 @@ class VesperLM(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
 
     graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+    # the stacked cache rides in the scan carry so each layer writes only its new
+    # positions in place (as scan inputs/outputs it would be copied whole every call)
+    kv = None if cache is None else (cache.k, cache.v)
+    start = None if cache is None else cache.index[0]
 
-    def layer(x, xs):
-      layer_params, layer_rest, layer_cache = xs
+    def layer(carry, xs):
+      x, kv = carry
+      layer_params, layer_rest, i = xs
       block = nnx.merge(graphdef, layer_params, layer_rest)
-      x, aux, layer_cache = block(x, positions, layer_cache)
-      return x, (aux, nnx.state(block, RoutingBias), layer_cache)
+      view = None if kv is None else LayerCacheView(kv[0], kv[1], i, start)
+      x, aux, view = block(x, positions, view)
+      kv = None if view is None else (view.k, view.v)
+      return (x, kv), (aux, nnx.state(block, RoutingBias))
 
     if c.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-    x, (aux, routing, cache) = jax.lax.scan(layer, x, (params, rest, cache))
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    (x, kv), (aux, routing) = jax.lax.scan(layer, (x, kv), (params, rest, layer_ids))
     nnx.update(self.blocks, routing)
+    if cache is not None:
+      cache = KVCache(kv[0], kv[1], cache.index + tokens.shape[1])
     if aux:  # per-layer values -> the model's: mean balance loss, total drops
       aux = {"load_balance_loss": aux["load_balance_loss"].mean(),
              "expert_load": aux["expert_load"],

@@ -397,8 +397,7 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
   from vesperjax import sharding
   from vesperjax.run_config import model_config
   from vesperjax.trainer import device_peak_flops
-  from vesperjax.train_step import (flops_per_token, init_state_fn, make_optimizer,
-                                    make_train_step)
+  from vesperjax.train_step import flops_per_token, sharded_steps
 
   t = run.train
   batch_size = batch_size or t.batch_size
@@ -413,15 +412,9 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
   if batch_size % sharding.batch_divisor(mesh):
     raise ValueError(f"batch size {batch_size} must be a multiple of the "
                      f"{sharding.batch_divisor(mesh)} batch shards of the mesh")
-  tx = make_optimizer(run.optim, t.max_steps, config.vocab_size)
-  graphdef, init = init_state_fn(config, tx)
-  state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-  batch_sharding = sharding.batch_sharding(mesh, leading=1)
-  step_fn = jax.jit(make_train_step(graphdef, config, tx, valid_vocab=config.vocab_size,
-                                    fused_loss=t.fused_loss), donate_argnums=(0,),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, None))
-  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(t.seed))
+  compiled = sharded_steps(config, run, mesh, valid_vocab=config.vocab_size)
+  step_fn, batch_sharding = compiled.train_step, compiled.batch_sharding
+  state = compiled.init(jax.random.key(t.seed))
   rng = np.random.default_rng(t.seed)
   host = rng.integers(0, config.vocab_size, (t.grad_accum, batch_size, seq_len + 1),
                       dtype=np.int32)

@@ -76,12 +76,6 @@ class Checkpointer:
     self.best.close()
 
 
-def abstract_with_sharding(tree, shardings):
-  """ShapeDtypeStructs carrying target shardings: Orbax restores onto any mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def read_json(path: str) -> dict[str, Any]:
   try:
     with open(path) as f:
@@ -101,7 +95,8 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   from ml_collections import ConfigDict
 
   from vesperjax.data import Tokenizer
-  from vesperjax.train_step import init_state_fn, make_optimizer
+  from vesperjax.sharding import make_mesh
+  from vesperjax.train_step import sharded_steps
 
   run = ConfigDict(read_json(os.path.join(workdir, "config.json")))
   config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
@@ -119,14 +114,11 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have {sorted(steps)}")
 
-  tx = make_optimizer(run.optim, run.train.max_steps, tokenizer.vocab_size)
-  graphdef, init = init_state_fn(config, tx)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = abstract_with_sharding(abstract, jax.tree.map(lambda _: device, abstract))
+  one_device = make_mesh(devices=jax.devices()[:1])  # whatever mesh it was saved from
+  target = sharded_steps(config, run, one_device, valid_vocab=tokenizer.vocab_size)
   state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))["state"]
   manager.close()
-  model = nnx.merge(graphdef, state.params, state.rest)
+  model = nnx.merge(target.graphdef, state.params, state.rest)
   model.eval()
   return model, tokenizer, run

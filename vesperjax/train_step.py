@@ -7,7 +7,7 @@ state and model state untouched and is counted in `skipped`. Nothing syncs with 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +155,47 @@ def make_eval_step(graphdef, *, valid_vocab: int, fused_loss: bool = True) -> Ca
     return loss.sum(), jnp.asarray(loss.size, jnp.float32)
 
   return eval_step
+
+
+class ShardedSteps(NamedTuple):
+  """Everything device-side a run needs, jit-compiled for one mesh."""
+  graphdef: Any
+  tx: optax.GradientTransformationExtraArgs
+  abstract: Any  # TrainState of ShapeDtypeStructs carrying their shardings (for restore)
+  state_sharding: Any
+  batch_sharding: Any  # [grad_accum, B, S+1] train batches
+  eval_sharding: Any  # [B, S+1] eval batches
+  init: Callable  # rng key -> TrainState, built directly on its shardings
+  train_step: Callable  # (state, batch) -> (state, metrics); donates state
+  eval_step: Callable  # (state, tokens) -> (summed loss, token count)
+
+
+def sharded_steps(config: ModelConfig, run: ConfigDict, mesh, *,
+                  valid_vocab: int) -> ShardedSteps:
+  """Optimizer, state shardings from the logical-axis rules, and the jitted steps.
+
+  `valid_vocab`: the tokenizer's size (Velvet's ln V; logits beyond it are masked).
+  """
+  from vesperjax import sharding
+  tx = make_optimizer(run.optim, run.train.max_steps, valid_vocab)
+  graphdef, init = init_state_fn(config, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.state_shardings(abstract, mesh)
+  batch_sh = sharding.batch_sharding(mesh, leading=1)
+  eval_sh = sharding.batch_sharding(mesh)
+  fused = run.train.fused_loss
+  train_fn = make_train_step(graphdef, config, tx, valid_vocab=valid_vocab,
+                             fused_loss=fused)
+  eval_fn = make_eval_step(graphdef, valid_vocab=valid_vocab, fused_loss=fused)
+  return ShardedSteps(
+      graphdef=graphdef, tx=tx,
+      abstract=jax.tree.map(  # restore targets: Orbax reshards onto this mesh
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh),
+      state_sharding=state_sh, batch_sharding=batch_sh, eval_sharding=eval_sh,
+      init=jax.jit(init, out_shardings=state_sh),
+      train_step=jax.jit(train_fn, donate_argnums=(0,), in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, None)),
+      eval_step=jax.jit(eval_fn, in_shardings=(state_sh, eval_sh)))
 
 
 def all_finite(tree) -> jax.Array:

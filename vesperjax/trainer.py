@@ -21,11 +21,10 @@ from ml_collections import ConfigDict
 
 from vesperjax import data as vdata
 from vesperjax import sharding
-from vesperjax.checkpoint import Checkpointer, abstract_with_sharding, read_json
+from vesperjax.checkpoint import Checkpointer, read_json
 from vesperjax.config import ModelConfig
 from vesperjax.run_config import model_config
-from vesperjax.train_step import (all_finite, flops_per_token, init_state_fn, lr_schedule,
-                                  make_eval_step, make_optimizer, make_train_step)
+from vesperjax.train_step import all_finite, flops_per_token, lr_schedule, sharded_steps
 
 # Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -97,24 +96,11 @@ class Trainer:
     if run.data.seq_len > self.config.max_seq_len:
       raise RunError(f"config.data.seq_len={run.data.seq_len} exceeds the model's "
                      f"max_seq_len={self.config.max_seq_len}")
-    self.tx = make_optimizer(run.optim, t.max_steps, self.tokenizer.vocab_size)
     self.schedule = lr_schedule(run.optim, t.max_steps)
-    self.graphdef, init = init_state_fn(self.config, self.tx)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    self.state_sharding = sharding.state_shardings(abstract, self.mesh)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, leading=1)
-    self.eval_sharding = sharding.batch_sharding(self.mesh)
-    self.abstract = abstract_with_sharding(abstract, self.state_sharding)
-
-    vocab = self.tokenizer.vocab_size
-    step_fn = make_train_step(self.graphdef, self.config, self.tx, valid_vocab=vocab,
-                              fused_loss=t.fused_loss)
-    self.train_step = jax.jit(step_fn, donate_argnums=(0,),
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, None))
-    self.eval_step = jax.jit(make_eval_step(self.graphdef, valid_vocab=vocab,
-                                            fused_loss=t.fused_loss),
-                             in_shardings=(self.state_sharding, self.eval_sharding))
+    steps = sharded_steps(self.config, run, self.mesh, valid_vocab=self.tokenizer.vocab_size)
+    self.graphdef, self.abstract = steps.graphdef, steps.abstract
+    self.batch_sharding, self.eval_sharding = steps.batch_sharding, steps.eval_sharding
+    self.train_step, self.eval_step = steps.train_step, steps.eval_step
     self.all_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
 
     self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -129,8 +115,7 @@ class Trainer:
         self.state = self.ckpt.restore(start, self.abstract, self.data_iter)
         self._log_line(f"resumed from step {start}")
       else:
-        init_jit = jax.jit(init, out_shardings=self.state_sharding)
-        self.state = init_jit(jax.random.key(t.seed))
+        self.state = steps.init(jax.random.key(t.seed))
     self._save_run_files()
 
   # -- setup ---------------------------------------------------------------------------

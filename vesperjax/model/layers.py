@@ -10,6 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
+# ERA = GELU_tanh + gamma * softplus (in fp32): the one definition, which the fused Pallas
+# kernel (vesperjax.kernels.era.era) is tested against; swap it in once checked on GPU.
+from vesperjax.kernels.era import era_reference as era
 from vesperjax.sharding import top_k
 
 
@@ -34,11 +37,6 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
   else:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
   return annotated(nnx.Param, value, axes)
-
-
-def era(x: jax.Array, gamma: float) -> jax.Array:
-  """ERA activation: GELU (tanh approximation) plus gamma * softplus."""
-  return jax.nn.gelu(x, approximate=True) + gamma * jax.nn.softplus(x)
 
 
 class LayerNorm(nnx.Module):

@@ -56,8 +56,10 @@ def run_cli(argv: list[str], body: Callable[[], int],
   except user_errors() as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
-  finally:
-    flag_values.unparse_flags()  # main() may run again in the same process (tests)
+  finally:  # main() may run again in the same process (tests, notebooks)
+    flag_values.unparse_flags()
+    for name in [n for n in flag_values if n.startswith("config.")]:
+      delattr(flag_values, name)  # config_flags registers one flag per override
 
 
 def load_run_config(config_flag):

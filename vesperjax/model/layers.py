@@ -13,7 +13,6 @@ from vesperjax.config import ModelConfig
 # ERA = GELU_tanh + gamma * softplus (in fp32): the one definition, which the fused Pallas
 # kernel (vesperjax.kernels.era.era) is tested against; swap it in once checked on GPU.
 from vesperjax.kernels.era import era_reference as era
-from vesperjax.sharding import top_k
 
 
 class FrozenProjection(nnx.Variable):
@@ -66,9 +65,19 @@ def sparse_random_projection(key: jax.Array, n: int, r: int, nonzeros: int) -> j
 
 
 def rank_topk_mask(y: jax.Array, bias: jax.Array, k: int) -> jax.Array:
-  """Keep, per token, the k ranks with the largest |y + bias| (the implicit router)."""
-  _, idx = top_k(jnp.abs(y.astype(jnp.float32) + bias), k)  # partitions over the batch
-  return jax.nn.one_hot(idx, y.shape[-1], dtype=y.dtype).sum(-2)
+  """Keep, per token, the k ranks with the largest |y + bias| (the implicit router).
+
+  A rank is kept when fewer than k ranks beat it (larger score, ties to the lower index):
+  the set `lax.top_k` picks, found by one r x r compare-and-count per token instead of k
+  argmax passes. It is elementwise work plus a reduction, so it fuses into one loop and
+  partitions over the batch (TopK does not).
+  """
+  score = jnp.abs(y.astype(jnp.float32) + bias)
+  r = score.shape[-1]
+  mine, other = score[..., :, None], score[..., None, :]
+  earlier = jnp.arange(r)[None, :] < jnp.arange(r)[:, None]  # other's index < mine
+  beaten_by = (other > mine) | ((other == mine) & earlier)
+  return (beaten_by.sum(-1) < k).astype(y.dtype)
 
 
 def balance_step(counts: jax.Array, rate: float) -> jax.Array:
@@ -99,16 +108,21 @@ class FlyLoRALinear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    out = x @ self.kernel[...].astype(dt) + self.bias[...].astype(dt)
+    kernel, bias = self.kernel[...].astype(dt), self.bias[...].astype(dt)
     if not self.config.lora_rank:
-      return out
+      return x @ kernel + bias
     y = x @ jax.lax.stop_gradient(self.lora_a[...]).astype(dt)
     mask = rank_topk_mask(y, self.routing_bias[...], self.config.lora_topk)
     if not self.deterministic:
       counts = mask.reshape(-1, mask.shape[-1]).astype(jnp.float32).sum(0)
       self.routing_bias[...] += balance_step(counts, self.config.lora_bias_rate)
-    lora = (y * mask) @ self.lora_b[...].astype(dt)
-    return out + jnp.asarray(self.config.lora_scale, dt) * lora
+    # Base and adapter as one matmul, [x | s (mask * y)] @ [W; B]: one weight-gradient
+    # dot then serves W and B (on CPU each such dot transposes the [tokens, d_out]
+    # cotangent, the costliest part of a separate LoRA branch).
+    adapter_in = (y * mask) * jnp.asarray(self.config.lora_scale, dt)
+    joint_in = jnp.concatenate([x, adapter_in], axis=-1)
+    joint_kernel = jnp.concatenate([kernel, self.lora_b[...].astype(dt)], axis=0)
+    return joint_in @ joint_kernel + bias
 
 
 class FeedForward(nnx.Module):

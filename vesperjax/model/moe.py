@@ -1,14 +1,15 @@
 """Mixture of Experts: softmax router, top-k, sort-based dispatch, grouped matmuls.
 
 Each token's k expert assignments are sorted by expert so that every expert's rows are
-contiguous; `jax.lax.ragged_dot` then runs each expert's FFN on exactly its rows (no
+contiguous; grouped matmuls (`vesperjax.model.grouped`: `ragged_dot` on GPU/TPU, padded
+row blocks on CPU) then run each expert's FFN on its rows only (no
 every-expert-then-mask), and a gather puts the rows back in order. Every expert is the
 same GLU FFN with FlyLoRA gate/up projections as the dense layer.
 
 Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis of size
 > 1, the layer runs inside `jax.shard_map`. Each device routes its own tokens, packs the
 rows for each expert-device into a fixed-size buffer, exchanges them with one
-`all_to_all` over `expert`, runs its local experts with ragged_dot (FFN width split over
+`all_to_all` over `expert`, runs its local experts with grouped matmuls (FFN width split over
 `tensor` when present, partial sums psum-ed), and sends the results back with a second
 all_to_all. Buffers are sized for the worst case (dropless: tokens * k rows per
 destination) or by `moe_capacity_factor`. Without such a mesh nothing changes.
@@ -25,33 +26,34 @@ from jax.sharding import PartitionSpec as P
 from vesperjax.config import ModelConfig
 from vesperjax.sharding import ambient_mesh, batch_axes
 from vesperjax.sharding import top_k as partitionable_top_k
+from vesperjax.model.grouped import GroupLayout
 from vesperjax.model.layers import (FrozenProjection, RoutingBias, annotated, balance_step,
                                     era, param, rank_topk_mask, sparse_random_projection)
 
 
-def expert_linear(w: dict, x, expert_of_row, group_sizes, config: ModelConfig):
-  """FlyLoRA linear of grouped rows: (out, per-expert rank counts or None).
+def expert_linear(w: dict, x, layout: GroupLayout, config: ModelConfig):
+  """FlyLoRA linear of laid-out rows: (out, per-expert rank counts or None).
 
-  Rows whose expert id is >= the number of groups (padding) get no kernel output and
-  are left out of the counts; their bias term is clamped and must be ignored.
+  Rows in no group (padding) are left out of the counts; their output must be ignored.
   """
   dt = x.dtype
   num = w["kernel"].shape[0]
-  out = jax.lax.ragged_dot(x, w["kernel"].astype(dt), group_sizes)
-  out = out + w["bias"].astype(dt)[jnp.minimum(expert_of_row, num - 1)]
-  if not config.lora_rank:
-    return out, None
-  a = jax.lax.stop_gradient(w["lora_a"]).astype(dt)
-  y = jax.lax.ragged_dot(x, a, group_sizes)
-  bias = w["routing_bias"][jnp.minimum(expert_of_row, num - 1)]
-  mask = rank_topk_mask(y, bias, config.lora_topk)
-  counts = jax.ops.segment_sum(mask.astype(jnp.float32), expert_of_row, num_segments=num)
-  lora = jax.lax.ragged_dot(y * mask, w["lora_b"].astype(dt), group_sizes)
-  return out + jnp.asarray(config.lora_scale, dt) * lora, counts
+  expert = jnp.minimum(layout.group, num - 1)
+  kernel = w["kernel"].astype(dt)
+  if config.lora_rank:
+    y = layout.matmul(x, jax.lax.stop_gradient(w["lora_a"]).astype(dt))
+    mask = rank_topk_mask(y, w["routing_bias"][expert], config.lora_topk)
+    counts = jax.ops.segment_sum(mask.astype(jnp.float32), layout.group, num_segments=num)
+    # As FlyLoRALinear: base and adapter as one matmul, [x | s (mask * y)] @ [W; B].
+    x = jnp.concatenate([x, (y * mask) * jnp.asarray(config.lora_scale, dt)], axis=-1)
+    kernel = jnp.concatenate([kernel, w["lora_b"].astype(dt)], axis=1)
+  else:
+    counts = None
+  return layout.matmul(x, kernel) + w["bias"].astype(dt)[expert], counts
 
 
 class ExpertFlyLoRA(nnx.Module):
-  """FlyLoRA linear for E experts at once; rows arrive grouped by expert."""
+  """FlyLoRA weights of E experts (applied by `expert_linear` to rows grouped by expert)."""
 
   def __init__(self, d_in: int, d_out: int, config: ModelConfig, rngs: nnx.Rngs):
     e, r = config.num_experts, config.lora_rank
@@ -78,10 +80,6 @@ class ExpertFlyLoRA(nnx.Module):
     if counts is not None and not self.deterministic:
       self.routing_bias[...] += balance_step(counts, self.config.lora_bias_rate)
 
-  def __call__(self, x, expert_of_row, group_sizes):
-    out, counts = expert_linear(self.weights(), x, expert_of_row, group_sizes, self.config)
-    self.balance(counts)
-    return out
 
 
 # Set False to make every MoE fall back to the local path even under an expert mesh
@@ -160,7 +158,6 @@ class MoE(nnx.Module):
     cap = capacity(c, tokens)
     if cap is None:
       order = jnp.argsort(flat_e, stable=True)  # rows grouped by expert
-      expert_of_row = flat_e[order]
       group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
       routed, dropped = group_sizes, jnp.zeros((), jnp.float32)
     else:  # over-capacity rows get the padding id e: sorted last, in no group
@@ -168,17 +165,15 @@ class MoE(nnx.Module):
       keep = jnp.zeros_like(pos).at[first].set(pos) < cap
       key = jnp.where(keep, flat_e, e)
       order = jnp.argsort(key, stable=True)
-      expert_of_row = key[order]
       group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
       dropped = (flat_e.shape[0] - keep.sum()).astype(jnp.float32)
-    rows = x[order // k]
-
-    h = era(self.gate(rows, expert_of_row, group_sizes), c.era_gamma)
-    h = h * self.up(rows, expert_of_row, group_sizes)
-    out = jax.lax.ragged_dot(h, self.down_kernel[...].astype(dt), group_sizes)
-    out = out + self.down_bias[...].astype(dt)[jnp.minimum(expert_of_row, e - 1)]
-    if cap is not None:
-      out = jnp.where((expert_of_row < e)[:, None], out, 0)
+    layout = GroupLayout(group_sizes, order.shape[0])
+    out, gate_counts, up_counts = _expert_ffn(
+        c, layout.to_groups(x[order // k]), layout, self.gate.weights(),
+        self.up.weights(), self.down_kernel[...], self.down_bias[...])
+    self.gate.balance(gate_counts)
+    self.up.balance(up_counts)
+    out = layout.from_groups(out)
 
     unsorted = out[jnp.argsort(order)].reshape(tokens, k, -1)
     y = jnp.einsum("tkd,tk->td", unsorted, weights.astype(dt))
@@ -269,18 +264,23 @@ def _ep_body(c: ModelConfig, ep: int, baxes: tuple[str, ...], tp: str | None):
   return body
 
 
-def _local_experts(c, rows, expert_ids, local_e, gate, up, down_kernel, down_bias, tp):
-  """This device's experts on the rows it received (padding rows: id local_e)."""
-  dt = rows.dtype
-  order = jnp.argsort(expert_ids, stable=True)
-  sorted_ids = expert_ids[order]
-  x = rows[order]
-  sizes = jnp.bincount(expert_ids, length=local_e + 1)[:local_e].astype(jnp.int32)
-  g, gate_counts = expert_linear(gate, x, sorted_ids, sizes, c)
-  u, up_counts = expert_linear(up, x, sorted_ids, sizes, c)
-  h = era(g, c.era_gamma) * u
-  out = jax.lax.ragged_dot(h, down_kernel.astype(dt), sizes)
+def _expert_ffn(c, x, layout: GroupLayout, gate, up, down_kernel, down_bias, tp=None):
+  """The experts' GLU FFN on laid-out rows: (out, gate rank counts, up rank counts)."""
+  dt = x.dtype
+  g, gate_counts = expert_linear(gate, x, layout, c)
+  u, up_counts = expert_linear(up, x, layout, c)
+  out = layout.matmul(era(g, c.era_gamma) * u, down_kernel.astype(dt))
   if tp:
     out = jax.lax.psum(out, tp)  # FFN width was split over `tensor`: sum the halves
-  out = out + down_bias.astype(dt)[jnp.minimum(sorted_ids, local_e - 1)]
-  return out[jnp.argsort(order)], gate_counts, up_counts
+  out = out + down_bias.astype(dt)[jnp.minimum(layout.group, down_kernel.shape[0] - 1)]
+  return out, gate_counts, up_counts
+
+
+def _local_experts(c, rows, expert_ids, local_e, gate, up, down_kernel, down_bias, tp):
+  """This device's experts on the rows it received (padding rows: id local_e)."""
+  order = jnp.argsort(expert_ids, stable=True)
+  sizes = jnp.bincount(expert_ids, length=local_e + 1)[:local_e].astype(jnp.int32)
+  layout = GroupLayout(sizes, rows.shape[0])
+  out, gate_counts, up_counts = _expert_ffn(c, layout.to_groups(rows[order]), layout,
+                                            gate, up, down_kernel, down_bias, tp)
+  return layout.from_groups(out)[jnp.argsort(order)], gate_counts, up_counts

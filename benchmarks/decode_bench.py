@@ -10,12 +10,16 @@ import argparse
 import json
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+from vesperjax.host_memory import keep_freed_memory
 
-import vesperjax as vj
-from vesperjax.sampling import generate
+keep_freed_memory()  # before numpy/XLA start threads (see vesperjax/host_memory.py)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import vesperjax as vj  # noqa: E402
+from vesperjax.sampling import generate  # noqa: E402
 
 
 def main():

@@ -53,11 +53,11 @@ def test_streaming_equals_loop_and_does_not_recompile_per_token():
                seed=4)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(np.stack(seen, 1), a)
-  compiled = sampling._decode_step._cache_size()
+  compiled = sampling._decode_loop._cache_size()
   # New prompt length (same bucket), new sampling settings, more tokens: no new compile.
   generate(model, [1, 2, 3, 4, 5, 6], max_new_tokens=20, temperature=0.5, top_k=3,
            seed=1, on_token=lambda t: None)
-  assert sampling._decode_step._cache_size() == compiled
+  assert sampling._decode_loop._cache_size() == compiled
   # The model itself is untouched (generation runs a copy in eval mode).
   assert model.blocks.ffn.gate.deterministic is False
 
@@ -153,3 +153,21 @@ def test_filter_handles_batch_rows_independently_and_negative_logits():
   filt = jax.jit(sampling._filter_top_k_top_p)
   out = np.asarray(filt(logits, jnp.int32(2), jnp.float32(1.0)))
   np.testing.assert_array_equal(np.isfinite(out), [[0, 1, 0, 1], [1, 0, 1, 0]])
+
+
+def test_streaming_callback_error_propagates_and_stops():
+  model = toy()
+  calls = []
+
+  def on_token(t):
+    calls.append(t)
+    if len(calls) == 3:
+      raise BrokenPipeError("reader went away")
+
+  with pytest.raises(BrokenPipeError, match="reader went away"):
+    generate(model, [1, 2, 3], max_new_tokens=12, seed=0, on_token=on_token)
+  assert len(calls) == 3  # no call after the one that failed
+  # the next streaming call works (the failed call's sink is gone)
+  seen = []
+  generate(model, [1, 2, 3], max_new_tokens=5, seed=0, on_token=seen.append)
+  assert len(seen) == 5

@@ -5,8 +5,9 @@ step. Both steps are jit-compiled once per (model graph, batch, length bucket): 
 prompt is right-padded and the cache sized to a multiple of `LENGTH_BUCKET`, and the
 sampling settings are traced values, so new prompts, lengths, temperatures, top-k or
 top-p do not recompile. Without `on_token` the whole decode runs as one
-`lax.while_loop`; with it, a Python loop calls the jitted step and hands each token to
-the callback (streaming), dispatching step i+1 before reading token i back.
+`lax.while_loop`; with it the same loop, run in chunks of steps, hands each step's
+tokens to the callback from inside the compiled loop (`io_callback`), so streaming costs
+no Python dispatch per token.
 
 Random draws use `fold_in(key(seed), step)`, so both paths give the same tokens.
 """
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 LENGTH_BUCKET = 64  # cache lengths and padded prompt lengths are multiples of this
 
@@ -138,28 +140,41 @@ def _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
   return tok, done, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode_step(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
-  """One token: feed `tok` (the token sampled at step-1), sample the one at `step`."""
-  return _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
+# The on_token of the streaming generate() now running (io_callback runs on an XLA
+# thread; one compiled loop serves every callback, so it is looked up here).
+_SINK: list = []
+_STREAM_CHUNK = 64  # tokens per compiled call while streaming: Ctrl-C and errors land
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, num_steps):
-  """All remaining tokens in one `lax.while_loop`; stops early once every row is done."""
-  out = jnp.zeros((tok.shape[0], cache.k.shape[2]), jnp.int32).at[:, 0].set(tok)
+def _emit(tok):
+  sink = _SINK[-1]
+  if sink["error"] is None:
+    try:
+      sink["on_token"](np.asarray(tok))
+    except BaseException as e:  # noqa: BLE001  re-raised by generate() after the chunk
+      sink["error"] = e
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "stream"),
+                   donate_argnames=("cache", "out"))
+def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, out, start,
+                 stop, *, stream=False):
+  """Steps start..stop-1 in one `lax.while_loop` (stops early once every row is done),
+  writing tokens into `out` [B, cache_len]; with `stream`, each step's tokens also go to
+  the running generate()'s on_token as they are sampled."""
 
   def cond(carry):
     step, _, done, _, _ = carry
-    return (step < num_steps) & ~jnp.all(done)
+    return (step < stop) & ~jnp.all(done)
 
   def body(carry):
     step, tok, done, cache, out = carry
     tok, done, cache = _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
+    if stream:
+      io_callback(_emit, None, tok, ordered=True)
     return step + 1, tok, done, cache, out.at[:, step].set(tok)
 
-  step, *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
-  return out, step
+  return jax.lax.while_loop(cond, body, (start, tok, done, cache, out))
 
 
 def _as_prompt(prompt_tokens) -> np.ndarray:
@@ -221,21 +236,28 @@ def generate(model, prompt_tokens: Sequence[int] | np.ndarray, *, max_new_tokens
   tok, done, cache = _prefill(graphdef, state, jnp.asarray(padded), jnp.int32(length),
                               key, knobs, eos, cache_len=cache_len)
 
+  out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(tok)
   if on_token is None:
-    out, steps = _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos,
-                              jnp.int32(max_new_tokens))
+    steps, *_, out = _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos, out,
+                                  jnp.int32(1), jnp.int32(max_new_tokens))
     return np.asarray(out[:, :int(steps)])
 
-  produced = []
-  for step in range(1, max_new_tokens + 1):
-    pending = None
-    if step < max_new_tokens:  # dispatch the next step before syncing on this token
-      pending = _decode_step(graphdef, state, cache, tok, jnp.int32(step), done, key,
-                             knobs, eos)
-    host_tok, host_done = jax.device_get((tok, done))
-    produced.append(host_tok)
-    on_token(host_tok)
-    if pending is None or host_done.all():
-      break
-    tok, done, cache = pending
-  return np.stack(produced, axis=1)
+  # Streaming: tokens reach on_token from inside the compiled loop as they are sampled
+  # (no Python dispatch per token), in calls of _STREAM_CHUNK steps.
+  host_tok, host_done = jax.device_get((tok, done))
+  on_token(host_tok)
+  steps = 1
+  sink = {"on_token": on_token, "error": None}
+  _SINK.append(sink)
+  try:
+    while steps < max_new_tokens and not host_done.all():
+      stop = min(steps + _STREAM_CHUNK, max_new_tokens)
+      step, tok, done, cache, out = _decode_loop(
+          graphdef, state, cache, tok, done, key, knobs, eos, out, jnp.int32(steps),
+          jnp.int32(stop), stream=True)
+      steps, host_done = jax.device_get((step, done))
+      if sink["error"] is not None:
+        raise sink["error"]
+  finally:
+    _SINK.pop()
+  return np.asarray(out[:, :int(steps)])

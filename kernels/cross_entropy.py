@@ -3,8 +3,8 @@
 ``linear_cross_entropy(h, w, labels)`` returns ``loss[i] = lse_i - z_i[label_i]`` and the
 predictive entropy ``H_i = lse_i - sum_j p_ij z_ij`` (nats) of ``softmax(z)``,
 ``z = h @ w.T``, accumulating over vocab chunks with an online logsumexp (and an online
-``sum p z``). The backward (``jax.custom_vjp``) recomputes each logits chunk and
-accumulates dh and dw; it is exact for both outputs (entropy:
+``sum p z``). The backward (``jax.custom_vjp``) recomputes each logits chunk (or, on the
+CPU where memory is cheap, reuses the forward's) and accumulates dh and dw; it is exact for both outputs (entropy:
 ``dH/dz = -p (z - E_p[z])``), so the trainer may use entropy as a signal or a loss.
 
 Conventions: ``labels < 0`` are ignored (loss 0, no loss gradient; entropy is still
@@ -31,6 +31,9 @@ _NEG_INF = float("-inf")
 # XLA-fused epilogue; the Pallas forward re-streams w per token block. Until
 # kernels/bench.py has measured both on an H100/H200, auto stays on "chunked".
 _AUTO_GPU = "chunked"
+# keep_logits=None keeps the chunked forward's fp32 logits for the backward (no second
+# h @ w.T) on the CPU backend, up to this size; accelerators always recompute.
+KEEP_LOGITS_MAX_BYTES = 256 << 20
 
 
 def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=None):
@@ -67,8 +70,9 @@ def _chunk_stats(hc, wc, lc, v0, nvalid, precision):
   return z, valid, hit
 
 
-def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision):
-  """Returns per-token (lse, E_p[z], z_label) over padded tokens."""
+def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits=False):
+  """Returns per-token (lse, E_p[z], z_label) over padded tokens, and with keep_logits
+  the fp32 logits tiles [token chunks, vocab chunks, bn, bv] for the backward."""
   n, d = h.shape
   hp = _pad_to(h, bn).reshape(-1, bn, d)
   lp = _pad_to(labels, bn).reshape(-1, bn)
@@ -88,18 +92,20 @@ def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision):
       s = s * scale + jnp.sum(e, axis=1)
       a = a * scale + jnp.sum(jnp.where(valid, e * z, 0.0), axis=1)
       zl = zl + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
-      return (m1, s, a, zl), None
+      return (m1, s, a, zl), (z if keep_logits else None)
 
     init = (jnp.full((bn,), _NEG_INF), jnp.zeros((bn,)), jnp.zeros((bn,)), jnp.zeros((bn,)))
-    (m, s, a, zl), _ = lax.scan(vocab_step, init, (wp, starts))
-    return m + jnp.log(s), a / s, zl
+    (m, s, a, zl), z = lax.scan(vocab_step, init, (wp, starts))
+    return m + jnp.log(s), a / s, zl, z
 
-  lse, ez, zl = lax.map(token_chunk, (hp, lp))
-  return lse.reshape(-1)[:n], ez.reshape(-1)[:n], zl.reshape(-1)[:n]
+  lse, ez, zl, z = lax.map(token_chunk, (hp, lp))
+  return lse.reshape(-1)[:n], ez.reshape(-1)[:n], zl.reshape(-1)[:n], z
 
 
-def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision):
-  """dz = dloss (p - onehot) - dent p (z - E_p z), contracted chunk by chunk."""
+def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision,
+                 logits=None):
+  """dz = dloss (p - onehot) - dent p (z - E_p z), contracted chunk by chunk; the logits
+  tiles are recomputed unless the forward kept them."""
   n, d = h.shape
   v = w.shape[0]
   f32 = jnp.float32
@@ -111,11 +117,15 @@ def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision):
   starts = jnp.arange(wp.shape[0]) * bv
 
   def vocab_step(dh, xs):
-    wc, v0 = xs
+    wc, v0, zv = xs
 
     def token_step(dwc, ts):
-      hc, lc, lse_c, ez_c, dl_c, de_c = ts
-      z, valid, hit = _chunk_stats(hc, wc, lc, v0, nvalid, precision)
+      hc, lc, lse_c, ez_c, dl_c, de_c, zt = ts
+      if zt is None:
+        z, valid, hit = _chunk_stats(hc, wc, lc, v0, nvalid, precision)
+      else:
+        ids = v0 + jnp.arange(wc.shape[0])
+        z, valid, hit = zt, (ids < nvalid)[None, :], ids[None, :] == lc[:, None]
       p = jnp.exp(z - lse_c[:, None])
       zc = jnp.where(valid, z - ez_c[:, None], 0.0)
       dz = dl_c[:, None] * (p - hit.astype(f32)) - de_c[:, None] * p * zc
@@ -125,33 +135,36 @@ def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision):
                                   preferred_element_type=f32)
       return dwc, dhc
 
-    dwc, dhc = lax.scan(token_step, jnp.zeros((bv, d), f32), (hp, lp, *per_tok))
+    dwc, dhc = lax.scan(token_step, jnp.zeros((bv, d), f32), (hp, lp, *per_tok, zv))
     return dh + dhc, dwc
 
-  dh, dw = lax.scan(vocab_step, jnp.zeros(hp.shape, f32), (wp, starts))
+  by_vocab = None if logits is None else jnp.swapaxes(logits, 0, 1)  # [vocab, token] chunks
+  dh, dw = lax.scan(vocab_step, jnp.zeros(hp.shape, f32), (wp, starts, by_vocab))
   return dh.reshape(-1, d)[:n].astype(h.dtype), dw.reshape(-1, d)[:v].astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _lce(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret):
-  out, _ = _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _lce(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_logits):
+  out, _ = _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret,
+                    keep_logits)
   return out
 
 
-def _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret):
+def _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_logits):
+  z = None
   if use_pallas:
     lse, ez, zl = _fwd_pallas(h, w, labels, nvalid, bn, bv, interpret)
   else:
-    lse, ez, zl = _fwd_chunked(h, w, labels, nvalid, bn, bv, precision)
+    lse, ez, zl, z = _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits)
   loss = jnp.where(labels >= 0, lse - zl, 0.0)
-  return (loss, lse - ez), (h, w, labels, lse, ez)
+  return (loss, lse - ez), (h, w, labels, lse, ez, z)
 
 
-def _lce_bwd(nvalid, bn, bv, precision, use_pallas, interpret, res, cts):
-  del use_pallas, interpret
-  h, w, labels, lse, ez = res
+def _lce_bwd(nvalid, bn, bv, precision, use_pallas, interpret, keep_logits, res, cts):
+  del use_pallas, interpret, keep_logits
+  h, w, labels, lse, ez, z = res
   dloss, dent = cts
-  dh, dw = _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision)
+  dh, dw = _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision, z)
   return dh, dw, np.zeros(labels.shape, jax.dtypes.float0)
 
 
@@ -159,12 +172,15 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 
 
 def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
-                         block_vocab=None, precision=None, impl=None, interpret=None):
+                         block_vocab=None, precision=None, impl=None, interpret=None,
+                         keep_logits=None):
   """Per-token ``(loss [N], entropy [N])`` (fp32, nats) of ``softmax(h @ w.T)``.
 
   h: [N, D]; w: [V, D] (e.g. the tied embedding); labels: [N] int (< 0: ignored).
   Block sizes trade memory for speed: each step holds an fp32 [block_tokens,
   block_vocab] logits tile. ``impl``: "auto" | "pallas" | "chunked" | "reference".
+  ``keep_logits`` (chunked forward): keep the fp32 logits tiles for the backward instead
+  of recomputing them; None = on the CPU backend up to ``KEEP_LOGITS_MAX_BYTES``.
   """
   if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[1] or labels.shape != h.shape[:1]:
     raise ValueError(f"bad shapes h{h.shape} w{w.shape} labels{labels.shape}")
@@ -186,8 +202,12 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
     bn_default, bv_default = 1024, 2048
   bn = block_tokens or min(bn_default, _ceil_pow2(n))
   bv = block_vocab or min(bv_default, _ceil_pow2(v))
+  if keep_logits is None:  # CPU: memory is cheap, the recomputing matmul is not
+    padded = -(-n // bn) * bn * -(-v // bv) * bv
+    keep_logits = jax.default_backend() == "cpu" and padded * 4 <= KEEP_LOGITS_MAX_BYTES
+  keep_logits = bool(keep_logits) and not use_pallas
   return _lce(h, w, labels.astype(jnp.int32), nvalid, bn, bv, precision, use_pallas,
-              interpret)
+              interpret, keep_logits)
 
 
 def _ceil_pow2(x):

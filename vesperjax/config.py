@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "auto", "cudnn", "pallas", "xla", "reference")
+ATTENTION_IMPLS = (None, "auto", "cudnn", "pallas", "xla", "blocked", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

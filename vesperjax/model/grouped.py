@@ -96,7 +96,19 @@ def _block_matmul_bwd(res, dy):
   x_t = jnp.swapaxes(x, 1, 2)  # [blocks, k, b]
   dw_blocks = jnp.einsum("jkb,jbn->jkn", x_t, dy, preferred_element_type=w.dtype)
   dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0])
+  # Inside shard_map, w may be the same on devices whose rows differ (e.g. experts split
+  # over `expert`, tokens over `data`): sum the row shards' dw, as autodiff would.
+  extra = tuple(sorted(_varying_axes(dw) - _varying_axes(w)))
+  if extra:
+    dw = jax.lax.psum(dw, extra)
   return dx, dw, None
+
+
+def _varying_axes(x) -> set:
+  """Manual mesh axes a value varies over inside shard_map (empty outside)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # jax 0.10
+  return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

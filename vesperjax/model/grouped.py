@@ -96,12 +96,15 @@ def _block_matmul_bwd(res, dy):
   x_t = jnp.swapaxes(x, 1, 2)  # [blocks, k, b]
   dw_blocks = jnp.einsum("jkb,jbn->jkn", x_t, dy, preferred_element_type=w.dtype)
   dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0])
-  # Inside shard_map, w may be the same on devices whose rows differ (e.g. experts split
-  # over `expert`, tokens over `data`): sum the row shards' dw, as autodiff would.
-  extra = tuple(sorted(_varying_axes(dw) - _varying_axes(w)))
-  if extra:
-    dw = jax.lax.psum(dw, extra)
-  return dx, dw, None
+  return _sum_like(dx, x), _sum_like(dw, w), None
+
+
+def _sum_like(cotangent, primal):
+  """Inside shard_map, a primal the same on devices whose other operand differs (w over
+  token shards, x over `tensor` shards of w) gets the sum of their cotangents, as
+  autodiff gives it: psum over the mesh axes the cotangent varies on and it does not."""
+  extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+  return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
 def _varying_axes(x) -> set:

@@ -28,6 +28,18 @@ def _config_file_error(e: BaseException) -> str:
   return "cannot load --config: " + _one_line(e).rsplit("] ", 1)[-1]
 
 
+def use_compilation_cache() -> None:
+  """Keep compiled programs on disk across runs, so a resumed training run or the next
+  `generate` skips most compiling: in $XDG_CACHE_HOME/vesperjax/jax (~/.cache/...),
+  unless JAX's own cache directory is already configured."""
+  import jax
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    return
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "vesperjax", "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run_cli(argv: list[str], body: Callable[[], int],
             flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """Parse flags from argv, run body(), and turn user errors into one line + status 2."""

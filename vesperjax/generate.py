@@ -14,7 +14,7 @@ import time
 
 from absl import flags
 
-from vesperjax.cli import _one_line, run_cli, user_errors
+from vesperjax.cli import _one_line, run_cli, use_compilation_cache, user_errors
 
 # Own FlagValues: the train and benchmark CLIs define flags of the same names, and
 # tests import them all into one process.
@@ -130,6 +130,7 @@ def run() -> int:
     raise ValueError(f"--top-k {_TOP_K.value}: must be >= 0 (0: off)")
   if not 0 < _TOP_P.value <= 1:
     raise ValueError(f"--top-p {_TOP_P.value}: must be in (0, 1]")
+  use_compilation_cache()
   model, tokenizer, _ = _load(_WORKDIR.value, _STEP.value, _BEST.value)
   max_len = model.config.max_seq_len
   for i, text in enumerate(prompts):

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.cli import load_run_config, run_cli
+from vesperjax.cli import load_run_config, run_cli, use_compilation_cache
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _RESUME = flags.DEFINE_bool("resume", False,
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     run = load_run_config(_CONFIG)
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
+    use_compilation_cache()
     return train(run, workdir, require_resume=_RESUME.value)
 
   return run_cli(sys.argv if argv is None else argv, body)

@@ -335,7 +335,8 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
   for a, title in zip(axes, ("entropy scale (LR multiplier)",
                              "perplexity scale (beta1 multiplier)", "effective LR")):
     a.set(title=title, xlabel="step")
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:  # empty without Velvet runs
+      a.legend(fontsize=7)
     a.grid(alpha=0.3)
   save(fig, "adaptive_scales.png")
 

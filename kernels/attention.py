@@ -13,7 +13,8 @@
 * ``"reference"``: naive softmax(q k^T / sqrt(D)) v in fp32, for tests.
 
 ``None`` / ``"auto"`` follows ``_choose``: cuDNN where it applies on a CUDA GPU, blocked
-for causal self-attention on CPU, XLA otherwise. The table is a default to be measured with ``kernels/bench.py`` on H100/H200.
+for causal self-attention on CPU, XLA otherwise. The GPU entries are defaults to be
+measured with ``kernels/bench.py`` on H100/H200.
 The process default (``set_default_impl`` / ``VESPERJAX_KERNELS``) maps ``reference`` ->
 "reference" and ``pallas`` -> "pallas".
 """

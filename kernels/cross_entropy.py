@@ -4,7 +4,8 @@
 predictive entropy ``H_i = lse_i - sum_j p_ij z_ij`` (nats) of ``softmax(z)``,
 ``z = h @ w.T``, accumulating over vocab chunks with an online logsumexp (and an online
 ``sum p z``). The backward (``jax.custom_vjp``) recomputes each logits chunk (or, on the
-CPU where memory is cheap, reuses the forward's) and accumulates dh and dw; it is exact for both outputs (entropy:
+CPU where memory is cheap, reuses the forward's) and accumulates dh and dw; it is exact
+for both outputs (entropy:
 ``dH/dz = -p (z - E_p[z])``), so the trainer may use entropy as a signal or a loss.
 
 Conventions: ``labels < 0`` are ignored (loss 0, no loss gradient; entropy is still
@@ -59,15 +60,18 @@ def _pad_to(x, n, axis=0):
   return jnp.pad(x, widths)
 
 
+def _chunk_masks(lc, v0, width, nvalid):
+  """Which ids of the vocab chunk starting at v0 exist [1, BV], and which are labels."""
+  ids = v0 + jnp.arange(width)
+  return (ids < nvalid)[None, :], ids[None, :] == lc[:, None]
+
+
 def _chunk_stats(hc, wc, lc, v0, nvalid, precision):
   """Logits chunk and its masks: z [BN, BV] fp32 with invalid ids at -inf."""
   z = lax.dot_general(hc, wc, (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32)
-  ids = v0 + jnp.arange(wc.shape[0])
-  valid = (ids < nvalid)[None, :]
-  z = jnp.where(valid, z, _NEG_INF)
-  hit = ids[None, :] == lc[:, None]
-  return z, valid, hit
+  valid, hit = _chunk_masks(lc, v0, wc.shape[0], nvalid)
+  return jnp.where(valid, z, _NEG_INF), valid, hit
 
 
 def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits=False):
@@ -123,9 +127,8 @@ def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision,
       hc, lc, lse_c, ez_c, dl_c, de_c, zt = ts
       if zt is None:
         z, valid, hit = _chunk_stats(hc, wc, lc, v0, nvalid, precision)
-      else:
-        ids = v0 + jnp.arange(wc.shape[0])
-        z, valid, hit = zt, (ids < nvalid)[None, :], ids[None, :] == lc[:, None]
+      else:  # the forward's tile (invalid ids already at -inf)
+        z, (valid, hit) = zt, _chunk_masks(lc, v0, wc.shape[0], nvalid)
       p = jnp.exp(z - lse_c[:, None])
       zc = jnp.where(valid, z - ez_c[:, None], 0.0)
       dz = dl_c[:, None] * (p - hit.astype(f32)) - de_c[:, None] * p * zc

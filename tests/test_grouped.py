@@ -45,6 +45,8 @@ def test_blocked_layout_groups_rows_and_marks_padding():
   np.testing.assert_array_equal(laid[group == 3], 0)
   back = np.asarray(layout.from_groups(layout.to_groups(x)))[:, 0]
   np.testing.assert_array_equal(back, [1, 2, 3, 4, 5, 6, 7, 8, 0, 0])
+  with pytest.raises(ValueError, match="grouped matmul impl"):
+    GroupLayout(sizes, 10, impl="megablocks")
 
 
 def test_rank_topk_mask_is_lax_top_k_with_ties():

@@ -40,15 +40,10 @@ def test_cli_start_keeps_freed_memory():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_opt_out_and_accelerators_leave_glibc_alone():
+def test_opt_out_and_accelerators_leave_glibc_alone(monkeypatch):
   assert not probe("cli", JAX_PLATFORMS="cpu", VESPERJAX_HOST_MALLOC="default")[0]
   from vesperjax import host_memory
-  env = dict(os.environ)
-  try:
-    os.environ["JAX_PLATFORMS"] = "cuda"
-    assert not host_memory._cpu_only()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    assert host_memory._cpu_only()
-  finally:
-    os.environ.clear()
-    os.environ.update(env)
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not host_memory._cpu_only()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory._cpu_only()

@@ -7,9 +7,10 @@ a 2-core VM. One arena that never returns memory to the system (the MALLOC_ARENA
 MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ settings, made with mallopt) brings that to 0.
 The cost is that the process keeps its peak heap. `python -m vesperjax.<command>` applies
 it as the package is first imported, before numpy's and XLA's threads have taken arenas
-of their own (later it does not work), and only when XLA will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator
-plugin is installed. `VESPERJAX_HOST_MALLOC=default` (or any MALLOC_* variable of the
-user's) leaves glibc alone.
+of their own (later it does not work), and only when XLA will run on the CPU:
+JAX_PLATFORMS says cpu, or no accelerator plugin is installed.
+`VESPERJAX_HOST_MALLOC=default` (or any MALLOC_* variable of the user's) leaves glibc
+alone.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ Random draws use `fold_in(key(seed), step)`, so both paths give the same tokens.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, Sequence
 
 import jax
@@ -140,14 +141,15 @@ def _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id):
   return tok, done, cache
 
 
-# The on_token of the streaming generate() now running (io_callback runs on an XLA
-# thread; one compiled loop serves every callback, so it is looked up here).
-_SINK: list = []
+# on_token of each streaming generate() call, by the id its loop passes to io_callback
+# (one compiled loop serves every callback, and concurrent calls stay apart).
+_SINKS: dict[int, dict] = {}
+_SINK_IDS = itertools.count()
 _STREAM_CHUNK = 64  # tokens per compiled call while streaming: Ctrl-C and errors land
 
 
-def _emit(tok):
-  sink = _SINK[-1]
+def _emit(sink_id, tok):
+  sink = _SINKS[int(sink_id)]
   if sink["error"] is None:
     try:
       sink["on_token"](np.asarray(tok))
@@ -158,7 +160,7 @@ def _emit(tok):
 @functools.partial(jax.jit, static_argnames=("graphdef", "stream"),
                    donate_argnames=("cache", "out"))
 def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, out, start,
-                 stop, *, stream=False):
+                 stop, sink_id, *, stream=False):
   """Steps start..stop-1 in one `lax.while_loop` (stops early once every row is done),
   writing tokens into `out` [B, cache_len]; with `stream`, each step's tokens also go to
   the running generate()'s on_token as they are sampled."""
@@ -171,7 +173,7 @@ def _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos_id, out, sta
     step, tok, done, cache, out = carry
     tok, done, cache = _decode_one(graphdef, state, cache, tok, step, done, key, knobs, eos_id)
     if stream:
-      io_callback(_emit, None, tok, ordered=True)
+      io_callback(_emit, None, sink_id, tok, ordered=True)
     return step + 1, tok, done, cache, out.at[:, step].set(tok)
 
   return jax.lax.while_loop(cond, body, (start, tok, done, cache, out))
@@ -236,28 +238,27 @@ def generate(model, prompt_tokens: Sequence[int] | np.ndarray, *, max_new_tokens
   tok, done, cache = _prefill(graphdef, state, jnp.asarray(padded), jnp.int32(length),
                               key, knobs, eos, cache_len=cache_len)
 
+  # Without on_token, one call runs every step. Streaming: tokens reach on_token from
+  # inside the compiled loop as they are sampled (no Python dispatch per token), in calls
+  # of _STREAM_CHUNK steps.
   out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(tok)
-  if on_token is None:
-    steps, *_, out = _decode_loop(graphdef, state, cache, tok, done, key, knobs, eos, out,
-                                  jnp.int32(1), jnp.int32(max_new_tokens))
-    return np.asarray(out[:, :int(steps)])
-
-  # Streaming: tokens reach on_token from inside the compiled loop as they are sampled
-  # (no Python dispatch per token), in calls of _STREAM_CHUNK steps.
-  host_tok, host_done = jax.device_get((tok, done))
-  on_token(host_tok)
+  stream = on_token is not None
+  chunk = _STREAM_CHUNK if stream else max_new_tokens
+  sink_id = next(_SINK_IDS) % 2**31
+  host_done = np.asarray(done)
+  if stream:
+    on_token(np.asarray(tok))
+    _SINKS[sink_id] = sink = {"on_token": on_token, "error": None}
   steps = 1
-  sink = {"on_token": on_token, "error": None}
-  _SINK.append(sink)
   try:
     while steps < max_new_tokens and not host_done.all():
-      stop = min(steps + _STREAM_CHUNK, max_new_tokens)
       step, tok, done, cache, out = _decode_loop(
           graphdef, state, cache, tok, done, key, knobs, eos, out, jnp.int32(steps),
-          jnp.int32(stop), stream=True)
-      steps, host_done = jax.device_get((step, done))
-      if sink["error"] is not None:
+          jnp.int32(min(steps + chunk, max_new_tokens)), jnp.int32(sink_id),
+          stream=stream)
+      steps, host_done = int(step), np.asarray(done)
+      if stream and sink["error"] is not None:
         raise sink["error"]
   finally:
-    _SINK.pop()
-  return np.asarray(out[:, :int(steps)])
+    _SINKS.pop(sink_id, None)
+  return np.asarray(out[:, :steps])

@@ -31,7 +31,7 @@ class GroupLayout:
       raise ValueError(f"grouped matmul impl {impl!r}: choose from {IMPLEMENTATIONS}")
     if impl == "auto":
       impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    self.impl, self.rows = impl, rows
+    self.impl = impl
     self.sizes = group_sizes.astype(jnp.int32)
     groups = self.sizes.shape[0]
     ends = jnp.cumsum(self.sizes)

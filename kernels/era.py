@@ -115,3 +115,31 @@ def era(x, gamma=0.1, *, impl=None, interpret=None, block_size=None):
     return era_reference(x, gamma)
   gamma = jnp.asarray(gamma, jnp.float32)
   return _era_pallas(x, gamma, interpret, block_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def era_gated(g, u, gamma=0.1):
+  """The GLU's ``ERA(g) * u`` with a hand-derived backward that keeps only g and u.
+
+  Autodiff of ``era_reference(g) * u`` saves ERA's intermediates (tanh, exp, the product)
+  as well: in a scanned layer stack every one becomes a stacked [layers, tokens, ffn]
+  residual written in the forward and read in the backward. Recomputing them from g is
+  cheaper on CPU (fwd+bwd of the tiny model: see docs/benchmarks.md). gamma is a
+  constant here.
+  """
+  return era_reference(g, gamma) * u
+
+
+def _era_gated_fwd(g, u, gamma):
+  return era_gated(g, u, gamma), (g, u)
+
+
+def _era_gated_bwd(gamma, res, dy):
+  g, u = res
+  gf, dyf = g.astype(jnp.float32), dy.astype(jnp.float32)
+  dg = dyf * u.astype(jnp.float32) * _grad_math(gf, gamma)
+  du = dyf * _fwd_math(gf, gamma)
+  return dg.astype(g.dtype), du.astype(u.dtype)
+
+
+era_gated.defvjp(_era_gated_fwd, _era_gated_bwd)

@@ -10,7 +10,7 @@ from flax import nnx
 
 import vesperjax as vj
 from vesperjax.model import FrozenProjection, RoutingBias
-from vesperjax.model.layers import era
+from vesperjax.kernels.era import era_reference as era
 
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
             max_seq_len=64, lora_rank=8, lora_topk=2)

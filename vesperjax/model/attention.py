@@ -9,7 +9,7 @@ from flax import nnx
 
 from vesperjax.config import ModelConfig
 from vesperjax.kernels.attention import attention
-from vesperjax.model.layers import param
+from vesperjax.model.layers import flat_tokens, param
 
 
 class KVCache(NamedTuple):
@@ -57,17 +57,20 @@ class Attention(nnx.Module):
                cache: LayerCacheView | None = None
                ) -> tuple[jax.Array, LayerCacheView | None]:
     dt = x.dtype
-    qkv = jnp.einsum("bsd,dthk->tbshk", x, self.qkv_kernel[...].astype(dt))
-    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    b, s, h, dh = *x.shape[:2], self.config.num_heads, self.config.head_dim
+    # Over flattened token rows: each weight gradient then contracts one axis (see
+    # `flat_tokens`).
+    qkv = jnp.einsum("nd,dthk->nthk", flat_tokens(x), self.qkv_kernel[...].astype(dt))
+    qkv = (qkv + self.qkv_bias[...].astype(dt)).reshape(b, s, 3, h, dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = rope(q, positions, self.config.rope_theta)
     k = rope(k, positions, self.config.rope_theta)
     if cache is None:
       out = attention(q, k, v, causal=True, implementation=self.config.attention_impl)
     else:
       cache, out = _attend_with_cache(q, k, v, positions, cache)
-    y = jnp.einsum("bshk,hkd->bsd", out, self.out_kernel[...].astype(dt))
-    return y + self.out_bias[...].astype(dt), cache
+    y = jnp.einsum("nhk,hkd->nd", out.reshape(b * s, h, dh), self.out_kernel[...].astype(dt))
+    return (y + self.out_bias[...].astype(dt)).reshape(x.shape), cache
 
 
 def _attend_with_cache(q, k, v, positions, cache: LayerCacheView):

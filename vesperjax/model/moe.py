@@ -28,7 +28,8 @@ from vesperjax.sharding import ambient_mesh, batch_axes
 from vesperjax.sharding import top_k as partitionable_top_k
 from vesperjax.model.grouped import GroupLayout
 from vesperjax.model.layers import (FrozenProjection, RoutingBias, annotated, balance_step,
-                                    era, param, rank_topk_mask, sparse_random_projection)
+                                    era_gated, param, rank_topk_mask,
+                                    sparse_random_projection)
 
 
 def expert_linear(w: dict, x, layout: GroupLayout, config: ModelConfig):
@@ -269,7 +270,7 @@ def _expert_ffn(c, x, layout: GroupLayout, gate, up, down_kernel, down_bias, tp=
   dt = x.dtype
   g, gate_counts = expert_linear(gate, x, layout, c)
   u, up_counts = expert_linear(up, x, layout, c)
-  out = layout.matmul(era(g, c.era_gamma) * u, down_kernel.astype(dt))
+  out = layout.matmul(era_gated(g, u, c.era_gamma), down_kernel.astype(dt))
   if tp:
     out = jax.lax.psum(out, tp)  # FFN width was split over `tensor`: sum the halves
   out = out + down_bias.astype(dt)[jnp.minimum(layout.group, down_kernel.shape[0] - 1)]

@@ -49,6 +49,23 @@ def test_blocked_layout_groups_rows_and_marks_padding():
     GroupLayout(sizes, 10, impl="megablocks")
 
 
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_per_row_values_and_grads(impl):
+  """Each grouped row gets its group's value; the gradient is the per-group sum of the
+  grouped rows' cotangents (padding rows' values are ignored, so they are masked)."""
+  sizes = jnp.asarray([3, 0, 5], jnp.int32)
+  layout = GroupLayout(sizes, 10, impl=impl, block_rows=4)
+  grouped = np.asarray(layout.group) < 3
+  v = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)
+  rows = np.asarray(layout.per_row(v))
+  np.testing.assert_array_equal(rows[grouped], np.asarray(v)[np.asarray(layout.group)[grouped]])
+  cot = np.random.default_rng(1).normal(size=rows.shape).astype(np.float32) * grouped[:, None]
+  grad = jax.grad(lambda v: jnp.sum(layout.per_row(v) * cot))(v)
+  want = np.zeros((3, 2), np.float32)
+  np.add.at(want, np.asarray(layout.group)[grouped], cot[grouped])
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
 def test_rank_topk_mask_is_lax_top_k_with_ties():
   rng = np.random.default_rng()
   y = jnp.asarray(rng.integers(-3, 4, size=(64, 16)), jnp.float32)  # many ties

@@ -39,18 +39,17 @@ def expert_linear(w: dict, x, layout: GroupLayout, config: ModelConfig):
   """
   dt = x.dtype
   num = w["kernel"].shape[0]
-  expert = jnp.minimum(layout.group, num - 1)
   kernel = w["kernel"].astype(dt)
   if config.lora_rank:
     y = layout.matmul(x, jax.lax.stop_gradient(w["lora_a"]).astype(dt))
-    mask = rank_topk_mask(y, w["routing_bias"][expert], config.lora_topk)
+    mask = rank_topk_mask(y, layout.per_row(w["routing_bias"]), config.lora_topk)
     counts = jax.ops.segment_sum(mask.astype(jnp.float32), layout.group, num_segments=num)
     # As FlyLoRALinear: base and adapter as one matmul, [x | s (mask * y)] @ [W; B].
     x = jnp.concatenate([x, (y * mask) * jnp.asarray(config.lora_scale, dt)], axis=-1)
     kernel = jnp.concatenate([kernel, w["lora_b"].astype(dt)], axis=1)
   else:
     counts = None
-  return layout.matmul(x, kernel) + w["bias"].astype(dt)[expert], counts
+  return layout.matmul(x, kernel) + layout.per_row(w["bias"].astype(dt)), counts
 
 
 class ExpertFlyLoRA(nnx.Module):
@@ -273,7 +272,7 @@ def _expert_ffn(c, x, layout: GroupLayout, gate, up, down_kernel, down_bias, tp=
   out = layout.matmul(era_gated(g, u, c.era_gamma), down_kernel.astype(dt))
   if tp:
     out = jax.lax.psum(out, tp)  # FFN width was split over `tensor`: sum the halves
-  out = out + down_bias.astype(dt)[jnp.minimum(layout.group, down_kernel.shape[0] - 1)]
+  out = out + layout.per_row(down_bias.astype(dt))
   return out, gate_counts, up_counts
 
 

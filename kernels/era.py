@@ -138,7 +138,7 @@ def _era_gated_bwd(gamma, res, dy):
   g, u = res
   gf, dyf = g.astype(jnp.float32), dy.astype(jnp.float32)
   dg = dyf * u.astype(jnp.float32) * _grad_math(gf, gamma)
-  du = dyf * _fwd_math(gf, gamma)
+  du = dyf * era_reference(gf, gamma)
   return dg.astype(g.dtype), du.astype(u.dtype)
 
 

@@ -90,7 +90,7 @@ def _block_matmul(x, w, block_group):
 
   The backward is written out so that dx gathers the weights as the forward does and
   contracts their last axis (gathering transposed weights instead fuses the transpose
-  into the gather, 10 vs 1.4 ms for [20, 272, 1024] on XLA:CPU), and the weight gradient
+  into the gather, 9 vs 0.6 ms for [20, 272, 1024] on XLA:CPU), and the weight gradient
   is one batched dot per block, summed per group.
   """
   return jnp.einsum("jbk,jkn->jbn", x, _take_blocks(w, block_group),
@@ -99,7 +99,7 @@ def _block_matmul(x, w, block_group):
 
 def _take_blocks(w, block_group):
   """Each block's group's weight (clip mode: block_group is in range, and XLA:CPU's
-  gather is then half the time of the default fill mode's)."""
+  gather skips fill mode's bounds masking: 0.6 vs 0.8 ms for [20, 272, 1024])."""
   return jnp.take(w, block_group, axis=0, mode="clip")
 
 

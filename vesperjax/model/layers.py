@@ -132,8 +132,7 @@ class FlyLoRALinear(nnx.Module):
       counts = mask.astype(jnp.float32).sum(0)
       self.routing_bias[...] += balance_step(counts, self.config.lora_bias_rate)
     # Base and adapter as one matmul, [x | s (mask * y)] @ [W; B]: one weight-gradient
-    # dot then serves W and B (on CPU each such dot transposes the [tokens, d_out]
-    # cotangent, the costliest part of a separate LoRA branch).
+    # dot over the [tokens, d_out] cotangent then serves W and B.
     adapter_in = (y * mask) * jnp.asarray(self.config.lora_scale, dt)
     joint_in = jnp.concatenate([x, adapter_in], axis=-1)
     joint_kernel = jnp.concatenate([kernel, self.lora_b[...].astype(dt)], axis=0)

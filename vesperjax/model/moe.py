@@ -27,9 +27,9 @@ from vesperjax.config import ModelConfig
 from vesperjax.sharding import ambient_mesh, batch_axes
 from vesperjax.sharding import top_k as partitionable_top_k
 from vesperjax.model.grouped import GroupLayout
+from vesperjax.kernels.era import era_gated
 from vesperjax.model.layers import (FrozenProjection, RoutingBias, annotated, balance_step,
-                                    era_gated, param, rank_topk_mask,
-                                    sparse_random_projection)
+                                    param, rank_topk_mask, sparse_random_projection)
 
 
 def expert_linear(w: dict, x, layout: GroupLayout, config: ModelConfig):

@@ -1,0 +1,60 @@
+"""XLA:CPU costs behind the model's matmul forms (docs/benchmarks.md, session 3).
+
+1. A linear layer's fwd+bwd on [batch, seq, d] activations against the same rows
+   flattened to [tokens, d] (`layers.flat_tokens`): the 3-D weight gradient contracts
+   two axes, and XLA:CPU transposes the cotangent for it.
+2. The MoE blocked layout's weight gather ([groups, k, n] -> [blocks, k, n]): default
+   fill mode, clip mode (`grouped._take_blocks`), and transposed weights.
+
+  python benchmarks/cpu_matmul_forms.py
+"""
+from vesperjax.host_memory import keep_freed_memory
+
+keep_freed_memory()  # as under `python -m vesperjax.*` (see vesperjax/host_memory.py)
+
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def median_ms(fn, *args, repeats=30):
+  """Median wall time of a jitted call after one warm-up, in ms."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def main():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 256, 272)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(272, 1024)) * 0.05, jnp.float32)
+  loss_3d = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  loss_rows = lambda x, w: jnp.sum(jnp.sin(x.reshape(-1, x.shape[-1]) @ w))
+  grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1)))
+
+  experts = jnp.asarray(rng.normal(size=(4, 272, 1024)), jnp.float32)
+  blocks = jnp.asarray(np.sort(rng.integers(0, 4, 20)), jnp.int32)
+  rows = [
+      ("linear fwd+bwd, [8, 256, 272] @ [272, 1024]", grad(loss_3d), (x, w)),
+      ("linear fwd+bwd, [2048, 272] rows @ [272, 1024]", grad(loss_rows), (x, w)),
+      ("gather [4, 272, 1024] -> 20 blocks, fill mode",
+       jax.jit(lambda w, b: w[b]), (experts, blocks)),
+      ("gather, clip mode",
+       jax.jit(lambda w, b: jnp.take(w, b, axis=0, mode="clip")), (experts, blocks)),
+      ("gather, transposed weights",
+       jax.jit(lambda w, b: jnp.swapaxes(w, 1, 2)[b]), (experts, blocks)),
+  ]
+  print(f"jax {jax.__version__}, {jax.default_backend()}, median of 30 calls")
+  print(f"| {'case':50s} | ms |\n|{'-' * 52}|----|")
+  for name, fn, args in rows:
+    print(f"| {name:50s} | {median_ms(fn, *args):.1f} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,6 +1,6 @@
 """Decode speed of `vesperjax.sampling.generate` at batch 1 (random-init model).
 
-  python benchmarks/decode_bench.py [--preset tiny] [--vocab 8192] [--tokens 256]
+  python benchmarks/decode_bench.py [--preset tiny] [--vocab 8192] [--tokens 256] [--unrolled]
 
 Prints one JSON line: tokens/s of the compiled decode (median of --repeats calls, the
 first call, which compiles, timed apart) for the while_loop path and the streaming
@@ -32,12 +32,15 @@ def main():
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=40)
   p.add_argument("--top-p", type=float, default=0.95)
+  p.add_argument("--unrolled", action="store_true", help="scan_layers=False")
   a = p.parse_args()
-  model = vj.VesperLM(vj.model_preset(a.preset, vocab_size=a.vocab), rngs=nnx.Rngs(0))
+  config = vj.model_preset(a.preset, vocab_size=a.vocab, scan_layers=not a.unrolled)
+  model = vj.VesperLM(config, rngs=nnx.Rngs(0))
   prompt = np.arange(a.prompt_len) % a.vocab
   kw = dict(max_new_tokens=a.tokens, temperature=a.temperature, top_k=a.top_k,
             top_p=a.top_p)
-  out = dict(preset=a.preset, vocab=a.vocab, batch=1, prompt_len=a.prompt_len,
+  out = dict(preset=a.preset, scan_layers=config.scan_layers, vocab=a.vocab, batch=1,
+             prompt_len=a.prompt_len,
              new_tokens=a.tokens, backend=jax.default_backend())
   for name, cb in (("loop", None), ("streaming", lambda t: None)):
     times = []

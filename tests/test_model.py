@@ -245,9 +245,9 @@ def test_moe_gradients_reach_only_routed_experts():
   np.testing.assert_array_equal(g[[0, 1, 3]], 0.0)
 
 
-@pytest.mark.parametrize("experts", [0, 2])
-def test_kv_cache_decode_equals_full_forward(experts):
-  model = vj.VesperLM(tiny(num_experts=experts), rngs=nnx.Rngs(11))
+@pytest.mark.parametrize("experts,scan", [(0, True), (2, True), (2, False)])
+def test_kv_cache_decode_equals_full_forward(experts, scan):
+  model = vj.VesperLM(tiny(num_experts=experts, scan_layers=scan), rngs=nnx.Rngs(11))
   model.eval()
   seq = tokens(12, (2, 10))
   full, _ = forward(model, seq)
@@ -281,6 +281,29 @@ def test_remat_matches_no_remat(policy):
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                nnx.state(g0), nnx.state(g1))
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_unrolled_layers_match_scan(experts):
+  """scan_layers=False runs the same stacked parameters: loss, aux, every gradient and
+  the gradient-free routing-bias updates equal the scan's."""
+  def run(cfg):
+    model = vj.VesperLM(cfg, rngs=nnx.Rngs(1))  # train mode: routing biases move
+
+    def loss_fn(m):
+      logits, aux = m(tokens(2))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens(3)).mean()
+      return ce + aux.get("load_balance_loss", 0.0), aux
+
+    (loss, aux), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    return loss, aux, nnx.state(grads), nnx.state(model, RoutingBias)
+
+  scanned, unrolled = run(tiny(num_experts=experts)), run(
+      tiny(num_experts=experts, scan_layers=False))
+  assert np.abs(jax.tree.leaves(scanned[3])[0]).max() > 0  # the biases did move
+  np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-6)
+  for a, b in zip(scanned[1:], unrolled[1:]):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

@@ -59,6 +59,7 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
       seed=0,
       dtype="auto",  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, bfloat16
       remat="none",  # none, full, dots, dots_no_batch
+      scan_layers=True,  # False: unrolled layer loop (faster for shallow models on CPU)
       fused_loss=True,  # chunked linear cross-entropy (never materialises fp32 logits)
       resume=True,  # continue from WORKDIR's latest checkpoint when there is one
       sample_tokens=64,  # tokens sampled at the end of training (0: none)
@@ -70,10 +71,11 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
 
 
 def model_config(run: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-  """The ModelConfig a run trains: preset + non-None `model.*` + train dtype/remat."""
+  """The ModelConfig a run trains: preset + non-None `model.*` + train dtype/remat/scan."""
   overrides = {k: v for k, v in run.model.items() if k != "preset" and v is not None}
   overrides.setdefault("dtype", run.train.dtype)
   overrides.setdefault("remat", run.train.remat)
+  overrides.setdefault("scan_layers", run.train.scan_layers)
   if vocab_size is not None:
     if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
       raise ValueError(f"model.vocab_size={overrides['vocab_size']} is smaller than the "

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from vesperjax import data as vdata
 from vesperjax import sharding
 from vesperjax.checkpoint import Checkpointer, read_json
-from vesperjax.config import ModelConfig
+from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.run_config import model_config
 from vesperjax.train_step import all_finite, flops_per_token, lr_schedule, sharded_steps
 
@@ -142,13 +142,15 @@ class Trainer:
         val_percent=d.val_percent, progress=self.is_main)
 
   def _check_run_dir(self):
-    """A workdir holds one model: resuming it with another shape is an error."""
+    """A workdir holds one model: resuming it with another shape is an error (how it
+    runs, EXECUTION_FIELDS such as remat or scan_layers, may change)."""
     path = os.path.join(self.workdir, "model_config.json")
     if os.path.exists(path):
       saved = ModelConfig.from_dict(read_json(path))
-      if saved != self.config:
-        diff = [f"{k}: {v} -> {getattr(self.config, k)}"
-                for k, v in saved.to_dict().items() if getattr(self.config, k) != v]
+      diff = [f"{k}: {v} -> {getattr(self.config, k)}"
+              for k, v in saved.to_dict().items()
+              if k not in EXECUTION_FIELDS and getattr(self.config, k) != v]
+      if diff:
         raise RunError(f"{self.workdir} holds a different model ({'; '.join(diff)}); "
                        "use a new --workdir")
 

@@ -46,6 +46,8 @@ def test_throughput_prints_one_json_line(capsys):
   assert r["mfu"] is None  # CPU: no known peak
   assert "rss" in r["peak_mem_source"]
   assert np.isfinite(r["final_loss"])
+  assert len(r["matmul_gflops_before_after"]) == 2
+  assert all(x > 0 for x in r["matmul_gflops_before_after"])
 
 
 @pytest.mark.slow

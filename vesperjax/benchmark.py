@@ -390,6 +390,26 @@ def peak_memory() -> tuple[int | None, str]:
   return int(rss * scale), "process_max_rss (host memory: no device allocator stats)"
 
 
+def matmul_gflops(seconds: float = 0.3) -> float:
+  """The median rate of a fixed fp32 [2048,256] @ [256,1024] matmul on device 0, now.
+
+  A yardstick printed beside step times: a shared VM's cores do not run at one speed (on
+  the 2-vCPU dev VM this matmul runs at ~90 or ~150 GFLOP/s depending on the host's
+  placement), so step times from different runs compare only at similar yardsticks.
+  """
+  import jax
+  import jax.numpy as jnp
+  a, b = jnp.ones((2048, 256), jnp.float32), jnp.ones((256, 1024), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  rates, end = [], time.perf_counter() + seconds
+  while time.perf_counter() < end or len(rates) < 3:
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    rates.append(2 * 2048 * 256 * 1024 / (time.perf_counter() - start) / 1e9)
+  return float(np.median(rates))
+
+
 def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = None,
                    steps: int = 10, warmup: int = 2) -> dict:
   """Time the trainer's train step on synthetic tokens; a JSON-able result."""
@@ -427,6 +447,7 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
   for _ in range(warmup):
     state, m = compiled(state, batch)
   jax.block_until_ready(state)
+  yardstick = [matmul_gflops()]
   times = []
   cpu_start = _cpu_seconds()
   for _ in range(steps):
@@ -435,6 +456,7 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - start)
   cpu_per_step = (_cpu_seconds() - cpu_start) / steps
+  yardstick.append(matmul_gflops())
   loss = float(m["loss"])
 
   tokens = t.grad_accum * batch_size * seq_len
@@ -456,6 +478,7 @@ def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = 
       tokens_per_s=tps, flops_per_token=fpt, achieved_flops=tps * fpt,
       mfu=(tps * fpt / (peak * jax.device_count())) if peak else None,
       peak_mem_bytes=mem, peak_mem_source=mem_source, final_loss=loss,
+      matmul_gflops_before_after=[round(x, 1) for x in yardstick],
       backend=jax.default_backend(), device_kind=dev.device_kind,
       devices=jax.device_count(), jax=jax.__version__,
       cpu_threads=os.cpu_count() if jax.default_backend() == "cpu" else None,

@@ -283,6 +283,21 @@ def test_remat_matches_no_remat(policy):
                nnx.state(g0), nnx.state(g1))
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_rows_matmul_matches_autodiff(dtype, tol):
+  """The down projection's matmul (CPU: weight gradient via a materialised x.T) has the
+  value and gradients of a plain x @ w."""
+  from vesperjax.model.layers import rows_matmul
+  x = jax.random.normal(jax.random.key(0), (12, 8)).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), (8, 5)).astype(dtype)
+  dy = jax.random.normal(jax.random.key(2), (12, 5)).astype(dtype)
+  y, vjp = jax.vjp(rows_matmul, x, w)
+  y_ref, vjp_ref = jax.vjp(lambda a, b: a @ b, x, w)
+  for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("experts", [0, 4])
 def test_unrolled_layers_match_scan(experts):
   """scan_layers=False runs the same stacked parameters: loss, aux, every gradient and

@@ -96,6 +96,34 @@ def flat_tokens(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
 
 
+@jax.custom_vjp
+def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` for x [tokens, k]; on CPU its weight gradient transposes x before the dot.
+
+  XLA:CPU hands YNNPACK only dots whose lhs contracts its last axis; `x.T @ dy` falls back
+  to Eigen, which runs the FFN down projection's [2048, 1024]^T @ [2048, 256] in 9.7 ms
+  against 7.05 ms for a materialised x.T (copy included): ~3% of the tiny train step.
+  Other backends get the plain gradient.
+  """
+  return x @ w
+
+
+def _rows_matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _rows_matmul_bwd(res, dy):
+  x, w = res
+  if jax.default_backend() == "cpu":  # the barrier keeps XLA from folding x.T back in
+    dw = jax.lax.optimization_barrier(x.T) @ dy
+  else:
+    dw = x.T @ dy
+  return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
+
+
 class FlyLoRALinear(nnx.Module):
   """y = x W + b + (alpha / r) * B (topk_mask(A x) * A x), A frozen sparse random.
 
@@ -154,5 +182,5 @@ class FeedForward(nnx.Module):
     rows = flat_tokens(x)
     h = era_gated(self.gate.tokens(rows), self.up.tokens(rows), self.gamma)
     dt = x.dtype
-    y = h @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt)
+    y = rows_matmul(h, self.down_kernel[...].astype(dt)) + self.down_bias[...].astype(dt)
     return y.reshape(x.shape), {}

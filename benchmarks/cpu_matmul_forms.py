@@ -5,6 +5,9 @@
    two axes, and XLA:CPU transposes the cotangent for it.
 2. The MoE blocked layout's weight gather ([groups, k, n] -> [blocks, k, n]): default
    fill mode, clip mode (`grouped._take_blocks`), and transposed weights.
+3. The FFN down projection's weight gradient `x.T @ dy`: as written (XLA:CPU runs it on
+   Eigen) and with x.T materialised first, as `layers.rows_matmul` does on CPU (the dot
+   then goes to YNNPACK). Session 4.
 
   python benchmarks/cpu_matmul_forms.py
 """
@@ -12,22 +15,11 @@ from vesperjax.host_memory import keep_freed_memory
 
 keep_freed_memory()  # as under `python -m vesperjax.*` (see vesperjax/host_memory.py)
 
-import time  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def median_ms(fn, *args, repeats=30):
-  """Median wall time of a jitted call after one warm-up, in ms."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+from vesperjax.kernels.bench import median_seconds  # noqa: E402
 
 
 def main():
@@ -40,6 +32,8 @@ def main():
 
   experts = jnp.asarray(rng.normal(size=(4, 272, 1024)), jnp.float32)
   blocks = jnp.asarray(np.sort(rng.integers(0, 4, 20)), jnp.int32)
+  h = jnp.asarray(rng.normal(size=(2048, 1024)), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(2048, 256)), jnp.float32)
   rows = [
       ("linear fwd+bwd, [8, 256, 272] @ [272, 1024]", grad(loss_3d), (x, w)),
       ("linear fwd+bwd, [2048, 272] rows @ [272, 1024]", grad(loss_rows), (x, w)),
@@ -49,11 +43,15 @@ def main():
        jax.jit(lambda w, b: jnp.take(w, b, axis=0, mode="clip")), (experts, blocks)),
       ("gather, transposed weights",
        jax.jit(lambda w, b: jnp.swapaxes(w, 1, 2)[b]), (experts, blocks)),
+      ("weight grad [2048, 1024]^T @ [2048, 256], x.T @ dy",
+       jax.jit(lambda x, d: x.T @ d), (h, dy)),
+      ("weight grad, x.T materialised first (rows_matmul)",
+       jax.jit(lambda x, d: jax.lax.optimization_barrier(x.T) @ d), (h, dy)),
   ]
   print(f"jax {jax.__version__}, {jax.default_backend()}, median of 30 calls")
   print(f"| {'case':50s} | ms |\n|{'-' * 52}|----|")
   for name, fn, args in rows:
-    print(f"| {name:50s} | {median_ms(fn, *args):.1f} |")
+    print(f"| {name:50s} | {1e3 * median_seconds(fn, *args, reps=30):.1f} |")
 
 
 if __name__ == "__main__":

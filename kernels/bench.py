@@ -34,7 +34,7 @@ SIZES = {
 }
 
 
-def _time(fn, *args, reps=10):
+def median_seconds(fn, *args, reps=10):
   """Median wall time (s) of a jitted call, after compile + warmup."""
   jax.block_until_ready(fn(*args))
   times = []
@@ -60,7 +60,7 @@ class Table:
 
   def add(self, name, fn, args, *, bytes_=None, flops=None, mem=False, reps=10):
     try:
-      t = _time(fn, *args, reps=reps)
+      t = median_seconds(fn, *args, reps=reps)
       mb = _temp_mb(fn, *args) if mem else float("nan")
       err = ""
     except Exception as e:  # pylint: disable=broad-except

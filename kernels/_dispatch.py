@@ -6,15 +6,15 @@ process-wide default) and ``interpret: bool | None``:
 * ``"reference"``: the pure-JAX path (always available, the CPU/TPU default).
 * ``"pallas"``: the Pallas kernel; on a backend without a compiled Pallas GPU path it runs
   in interpret mode (slow, for tests), unless ``interpret=False`` is forced.
-* ``"auto"``: Pallas where its backend exists (CUDA GPU), the reference elsewhere.
+* ``"auto"``: Pallas where its backend exists (the target platform is CUDA), the
+  reference elsewhere.
 
 The process-wide default comes from ``set_default_impl(...)`` or, failing that, the
 ``VESPERJAX_KERNELS`` environment variable (``auto`` when unset).
 """
-import functools
 import os
 
-import jax
+from . import platform
 
 IMPLS = ("auto", "pallas", "reference")
 _ENV = "VESPERJAX_KERNELS"
@@ -38,19 +38,10 @@ def get_default_impl():
   return env
 
 
-@functools.lru_cache(maxsize=None)
-def _platform():
-  return jax.default_backend()
-
-
 def pallas_gpu_available():
-  """True where Pallas compiles GPU kernels (CUDA); ROCm/TPU/CPU are left to the reference."""
-  if _platform() != "gpu":
-    return False
-  try:
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
-  except Exception:  # pragma: no cover - unusual client objects
-    return True
+  """True when the target platform (``platform.current()``) is CUDA, where Pallas
+  compiles GPU kernels; ROCm/TPU/CPU are left to the reference."""
+  return platform.is_cuda()
 
 
 def resolve(impl=None, interpret=None):

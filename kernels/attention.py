@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _dispatch
+from . import platform
 
 IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "blocked", "reference")
 
@@ -88,7 +89,7 @@ def _choose(q, k, v, interpret):
     return "pallas"
   if _dispatch.pallas_gpu_available() and cudnn_supported(q, k, v):
     return "cudnn"
-  if jax.default_backend() == "cpu":
+  if platform.is_cpu():
     # measured (2-core CPU, jax 0.10.2, tiny-preset layer [8, 256, 4, 64], fwd+bwd):
     # blocked 15 ms, the plain einsum/softmax path 24 ms (42 before the host-memory fix),
     # jax.nn.dot_product_attention 60 ms

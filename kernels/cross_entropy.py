@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _dispatch
+from . import platform
 
 _NEG_INF = float("-inf")
 # What "auto" runs on a CUDA GPU. The chunked path's logits tiles are cuBLAS matmuls with an
@@ -183,7 +184,7 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
   Block sizes trade memory for speed: each step holds an fp32 [block_tokens,
   block_vocab] logits tile. ``impl``: "auto" | "pallas" | "chunked" | "reference".
   ``keep_logits`` (chunked forward): keep the fp32 logits tiles for the backward instead
-  of recomputing them; None = on the CPU backend up to ``KEEP_LOGITS_MAX_BYTES``.
+  of recomputing them; None = when the target platform is CPU, up to ``KEEP_LOGITS_MAX_BYTES``.
   """
   if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[1] or labels.shape != h.shape[:1]:
     raise ValueError(f"bad shapes h{h.shape} w{w.shape} labels{labels.shape}")
@@ -207,7 +208,7 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
   bv = block_vocab or min(bv_default, _ceil_pow2(v))
   if keep_logits is None:  # CPU: memory is cheap, the recomputing matmul is not
     padded = -(-n // bn) * bn * -(-v // bv) * bv
-    keep_logits = jax.default_backend() == "cpu" and padded * 4 <= KEEP_LOGITS_MAX_BYTES
+    keep_logits = platform.is_cpu() and padded * 4 <= KEEP_LOGITS_MAX_BYTES
   keep_logits = bool(keep_logits) and not use_pallas
   return _lce(h, w, labels.astype(jnp.int32), nvalid, bn, bv, precision, use_pallas,
               interpret, keep_logits)

@@ -9,7 +9,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -55,6 +54,7 @@ class ModelConfig:
   moe_capacity_factor: float | None = None
   # Numerics and memory
   dtype: str = "auto"  # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  # (the target platform, vesperjax.kernels.platform)
   remat: str = "none"  # per-layer rematerialisation policy, one of REMAT_POLICIES
   # True: the layers run as one `lax.scan` (compile time flat in depth). False: a Python
   # loop over the same stacked parameters; each layer's residuals then stay separate
@@ -87,8 +87,10 @@ class ModelConfig:
     return max(1, int(self.hidden_size * self.lora_density))
 
   def compute_dtype(self) -> jnp.dtype:
+    """`dtype`; "auto" is bfloat16 when the target platform is an accelerator."""
     if self.dtype == "auto":
-      return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+      from vesperjax.kernels import platform  # pylint: disable=g-import-not-at-top
+      return jnp.float32 if platform.is_cpu() else jnp.bfloat16
     return jnp.dtype(self.dtype)
 
   def replace(self, **overrides: Any) -> "ModelConfig":

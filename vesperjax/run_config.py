@@ -58,6 +58,9 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
       log_every=10,
       seed=0,
       dtype="auto",  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, bfloat16
+      # the backend the steps are built for: auto (the mesh's devices, or the
+      # VESPERJAX_PLATFORM environment variable), cpu, cuda, rocm or tpu
+      platform="auto",
       remat="none",  # none, full, dots, dots_no_batch
       scan_layers=True,  # False: unrolled layer loop (faster for shallow models on CPU)
       fused_loss=True,  # chunked linear cross-entropy (never materialises fp32 logits)
@@ -101,3 +104,9 @@ def validate(run: ConfigDict) -> None:
   need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
   need(d.seq_len > 1, "data.seq_len", "must be > 1")
   need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+  if t.platform != "auto":
+    from vesperjax.kernels import platform  # pylint: disable=g-import-not-at-top
+    try:
+      platform.normalize(t.platform)
+    except ValueError as e:
+      raise ValueError(f"config.train.platform: {e}") from None

@@ -161,6 +161,7 @@ class ShardedSteps(NamedTuple):
   """Everything device-side a run needs, jit-compiled for one mesh."""
   graphdef: Any
   tx: optax.GradientTransformationExtraArgs
+  platform: str  # the target platform the steps are traced for (kernels.platform)
   abstract: Any  # TrainState of ShapeDtypeStructs carrying their shardings (for restore)
   state_sharding: Any
   batch_sharding: Any  # [grad_accum, B, S+1] train batches
@@ -177,6 +178,8 @@ def sharded_steps(config: ModelConfig, run: ConfigDict, mesh, *,
   `valid_vocab`: the tokenizer's size (Velvet's ln V; logits beyond it are masked).
   """
   from vesperjax import sharding
+  from vesperjax.kernels import platform
+  target = platform.resolve(run.train.get("platform"), mesh.devices.flat)
   tx = make_optimizer(run.optim, run.train.max_steps, valid_vocab)
   graphdef, init = init_state_fn(config, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
@@ -187,8 +190,10 @@ def sharded_steps(config: ModelConfig, run: ConfigDict, mesh, *,
   train_fn = make_train_step(graphdef, config, tx, valid_vocab=valid_vocab,
                              fused_loss=fused)
   eval_fn = make_eval_step(graphdef, valid_vocab=valid_vocab, fused_loss=fused)
+  # every backend choice made while tracing follows the target, not the host's backend
+  init, train_fn, eval_fn = (platform.traced_for(target, f) for f in (init, train_fn, eval_fn))
   return ShardedSteps(
-      graphdef=graphdef, tx=tx,
+      graphdef=graphdef, tx=tx, platform=target,
       abstract=jax.tree.map(  # restore targets: Orbax reshards onto this mesh
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh),
       state_sharding=state_sh, batch_sharding=batch_sh, eval_sharding=eval_sh,

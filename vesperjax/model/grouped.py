@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vesperjax.kernels import platform
+
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
 
 
@@ -30,7 +32,7 @@ class GroupLayout:
     if impl not in IMPLEMENTATIONS:
       raise ValueError(f"grouped matmul impl {impl!r}: choose from {IMPLEMENTATIONS}")
     if impl == "auto":
-      impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+      impl = "blocked" if platform.is_cpu() else "ragged_dot"
     self.impl = impl
     self.sizes = group_sizes.astype(jnp.int32)
     groups = self.sizes.shape[0]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
+from vesperjax.kernels import platform
 # The GLU's ERA(g) * u on `era_reference` (GELU_tanh + gamma * softplus, in fp32, the one
 # definition the fused Pallas kernel vesperjax.kernels.era.era is tested against; swap the
 # kernel in once checked on GPU), with a backward that keeps only g and u.
@@ -114,7 +115,7 @@ def _rows_matmul_fwd(x, w):
 
 def _rows_matmul_bwd(res, dy):
   x, w = res
-  if jax.default_backend() == "cpu":  # the barrier keeps XLA from folding x.T back in
+  if platform.is_cpu():  # the barrier keeps XLA from folding x.T back in
     dw = jax.lax.optimization_barrier(x.T) @ dy
   else:
     dw = x.T @ dy

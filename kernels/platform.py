@@ -1,0 +1,113 @@
+"""The target platform: the backend the graph being traced will run on.
+
+Every backend-dependent choice in vesperjax (compute dtype, attention implementation,
+cross-entropy logits reuse, MoE grouped-matmul layout, CPU-only matmul tricks, Pallas vs
+reference) reads ``current()``, never ``jax.default_backend()``: a train step traced for
+GPUs on a CPU-only host (a deviceless compile, or ``lower(lowering_platforms=("cuda",))``)
+must get the GPU graph.
+
+``current()`` is, in order of precedence:
+
+1. the platform set by ``use(platform)`` around the tracing (the train and eval steps
+   set it from ``train.platform``, else the platform of the mesh's devices);
+2. the ``VESPERJAX_PLATFORM`` environment variable;
+3. the platform of ``jax.devices()[0]`` (the default backend).
+
+Platforms: ``cpu``, ``cuda`` (``gpu`` is read as cuda), ``rocm``, ``tpu``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterable
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+ENV = "VESPERJAX_PLATFORM"
+_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "amd": "rocm"}
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vesperjax_target_platform", default=None)
+
+
+def normalize(name: str) -> str:
+  """`name` as one of PLATFORMS (ValueError for anything else)."""
+  key = str(name).strip().lower()
+  key = _ALIASES.get(key, key)
+  if key not in PLATFORMS:
+    raise ValueError(f"unknown target platform {name!r}; choose from {', '.join(PLATFORMS)} "
+                     "(or auto)")
+  return key
+
+
+def of_device(device) -> str:
+  """The platform of one jax device (compile-only topology devices included)."""
+  platform = device.platform.lower()
+  if platform != "gpu":
+    return normalize(platform)
+  client = getattr(device, "client", None)
+  names = f"{getattr(client, 'platform', '')} {getattr(client, 'platform_version', '')}"
+  return "rocm" if "rocm" in names.lower() else "cuda"
+
+
+def of_devices(devices: Iterable) -> str:
+  """The one platform of `devices` (ValueError when they mix platforms)."""
+  found = {of_device(d) for d in devices}
+  if len(found) != 1:
+    raise ValueError(f"devices span platforms {sorted(found)}: set the target platform")
+  return found.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return of_device(jax.devices()[0])
+
+
+def resolve(explicit: str | None = None, devices: Iterable | None = None) -> str:
+  """The platform a program is built for: `explicit` (None / "auto": not given), else
+  the environment variable, else the platform of `devices`, else the default backend."""
+  if explicit is not None and str(explicit).strip().lower() != "auto":
+    return normalize(explicit)
+  env = os.environ.get(ENV, "").strip()
+  if env and env.lower() != "auto":
+    return normalize(env)
+  if devices is not None:
+    return of_devices(devices)
+  return _default_backend()
+
+
+def current() -> str:
+  """The platform of the graph being traced now (see the module docstring)."""
+  return _current.get() or resolve()
+
+
+@contextlib.contextmanager
+def use(platform: str):
+  """Trace for `platform` inside this block (nests; restores the previous one)."""
+  token = _current.set(normalize(platform))
+  try:
+    yield
+  finally:
+    _current.reset(token)
+
+
+def traced_for(platform: str, fn: Callable) -> Callable:
+  """`fn` with `use(platform)` around every call, so its tracing (under jit: its first
+  call per input signature) makes the choices of `platform`."""
+  platform = normalize(platform)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with use(platform):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def is_cpu() -> bool:
+  return current() == "cpu"
+
+
+def is_cuda() -> bool:
+  return current() == "cuda"

@@ -36,6 +36,12 @@ _AUTO_GPU = "chunked"
 # keep_logits=None keeps the chunked forward's fp32 logits for the backward (no second
 # h @ w.T) on the CPU backend, up to this size; accelerators always recompute.
 KEEP_LOGITS_MAX_BYTES = 256 << 20
+# Compiled (Triton) kernel limits: blocks are powers of two >= tl.dot's 16-wide tiles; no
+# Triton tensor may exceed 2^20 elements; shared memory per block is sm_90's opt-in
+# maximum (H100/H200; Pallas lowers for sm_90 without a GPU; A100 has 166912).
+MIN_BLOCK = 16
+TRITON_MAX_ELEMENTS = 1 << 20
+SMEM_LIMIT_BYTES = 232448
 
 
 def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=None):
@@ -157,7 +163,7 @@ def _lce(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_lo
 def _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_logits):
   z = None
   if use_pallas:
-    lse, ez, zl = _fwd_pallas(h, w, labels, nvalid, bn, bv, interpret)
+    lse, ez, zl = _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret)
   else:
     lse, ez, zl, z = _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits)
   loss = jnp.where(labels >= 0, lse - zl, 0.0)
@@ -182,7 +188,10 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
 
   h: [N, D]; w: [V, D] (e.g. the tied embedding); labels: [N] int (< 0: ignored).
   Block sizes trade memory for speed: each step holds an fp32 [block_tokens,
-  block_vocab] logits tile. ``impl``: "auto" | "pallas" | "chunked" | "reference".
+  block_vocab] logits tile. They are positive integers; the Pallas kernel needs powers
+  of two >= ``MIN_BLOCK``, and compiled for a GPU, a logits tile of at most 2^20
+  elements and h/w tiles within ``SMEM_LIMIT_BYTES`` of shared memory (ValueError
+  otherwise). ``impl``: "auto" | "pallas" | "chunked" | "reference".
   ``keep_logits`` (chunked forward): keep the fp32 logits tiles for the backward instead
   of recomputing them; None = when the target platform is CPU, up to ``KEEP_LOGITS_MAX_BYTES``.
   """
@@ -200,12 +209,16 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
     use_pallas, interpret = False, False
   else:
     use_pallas, interpret = _dispatch.resolve(impl, interpret)
+  _check_block("block_tokens", block_tokens, use_pallas)
+  _check_block("block_vocab", block_vocab, use_pallas)
   if use_pallas and not interpret:
     bn_default, bv_default = 64, 128
   else:
     bn_default, bv_default = 1024, 2048
   bn = block_tokens or min(bn_default, _ceil_pow2(n))
   bv = block_vocab or min(bv_default, _ceil_pow2(v))
+  if use_pallas and not interpret:
+    _check_triton_tiles(bn, bv, h.shape[1], jnp.promote_types(h.dtype, w.dtype))
   if keep_logits is None:  # CPU: memory is cheap, the recomputing matmul is not
     padded = -(-n // bn) * bn * -(-v // bv) * bv
     keep_logits = platform.is_cpu() and padded * 4 <= KEEP_LOGITS_MAX_BYTES
@@ -215,13 +228,51 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
 
 
 def _ceil_pow2(x):
-  return max(16, pl.next_power_of_2(int(x)))
+  return max(MIN_BLOCK, pl.next_power_of_2(int(x)))
+
+
+def _check_block(name, value, pallas):
+  """A user block size: a positive int; a power of two >= MIN_BLOCK for the kernel."""
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if pallas and (value < MIN_BLOCK or value & (value - 1)):
+    raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the Pallas kernel, "
+                     f"got {value}")
+
+
+def _k_block(d, interpret):
+  """The kernel's D tile: 64 compiled (tensor-core K steps), all of D in interpret mode."""
+  return min(64 if not interpret else 1 << 14, _ceil_pow2(d))
+
+
+def pallas_smem_bytes(block_tokens, block_vocab, d, dtype):
+  """Upper bound on the compiled forward kernel's shared memory: the h [bn, bk] and
+  w [bv, bk] tiles (bk = the D tile), double-buffered (num_stages=2), and reduction
+  scratch. Checked against XLA:GPU compiles for H100 and A100 (tests/test_kernels_gpu.py)."""
+  bk, tiles = _k_block(d, False), block_tokens + block_vocab
+  return 2 * tiles * bk * jnp.dtype(dtype).itemsize + 8 * tiles
+
+
+def _check_triton_tiles(bn, bv, d, dtype):
+  """ValueError unless the compiled kernel can hold these blocks: Triton's element limit
+  on the fp32 [bn, bv] logits tile, its largest tensor (the h/w BlockSpecs only offset
+  pointers; the kernel loads [bn or bv, 64] tiles), and the shared-memory estimate."""
+  if bn * bv > TRITON_MAX_ELEMENTS:
+    raise ValueError(f"block_tokens * block_vocab = {bn} * {bv} exceeds Triton's "
+                     f"{TRITON_MAX_ELEMENTS}-element limit on the logits tile")
+  smem = pallas_smem_bytes(bn, bv, d, dtype)
+  if smem > SMEM_LIMIT_BYTES:
+    raise ValueError(f"block_tokens={bn}, block_vocab={bv}: the kernel needs ~{smem} B of "
+                     f"shared memory per block, over the {SMEM_LIMIT_BYTES} B of an H100/H200")
 
 
 # ---------------------------------------------------------------- Pallas forward kernel
 
 
-def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk, nv, nk):
+def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk, nv, nk,
+                precision):
   """One token block: loop over vocab blocks (and D blocks for the logits tile)."""
   bn = h_ref.shape[0]
   lab = l_ref[...]
@@ -232,7 +283,7 @@ def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk,
     def k_body(k, acc):
       hk = h_ref[:, pl.ds(k * bk, bk)]
       wk = w_ref[pl.ds(j * bv, bv), pl.ds(k * bk, bk)]
-      return acc + lax.dot_general(hk, wk, (((1,), (1,)), ((), ())),
+      return acc + lax.dot_general(hk, wk, (((1,), (1,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
 
     z = lax.fori_loop(0, nk, k_body, jnp.zeros((bn, bv), jnp.float32))
@@ -256,16 +307,20 @@ def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk,
   zl_ref[...] = zl
 
 
-def _fwd_pallas(h, w, labels, nvalid, bn, bv, interpret):
-  """Grid over token blocks; each program streams all of w through an online lse."""
+def _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret):
+  """Grid over token blocks; each program streams all of w through an online lse.
+
+  ``precision`` reaches the kernel's dot (Triton: fp32 HIGHEST -> IEEE, default -> TF32).
+  """
   n, d = h.shape
-  bk = min(64 if not interpret else 1 << 14, _ceil_pow2(d))
+  bk = _k_block(d, interpret)
   hp = _pad_to(_pad_to(h, bn), bk, axis=1)
   wp = _pad_to(_pad_to(w, bv), bk, axis=1)
   lp = _pad_to(labels, bn)
   npad, dpad = hp.shape
   nv, nk = wp.shape[0] // bv, dpad // bk
-  kernel = functools.partial(_fwd_kernel, nvalid=nvalid, bv=bv, bk=bk, nv=nv, nk=nk)
+  kernel = functools.partial(_fwd_kernel, nvalid=nvalid, bv=bv, bk=bk, nv=nv, nk=nk,
+                             precision=precision)
   tok = pl.BlockSpec((bn,), lambda i: (i,))
   kwargs = {}
   if not interpret:

@@ -20,6 +20,8 @@ _K = 0.044715
 _GPU_BLOCK = 2048
 _INTERPRET_MAX_BLOCK = 1 << 22
 _NUM_SCALARS = 16
+MIN_BLOCK = 128  # one element per thread of the kernel's 4 warps
+TRITON_MAX_ELEMENTS = 1 << 20  # Triton's limit on one tensor (a compiled block)
 
 
 def era_reference(x, gamma=0.1):
@@ -54,8 +56,8 @@ def _bwd_kernel(s_ref, x_ref, dy_ref, dx_ref):
       dx_ref.dtype)
 
 
-def _elementwise_call(kernel, scalars, arrays, out_dtype, interpret, block_size):
-  """One 1-D pallas_call over the flattened, block-padded arrays; returns x-shaped out."""
+def _elementwise_call(kernel, scalars, arrays, out_dtype, interpret, block_size, name):
+  """One 1-D pallas_call `name` over the flattened, block-padded arrays; x-shaped out."""
   shape, n = arrays[0].shape, arrays[0].size
   if block_size is None:
     block_size = (min(pl.next_power_of_2(max(n, 128)), _INTERPRET_MAX_BLOCK)
@@ -73,6 +75,7 @@ def _elementwise_call(kernel, scalars, arrays, out_dtype, interpret, block_size)
       out_specs=blk,
       out_shape=jax.ShapeDtypeStruct((n + pad,), out_dtype),
       interpret=interpret,
+      name=name,
       **kwargs,
   )(scalars, *flat)
   return (out[:n] if pad else out).reshape(shape)
@@ -85,7 +88,8 @@ def _scalars(gamma):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _era_pallas(x, gamma, interpret, block_size):
-  return _elementwise_call(_fwd_kernel, _scalars(gamma), [x], x.dtype, interpret, block_size)
+  return _elementwise_call(_fwd_kernel, _scalars(gamma), [x], x.dtype, interpret, block_size,
+                           "era_fwd")
 
 
 def _era_fwd(x, gamma, interpret, block_size):
@@ -95,7 +99,7 @@ def _era_fwd(x, gamma, interpret, block_size):
 def _era_bwd(interpret, block_size, res, dy):
   x, gamma = res
   dx = _elementwise_call(_bwd_kernel, _scalars(gamma), [x, dy], x.dtype, interpret,
-                         block_size)
+                         block_size, "era_bwd")
   xf = x.astype(jnp.float32)
   dgamma = jnp.sum(dy.astype(jnp.float32) * jax.nn.softplus(xf))
   return dx, dgamma.astype(gamma.dtype).reshape(gamma.shape)
@@ -108,13 +112,29 @@ def era(x, gamma=0.1, *, impl=None, interpret=None, block_size=None):
   """ERA(x) = GELU_tanh(x) + gamma * softplus(x); fused Pallas fwd/bwd on GPU.
 
   ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``). gamma may be a Python
-  float or a traced scalar (then it gets a gradient too).
+  float or a traced scalar (then it gets a gradient too). ``block_size`` (None: a
+  default) must be a power of two >= ``MIN_BLOCK``, and at most Triton's 2^20 elements
+  when compiled for a GPU (ValueError otherwise). The kernels are named "era_fwd" and
+  "era_bwd" in profiles.
   """
   use_pallas, interpret = _dispatch.resolve(impl, interpret)
+  _check_block_size(block_size, compiled=use_pallas and not interpret)
   if not use_pallas or x.size == 0:
     return era_reference(x, gamma)
   gamma = jnp.asarray(gamma, jnp.float32)
   return _era_pallas(x, gamma, interpret, block_size)
+
+
+def _check_block_size(block_size, compiled):
+  """ValueError unless `block_size` is None or a block the kernel takes (see ``era``)."""
+  if block_size is None:
+    return
+  if (isinstance(block_size, bool) or not isinstance(block_size, int)
+      or block_size < MIN_BLOCK or block_size & (block_size - 1)):
+    raise ValueError(f"block_size must be a power of two >= {MIN_BLOCK}, got {block_size!r}")
+  if compiled and block_size > TRITON_MAX_ELEMENTS:
+    raise ValueError(f"block_size {block_size} exceeds Triton's {TRITON_MAX_ELEMENTS}-element "
+                     "limit on a compiled block")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

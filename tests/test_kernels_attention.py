@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vesperjax.kernels import attention as att
+from vesperjax.kernels import platform
 
 
 def _qkv(shape, dtype=jnp.float32):
@@ -51,3 +52,26 @@ def test_choice_table_on_cpu():
   assert att._choose(q, k[:, :64], v[:, :64], None) == "reference"
   with pytest.raises(ValueError):
     att.attention(q, k, v, True, "flash")
+
+
+def test_pallas_blocks_shrink_to_fit_shared_memory():
+  """Blocks shrink (largest tile first) until the estimate fits SMEM_LIMIT_BYTES."""
+  assert att.pallas_block_sizes(256, 64, jnp.bfloat16).block_q == 128
+  for d, dtype in ((256, jnp.bfloat16), (256, jnp.float32), (128, jnp.float32)):
+    blocks = att.pallas_block_sizes(256, d, dtype)
+    fwd = att.pallas_smem_bytes(blocks.block_q, blocks.block_k, d, dtype)
+    bwd = att.pallas_bwd_smem_bytes(blocks.block_q_dkv, d, dtype)
+    assert max(fwd, bwd) <= att.SMEM_LIMIT_BYTES, (d, dtype, blocks)
+  assert att.pallas_block_sizes(256, 256, jnp.bfloat16).block_k == 64  # 128x128 asks 327680 B
+
+
+def test_pallas_guard_error_is_one_clear_line():
+  with pytest.raises(ValueError) as info:
+    att.pallas_block_sizes(256, 2048, jnp.float32)
+  message = str(info.value)
+  assert "\n" not in message and "head_dim 2048" in message and "shared memory" in message
+  q = jax.ShapeDtypeStruct((1, 256, 2, 2048), jnp.float32)
+  with platform.use("cuda"), pytest.raises(ValueError, match="head_dim 2048"):
+    jax.eval_shape(lambda q: att.attention(q, q, q, True, "pallas"), q)
+  # interpret mode has no shared memory to run out of
+  jax.eval_shape(lambda q: att.attention(q, q, q, True, "pallas", interpret=True), q)

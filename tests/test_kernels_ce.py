@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vesperjax.kernels import cross_entropy as ce
+from vesperjax.kernels import platform
 
 
 def _inputs(key, n, v, d, dtype, valid=None):
@@ -86,3 +87,39 @@ def test_dispatch_cpu_default_is_chunked_and_reference_switch(monkeypatch):
   assert not called
   with pytest.raises(ValueError):
     ce.linear_cross_entropy(h, w[:, :4], labels)
+
+
+def _abstract(n=256, v=1024, d=64, dtype=jnp.bfloat16):
+  return (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+
+@pytest.mark.parametrize("impl,kw,match", [
+    ("pallas", dict(block_tokens=48), "block_tokens must be a power of two"),
+    ("pallas", dict(block_vocab=8), "block_vocab must be a power of two >= 16"),
+    ("pallas", dict(block_tokens=0), "block_tokens must be a positive integer"),
+    ("chunked", dict(block_vocab=-4), "block_vocab must be a positive integer"),
+])
+def test_block_sizes_are_validated(impl, kw, match):
+  fn = lambda h, w, l: ce.linear_cross_entropy(h, w, l, impl=impl, interpret=True, **kw)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(fn, *_abstract())
+
+
+def test_chunked_blocks_need_not_be_powers_of_two():
+  jax.eval_shape(lambda h, w, l: ce.linear_cross_entropy(
+      h, w, l, impl="chunked", block_tokens=48, block_vocab=1000), *_abstract())
+
+
+@pytest.mark.parametrize("bn,bv,match", [
+    (1024, 2048, r"block_tokens \* block_vocab = 1024 \* 2048 exceeds Triton's 1048576"),
+    (1024, 1024, "shared memory"),  # the 2^20-element tile fits; its h/w tiles do not
+])
+def test_compiled_pallas_blocks_must_fit_triton(bn, bv, match):
+  fn = lambda h, w, l, interpret: ce.linear_cross_entropy(
+      h, w, l, impl="pallas", interpret=interpret, block_tokens=bn, block_vocab=bv)
+  args = _abstract(4096, 32768, 2048)
+  with platform.use("cuda"):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda *a: fn(*a, interpret=False), *args)
+    jax.eval_shape(lambda *a: fn(*a, interpret=True), *args)  # no Triton limits there

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vesperjax.kernels import era as era_mod
+from vesperjax.kernels import platform
 from vesperjax.kernels.era import era, era_reference
 
 
@@ -68,3 +69,19 @@ def test_era_gated_matches_autodiff_of_reference(dtype, tol):
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("block,interpret,match", [
+    (100, True, "block_size must be a power of two >= 128"),
+    (64, True, "block_size must be a power of two >= 128"),
+    (0, True, "block_size must be a power of two >= 128"),
+    (1 << 21, False, "block_size 2097152 exceeds Triton's 1048576-element limit"),
+])
+def test_block_size_is_validated(block, interpret, match):
+  x = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+  fn = lambda x, interpret: era(x, impl="pallas", interpret=interpret, block_size=block)
+  with platform.use("cuda"):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda x: fn(x, interpret), x)
+    if not interpret:  # interpret mode has no Triton limit
+      jax.eval_shape(lambda x: fn(x, True), x)

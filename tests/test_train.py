@@ -156,6 +156,13 @@ def overrides(corpus, workdir):
     (["--config.model.num_heads=3"], "hidden_size"),
     (["--config=experiments/no_such_preset.py"], "No such file"),
     (["--config.train.batch_size=0"], "train.batch_size: must be positive"),
+    (["--config.optim.lr=inf"], "optim.lr: must be finite"),
+    (["--config.optim.b1=nan"], "optim.b1: must be finite"),
+    # a float | None model field takes a number (the batch error shows it parsed)
+    (["--config.model.moe_capacity_factor=1.25", "--config.train.batch_size=0"],
+     "train.batch_size: must be positive"),
+    (["--config.model.num_experts=2", "--config.model.moe_capacity_factor=-1"],
+     "moe_capacity_factor"),
 ])
 def test_cli_bad_input_is_one_line(corpus, tmp_path, extra, message):
   r = cli(*overrides(corpus, tmp_path / "run"), *extra)

@@ -6,20 +6,30 @@ None come from the preset; `model.vocab_size=None` follows the tokenizer (padded
 """
 from __future__ import annotations
 
-import dataclasses
+import math
+import types
+import typing
 
 from ml_collections import ConfigDict, config_dict
 
 from vesperjax.config import ModelConfig, model_preset
 
-_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+def _field_type(annotation) -> type:
+  """The value type of a ModelConfig field (`float | None` -> float)."""
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if annotation not in (int, float, bool, str):
+    raise TypeError(f"ModelConfig field type {annotation!r} has no config key type")
+  return annotation
+
+
+_MODEL_TYPES = {name: _field_type(t) for name, t in typing.get_type_hints(ModelConfig).items()}
 
 
 def default_run_config(preset: str = "tiny") -> ConfigDict:
   c = ConfigDict()
   c.model = ConfigDict({"preset": preset})
-  for name, field in _MODEL_FIELDS.items():
-    kind = {"int": int, "float": float, "bool": bool}.get(field.type, str)
+  for name, kind in _MODEL_TYPES.items():
     c.model[name] = config_dict.placeholder(kind)
 
   c.data = ConfigDict(dict(
@@ -95,6 +105,11 @@ def validate(run: ConfigDict) -> None:
 
   t, d, o = run.train, run.data, run.optim
   need(o.name in ("velvet", "adamw"), "optim.name", f"{o.name!r} is not velvet or adamw")
+  for key in ("lr", "b1", "b2", "eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
+    need(math.isfinite(o[key]), f"optim.{key}", f"must be finite, got {o[key]}")
+  for key, value in run.model.items():
+    if isinstance(value, float):
+      need(math.isfinite(value), f"model.{key}", f"must be finite, got {value}")
   need(o.lr > 0, "optim.lr", "must be positive")
   need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
   need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

@@ -129,3 +129,14 @@ def target_cudnn(name: str):
     yield
   finally:
     fa.check_cudnn_version = probe
+
+
+@contextlib.contextmanager
+def deviceless(name: str):
+  """Trace, lower and compile for target `name` inside this block: cuDNN attention
+  traces (`target_cudnn`), and jax's persistent compilation cache is off (compile-only
+  clients cannot read its entries: every lookup would log an error)."""
+  from jax._src import config  # pylint: disable=g-import-not-at-top
+  cache = getattr(config, "enable_compilation_cache", None)
+  with target_cudnn(name), (cache(False) if cache is not None else contextlib.nullcontext()):
+    yield

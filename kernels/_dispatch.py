@@ -12,11 +12,17 @@ process-wide default) and ``interpret: bool | None``:
 The process-wide default comes from ``set_default_impl(...)`` or, failing that, the
 ``VESPERJAX_KERNELS`` environment variable (``auto`` when unset).
 """
+import numbers
 import os
 
 from . import platform
 
 IMPLS = ("auto", "pallas", "reference")
+# Limits of a compiled Pallas-Triton kernel, which otherwise fail only at XLA:GPU compile
+# time: elements of one Triton tensor (a block), and shared memory per block at sm_90's
+# opt-in maximum (H100/H200; Pallas lowers for sm_90 without a GPU; an A100 has 166912).
+TRITON_MAX_ELEMENTS = 1 << 20
+SMEM_LIMIT_BYTES = 232448
 _ENV = "VESPERJAX_KERNELS"
 _default_impl = None
 
@@ -61,3 +67,16 @@ def triton_params(**kwargs):
   """Triton ``CompilerParams`` for a compiled call (``None`` in interpret mode)."""
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
   return pltriton.CompilerParams(**kwargs)
+
+
+def check_block(name, value, *, minimum, compiled):
+  """ValueError (one line) unless a user block size `value` is None or a power of two
+  >= `minimum`, and, `compiled` for a GPU, at most TRITON_MAX_ELEMENTS."""
+  if value is None:
+    return
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+      or value & (value - 1)):
+    raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+  if compiled and value > TRITON_MAX_ELEMENTS:
+    raise ValueError(f"{name}={value} exceeds Triton's limit of 2^20 = "
+                     f"{TRITON_MAX_ELEMENTS} elements per compiled block")

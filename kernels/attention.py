@@ -30,10 +30,9 @@ from . import _dispatch
 from . import platform
 
 IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "blocked", "reference")
-# Shared memory per block the Pallas kernel may use: sm_90's opt-in maximum (H100/H200).
-# The compile target is unknown while tracing (Pallas itself lowers for sm_90 without a
-# GPU); an A100 (sm_80) has 166912: lower this to compile for one.
-SMEM_LIMIT_BYTES = 232448
+# Shared memory per block the Pallas kernel may use (the compile target is unknown while
+# tracing: sm_90's limit, see _dispatch).
+SMEM_LIMIT_BYTES = _dispatch.SMEM_LIMIT_BYTES
 _PALLAS_BLOCKS = (128, 64, 32, 16)
 _PALLAS_BWD_MAX_BLOCK = 32  # mma.sync sizes, where pallas_bwd_smem_bytes holds
 

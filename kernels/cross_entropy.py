@@ -36,12 +36,7 @@ _AUTO_GPU = "chunked"
 # keep_logits=None keeps the chunked forward's fp32 logits for the backward (no second
 # h @ w.T) on the CPU backend, up to this size; accelerators always recompute.
 KEEP_LOGITS_MAX_BYTES = 256 << 20
-# Compiled (Triton) kernel limits: blocks are powers of two >= tl.dot's 16-wide tiles; no
-# Triton tensor may exceed 2^20 elements; shared memory per block is sm_90's opt-in
-# maximum (H100/H200; Pallas lowers for sm_90 without a GPU; A100 has 166912).
-MIN_BLOCK = 16
-TRITON_MAX_ELEMENTS = 1 << 20
-SMEM_LIMIT_BYTES = 232448
+MIN_BLOCK = 16  # the Pallas kernel's blocks: powers of two >= tl.dot's 16-wide tiles
 
 
 def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=None):
@@ -190,7 +185,7 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
   Block sizes trade memory for speed: each step holds an fp32 [block_tokens,
   block_vocab] logits tile. They are positive integers; the Pallas kernel needs powers
   of two >= ``MIN_BLOCK``, and compiled for a GPU, a logits tile of at most 2^20
-  elements and h/w tiles within ``SMEM_LIMIT_BYTES`` of shared memory (ValueError
+  elements and h/w tiles within ``_dispatch.SMEM_LIMIT_BYTES`` of shared memory (ValueError
   otherwise). ``impl``: "auto" | "pallas" | "chunked" | "reference".
   ``keep_logits`` (chunked forward): keep the fp32 logits tiles for the backward instead
   of recomputing them; None = when the target platform is CPU, up to ``KEEP_LOGITS_MAX_BYTES``.
@@ -237,9 +232,9 @@ def _check_block(name, value, pallas):
     return
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if pallas and (value < MIN_BLOCK or value & (value - 1)):
-    raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the Pallas kernel, "
-                     f"got {value}")
+  if pallas:
+    _dispatch.check_block(name, value, minimum=MIN_BLOCK,
+                          compiled=False)
 
 
 def _k_block(d, interpret):
@@ -259,13 +254,13 @@ def _check_triton_tiles(bn, bv, d, dtype):
   """ValueError unless the compiled kernel can hold these blocks: Triton's element limit
   on the fp32 [bn, bv] logits tile, its largest tensor (the h/w BlockSpecs only offset
   pointers; the kernel loads [bn or bv, 64] tiles), and the shared-memory estimate."""
-  if bn * bv > TRITON_MAX_ELEMENTS:
+  if bn * bv > _dispatch.TRITON_MAX_ELEMENTS:
     raise ValueError(f"block_tokens * block_vocab = {bn} * {bv} exceeds Triton's "
-                     f"{TRITON_MAX_ELEMENTS}-element limit on the logits tile")
+                     f"{_dispatch.TRITON_MAX_ELEMENTS}-element limit on the logits tile")
   smem = pallas_smem_bytes(bn, bv, d, dtype)
-  if smem > SMEM_LIMIT_BYTES:
+  if smem > _dispatch.SMEM_LIMIT_BYTES:
     raise ValueError(f"block_tokens={bn}, block_vocab={bv}: the kernel needs ~{smem} B of "
-                     f"shared memory per block, over the {SMEM_LIMIT_BYTES} B of an H100/H200")
+                     f"shared memory per block, over the {_dispatch.SMEM_LIMIT_BYTES} B of an H100/H200")
 
 
 # ---------------------------------------------------------------- Pallas forward kernel

@@ -21,7 +21,6 @@ _GPU_BLOCK = 2048
 _INTERPRET_MAX_BLOCK = 1 << 22
 _NUM_SCALARS = 16
 MIN_BLOCK = 128  # one element per thread of the kernel's 4 warps
-TRITON_MAX_ELEMENTS = 1 << 20  # Triton's limit on one tensor (a compiled block)
 
 
 def era_reference(x, gamma=0.1):
@@ -118,23 +117,12 @@ def era(x, gamma=0.1, *, impl=None, interpret=None, block_size=None):
   "era_bwd" in profiles.
   """
   use_pallas, interpret = _dispatch.resolve(impl, interpret)
-  _check_block_size(block_size, compiled=use_pallas and not interpret)
+  _dispatch.check_block("block_size", block_size, minimum=MIN_BLOCK,
+                        compiled=use_pallas and not interpret)
   if not use_pallas or x.size == 0:
     return era_reference(x, gamma)
   gamma = jnp.asarray(gamma, jnp.float32)
   return _era_pallas(x, gamma, interpret, block_size)
-
-
-def _check_block_size(block_size, compiled):
-  """ValueError unless `block_size` is None or a block the kernel takes (see ``era``)."""
-  if block_size is None:
-    return
-  if (isinstance(block_size, bool) or not isinstance(block_size, int)
-      or block_size < MIN_BLOCK or block_size & (block_size - 1)):
-    raise ValueError(f"block_size must be a power of two >= {MIN_BLOCK}, got {block_size!r}")
-  if compiled and block_size > TRITON_MAX_ELEMENTS:
-    raise ValueError(f"block_size {block_size} exceeds Triton's {TRITON_MAX_ELEMENTS}-element "
-                     "limit on a compiled block")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,10 +1,10 @@
-"""Fused Velvet / AdamW update: one Pallas kernel over the whole parameter tree.
+"""Fused Velvet / AdamW update: one Pallas kernel launch per bucket of many leaves.
 
-Multi-tensor apply: leaves are flattened into one 1-D bucket per (param dtype, grad
-dtype), padded to the block size, updated by a single ``pallas_call`` that reads p, g, m,
-v once and writes update, m, v once, then split back into the tree. Step-dependent
-scalars (lr, b1, bias corrections) travel as a small fp32 array input, so a new step
-never recompiles.
+Multi-tensor apply: the leaves' p, g, m and v are flattened into fp32 1-D buckets (the
+leaves' views concatenated, padded to the block size), each updated by one
+``pallas_call`` that reads p, g, m, v once and writes update, m', v' over p, m, v in
+place; the buckets are then split back into the tree. Step-dependent scalars (lr, b1,
+bias corrections) travel as a small fp32 array input, so a new step never recompiles.
 
 Per element (fp32 math; grads/params may be bf16)::
 
@@ -12,9 +12,19 @@ Per element (fp32 math; grads/params may be bf16)::
   update = -lr (m'/bc1 / (sqrt(v'/bc2) + eps) + wd p),  bc1 = 1 - b1^t, bc2 = 1 - b2^t
   skip_zero_grads and g == 0 exactly:  m' = m, v' = v, update = 0
 
-Cost note: packing into buckets (concat) and splitting back each add a pass over the
-data; callers that keep the moments as flat buckets (``pack`` / ``velvet_update_flat``)
-save most of it. Whether the kernel beats XLA's per-leaf fusion of ``optax.adamw`` is for
+Memory: the packed copies are temporaries on top of what XLA's per-leaf update needs.
+Buckets hold at most ``max_chunk`` elements (cut between leaves; a larger leaf gets a
+bucket of its own), and the p, m, v buckets' padding repeats a gradient element, so XLA
+builds them once the gradients exist rather than early, while the backward pass's
+activations are still live.
+
+Sharded params: XLA cannot partition a ``pallas_call``, so on sharded operands it would
+gather every leaf onto every device. Given the params' shardings (``shardings=``),
+``velvet_update`` runs pack -> kernel -> unpack under ``jax.shard_map`` instead: each
+device packs and updates only its own shards.
+
+Cost note: packing into buckets and splitting back each add a pass over the data.
+Whether the kernel beats XLA's per-leaf fusion of ``optax.adamw`` is for
 ``kernels/bench.py`` to measure on a GPU.
 """
 import functools
@@ -22,12 +32,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _dispatch
 
 _NUM_SCALARS = 16  # padded to a power of two (Triton block shapes)
 _GPU_BLOCK = 4096
 _INTERPRET_MAX_BLOCK = 1 << 22
+_MIN_BLOCK = 128
+MAX_CHUNK = 1 << 20  # elements per bucket (bounds the packed copies' memory)
 
 
 def _scalars(lr, b1, b2, eps, weight_decay, count):
@@ -76,13 +89,21 @@ def default_block_size(n, interpret):
   return _GPU_BLOCK
 
 
+def check_block_size(block_size, *, compiled):
+  """ValueError unless ``block_size`` is a power of two >= 128 (<= 2^20 when ``compiled``
+  for a GPU, Triton's per-block limit)."""
+  _dispatch.check_block("velvet_update: block_size", block_size, minimum=_MIN_BLOCK,
+                        compiled=compiled)
+
+
 def velvet_update_flat(p, g, m, v, scalars, *, skip_zero_grads=False, block_size,
                        interpret=False):
   """The kernel on 1-D buckets whose length is a multiple of ``block_size``.
 
-  Returns ``(update, m', v')``; update has p's dtype, moments are fp32. m and v are
-  aliased to m' and v' (donate them to update in place).
+  Returns ``(update, m', v')``; update has p's dtype, moments are fp32. p, m and v are
+  aliased to update, m' and v' (donate them to update in place).
   """
+  check_block_size(block_size, compiled=not interpret)
   n = p.shape[0]
   if n % block_size:
     raise ValueError(f"bucket length {n} is not a multiple of block_size {block_size}")
@@ -99,80 +120,129 @@ def velvet_update_flat(p, g, m, v, scalars, *, skip_zero_grads=False, block_size
       out_shape=[jax.ShapeDtypeStruct((n,), p.dtype),
                  jax.ShapeDtypeStruct((n,), f32),
                  jax.ShapeDtypeStruct((n,), f32)],
-      input_output_aliases={3: 1, 4: 2},
+      input_output_aliases={1: 0, 3: 1, 4: 2},
       interpret=interpret,
       name="velvet_update",
       **kwargs,
   )(scalars, p, g, m.astype(f32), v.astype(f32))
 
 
-def _bucket_key(p, g):
-  return (jnp.dtype(p.dtype).name, jnp.dtype(g.dtype).name)
+def chunk_layout(sizes, max_chunk=MAX_CHUNK):
+  """Cut leaves of ``sizes`` (between leaves) into buckets of at most ``max_chunk``
+  elements (None: one bucket; a larger leaf gets a bucket of its own). Returns each
+  bucket's leaf indices and each leaf's ``(bucket, offset, size)``."""
+  chunks, layout, n = [], [], 0
+  for i, size in enumerate(sizes):
+    if not chunks or (max_chunk and n and n + size > max_chunk):
+      chunks.append([])
+      n = 0
+    layout.append((len(chunks) - 1, n, size))
+    chunks[-1].append(i)
+    n += size
+  return chunks, layout
 
 
-def pack(leaves, keys, block_size_fn):
-  """Concatenate 1-D views of ``leaves`` per bucket key, zero-padded to the block size.
+def pack(leaves, idx, length):
+  """fp32 1-D buckets ``(p, g, m, v)`` of ``length`` from ``leaves`` (four lists) at ``idx``.
 
-  Returns ``{key: (flat, block_size)}`` and the per-leaf ``(key, offset, size, shape)``.
+  Padding is zeros for g; for p, m and v it repeats the bucket's last gradient element:
+  that dependence makes XLA build them once the gradients exist, not early (they need
+  no gradient otherwise) while the backward pass's activations are still live.
   """
-  groups = {}
-  layout = []
-  for leaf, key in zip(leaves, keys):
-    offset = sum(x.size for x in groups.get(key, []))
-    groups.setdefault(key, []).append(leaf.reshape(-1))
-    layout.append((key, offset, leaf.size, leaf.shape))
-  buckets = {}
-  for key, parts in groups.items():
-    n = sum(x.size for x in parts)
-    bs = block_size_fn(n)
-    pad = -n % bs
-    if pad:
-      parts = parts + [jnp.zeros((pad,), parts[0].dtype)]
-    buckets[key] = (jnp.concatenate(parts) if len(parts) > 1 else parts[0], bs)
-  return buckets, layout
+  f32 = jnp.float32
+  n = sum(leaves[0][i].size for i in idx)
+  g = [leaves[1][i].reshape(-1).astype(f32) for i in idx]
+  last = next((x[-1] for x in reversed(g) if x.size), jnp.zeros((), f32))
+  out = []
+  for r, row in enumerate(leaves):
+    parts = g if r == 1 else [row[i].reshape(-1).astype(f32) for i in idx]
+    if length > n:
+      parts = parts + [jnp.full((length - n,), 0.0 if r == 1 else last, f32)]
+    out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+  return out
 
 
-def unpack(flat_by_key, layout):
-  """Inverse of ``pack`` (drops the padding)."""
-  return [flat_by_key[key][off:off + size].reshape(shape)
-          for key, off, size, shape in layout]
+def unpack(rows, layout, shapes):
+  """Per-leaf arrays from 1-D rows (one per bucket); inverse of ``pack``."""
+  return [rows[b][off:off + size].reshape(shape)
+          for (b, off, size), shape in zip(layout, shapes)]
+
+
+def _shard_specs(shardings, treedef):
+  """(mesh, per-leaf PartitionSpecs) from ``shardings``; None for no / one-device mesh."""
+  if shardings is None:
+    return None
+  leaves = treedef.flatten_up_to(shardings)
+  bad = [s for s in leaves if not isinstance(s, NamedSharding)]
+  if bad:
+    raise TypeError("velvet_update: shardings= must hold a NamedSharding per leaf, got "
+                    f"{type(bad[0]).__name__}")
+  meshes = {s.mesh for s in leaves}
+  if len(meshes) > 1:
+    raise ValueError("velvet_update: shardings= span several meshes")
+  mesh = meshes.pop() if meshes else None
+  if mesh is None or mesh.size == 1:
+    return None
+  return mesh, [s.spec for s in leaves]
+
+
+def _update_leaves(p_leaves, g_leaves, m_leaves, v_leaves, s, *, skip_zero_grads,
+                   block_size, interpret, max_chunk):
+  """pack -> one kernel call per bucket -> unpack, on lists of leaves."""
+  chunks, layout = chunk_layout([p.size for p in p_leaves], max_chunk)
+  leaves = (p_leaves, g_leaves, m_leaves, v_leaves)
+  out = []
+  for idx in chunks:
+    n = sum(p_leaves[i].size for i in idx)
+    bs = block_size or default_block_size(n + 1, interpret)
+    buckets = pack(leaves, idx, -(-(n + 1) // bs) * bs)  # >= 1 padding: the link
+    out.append(velvet_update_flat(*buckets, s, skip_zero_grads=skip_zero_grads,
+                                  block_size=bs, interpret=interpret))
+  shapes = [p.shape for p in p_leaves]
+  u, m1, v1 = (unpack([y[r] for y in out], layout, shapes) for r in range(3))
+  return [x.astype(p.dtype) for x, p in zip(u, p_leaves)], m1, v1
 
 
 def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count,
-                  skip_zero_grads=False, interpret=None, impl=None, block_size=None):
+                  skip_zero_grads=False, interpret=None, impl=None, block_size=None,
+                  max_chunk=MAX_CHUNK, shardings=None):
   """Fused Velvet/AdamW step on whole pytrees; returns ``(updates, new_mu, new_nu)``.
 
   ``grads`` are already clipped; ``lr``/``b1`` are the step's effective (possibly traced)
   scalars; ``count`` is the incremented int32 step (t >= 1). Updates follow optax's sign
   convention (add them to params) and have each param's dtype; moments are fp32.
   ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``).
+  ``block_size``: elements per grid step, a power of two >= 128 (<= 2^20 compiled for a
+  GPU); default: ``default_block_size``. ``max_chunk``: elements per bucket (one kernel
+  call each; None: one bucket), see the module docstring.
+  ``shardings``: optional pytree like ``params`` of ``NamedSharding`` (one mesh; grads
+  and moments are taken to be sharded like their param). On a mesh of more than one
+  device the kernel then runs per shard under ``jax.shard_map`` (each device packs its
+  own shards; the outputs keep these shardings) instead of on whole gathered leaves.
   """
   use_pallas, interpret = _dispatch.resolve(impl, interpret)
+  if block_size is not None:
+    check_block_size(block_size, compiled=use_pallas and not interpret)
   if not use_pallas:
     return velvet_update_reference_jnp(
         params, grads, mu, nu, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
         count=count, skip_zero_grads=skip_zero_grads)
   p_leaves, treedef = jax.tree.flatten(params)
-  g_leaves = treedef.flatten_up_to(grads)
-  m_leaves = treedef.flatten_up_to(mu)
-  v_leaves = treedef.flatten_up_to(nu)
   if not p_leaves:
     return params, mu, nu
-  keys = [_bucket_key(p, g) for p, g in zip(p_leaves, g_leaves)]
-  bs_fn = (lambda n: block_size) if block_size else (
-      lambda n: default_block_size(n, interpret))
-  f32 = jnp.float32
-  pb, layout = pack(p_leaves, keys, bs_fn)
-  gb, _ = pack(g_leaves, keys, bs_fn)
-  mb, _ = pack([x.astype(f32) for x in m_leaves], keys, bs_fn)
-  vb, _ = pack([x.astype(f32) for x in v_leaves], keys, bs_fn)
+  leaves = [p_leaves] + [treedef.flatten_up_to(t) for t in (grads, mu, nu)]
   s = _scalars(lr, b1, b2, eps, weight_decay, count)
-  ub, mob, vob = {}, {}, {}
-  for key, (pf, bs) in pb.items():
-    ub[key], mob[key], vob[key] = velvet_update_flat(
-        pf, gb[key][0], mb[key][0], vb[key][0], s, skip_zero_grads=skip_zero_grads,
-        block_size=bs, interpret=interpret)
-  return tuple(jax.tree.unflatten(treedef, unpack(b, layout)) for b in (ub, mob, vob))
+  body = functools.partial(_update_leaves, skip_zero_grads=skip_zero_grads,
+                           block_size=block_size, interpret=interpret,
+                           max_chunk=max_chunk)
+  sharded = _shard_specs(shardings, treedef)
+  if sharded is not None:
+    mesh, specs = sharded
+    # check_vma=False: replicated leaves' outputs are identical on every device
+    body = jax.shard_map(body, mesh=mesh, in_specs=(specs,) * 4 + (P(),),
+                         out_specs=(specs,) * 3, check_vma=False)
+  out = body(*leaves, s)
+  return tuple(jax.tree.unflatten(treedef, x) for x in out)
 
 
 def velvet_update_reference_jnp(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay,

@@ -179,3 +179,149 @@ def test_under_shard_map():
                                        count=jnp.int32(2), **kw)
   assert out[0]["a"].sharding.spec == P("x")
   _close(out, ref)
+
+
+def _fsdp_mesh():
+  """data=2 x fsdp=4 over the 8 simulated CPU devices, Auto axes (as sharding.make_mesh)."""
+  assert len(jax.devices()) >= 8
+  return jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+# fsdp-style: weights split on one dimension, norms/scalars replicated, one over both axes
+SHARDED = {"emb": ((512, 64), P(None, "fsdp")), "w": ((64, 192), P("fsdp")),
+           "both": ((1024,), P(("data", "fsdp"))), "norm": ((64,), P()), "s": ((), P())}
+
+
+def _sharded_tree(mesh, key):
+  params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
+            for i, (k, (s, _)) in enumerate(SHARDED.items())}
+  shardings = {k: jax.NamedSharding(mesh, spec) for k, (_, spec) in SHARDED.items()}
+  return params, shardings
+
+
+def test_sharded_fused_update_runs_per_shard(monkeypatch):
+  """shardings=: the kernel sees each device's local shard and matches the reference."""
+  mesh = _fsdp_mesh()
+  key = jax.random.key(4)
+  params, sh = _sharded_tree(mesh, key)
+  total = sum(p.size for p in params.values())
+  seen = []
+  real = vu.velvet_update_flat
+  monkeypatch.setattr(vu, "velvet_update_flat",
+                      lambda p, *a, **k: seen.append(p.shape[0]) or real(p, *a, **k))
+  put = lambda t: jax.device_put(t, sh)
+  kern = jax.jit(lambda p, g, m, v, lr, b1, c: vu.velvet_update(
+      p, g, m, v, lr=lr, b1=b1, count=c, skip_zero_grads=True, impl="pallas",
+      interpret=True, block_size=8192, shardings=sh, **HP))
+  ref = jax.jit(lambda p, g, m, v, lr, b1, c: vu.velvet_update_reference_jnp(
+      p, g, m, v, lr=lr, b1=b1, count=c, skip_zero_grads=True, **HP))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  state_k = state_r = (put(params), put(zeros), put(zeros))
+  for t in (1, 2):
+    g = put(_grads(jax.random.fold_in(key, t), params, jnp.float32, zero_frac=0.2))
+    args = (jnp.float32(1e-2 * t), jnp.float32(0.9 - 0.01 * t), jnp.int32(t))
+    u, m, v = kern(state_k[0], g, state_k[1], state_k[2], *args)
+    u0, m0, v0 = ref(state_r[0], g, state_r[1], state_r[2], *args)
+    _close((u, m, v), (u0, m0, v0))
+    for x in (u, m, v):
+      assert {k: y.sharding.spec for k, y in x.items()} == {k: s.spec for k, s in sh.items()}
+    state_k = (optax.apply_updates(state_k[0], u), m, v)
+    state_r = (optax.apply_updates(state_r[0], u0), m0, v0)
+  # one bucket of this device's elements: 512*64/4 + 64*192/4 + 1024/8 + 64 + 1, padded
+  local = 512 * 64 // 4 + 64 * 192 // 4 + 1024 // 8 + 64 + 1
+  assert seen and all(n == -(-(local + 1) // 8192) * 8192 for n in seen), (seen, total)
+
+
+def test_sharded_one_device_mesh_keeps_whole_buckets(monkeypatch):
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
+  params = {"a": jnp.ones((300,)), "b": jnp.ones((7, 9))}
+  sh = {"a": jax.NamedSharding(mesh, P("fsdp")), "b": jax.NamedSharding(mesh, P())}
+  seen = []
+  real = vu.velvet_update_flat
+  monkeypatch.setattr(vu, "velvet_update_flat",
+                      lambda p, *a, **k: seen.append(p.shape[0]) or real(p, *a, **k))
+  z = jax.tree.map(jnp.zeros_like, params)
+  kw = dict(lr=0.1, b1=0.9, count=1, impl="pallas", interpret=True, **HP)
+  out = vu.velvet_update(params, params, z, z, shardings=sh, **kw)
+  _close(out, vu.velvet_update(params, params, z, z, **kw))
+  assert seen == [512, 512]
+
+
+def test_sharded_through_velvet_with_decay_mask():
+  """velvet(fused=True, shardings=...) with a weight-decay mask (two kernel calls, each
+  on its subset of shardings) equals the unfused optimizer on the same mesh."""
+  from vesperjax import kernels, optim
+  mesh = _fsdp_mesh()
+  key = jax.random.key(5)
+  params, sh = _sharded_tree(mesh, key)
+  mask = {k: k in ("emb", "w") for k in params}
+  kw = dict(learning_rate=1e-2, weight_decay=0.1, vocab_size=256, mask=mask)
+  fused = optim.velvet(fused=True, shardings=sh, **kw)
+  plain = optim.velvet(**kw)
+  p = jax.device_put(params, sh)
+  outs = []
+  kernels.set_default_impl("pallas")  # interpret mode on CPU
+  try:
+    for tx in (fused, plain):
+      step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, loss=jnp.float32(3.0)))
+      state, q = tx.init(p), p
+      for t in (1, 2):
+        g = jax.device_put(_grads(jax.random.fold_in(key, t), params, jnp.float32), sh)
+        u, state = step(g, state, q)
+        q = optax.apply_updates(q, u)
+      outs.append((q, state[1].mu, state[1].nu))
+  finally:
+    kernels.set_default_impl(None)
+  _close(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block_size,interpret,match", [
+    (100, True, "power of two"), (64, True, ">= 128"), (True, True, "power of two"),
+    (1 << 21, False, "2\\^20"),
+])
+def test_block_size_validation(block_size, interpret, match):
+  params = {"a": jnp.ones((300,))}
+  z = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match=match):
+    vu.velvet_update(params, params, z, z, lr=0.1, b1=0.9, count=1, impl="pallas",
+                     interpret=interpret, block_size=block_size, **HP)
+  flat = jnp.zeros((1 << 21,))
+  with pytest.raises(ValueError, match=match):
+    vu.velvet_update_flat(flat, flat, flat, flat, vu._scalars(0.1, 0.9, count=1, **HP),
+                          block_size=block_size, interpret=interpret)
+
+
+def test_buckets_cut_at_max_chunk(monkeypatch):
+  """Small max_chunk: one kernel call per bucket of whole leaves, same numbers."""
+  key = jax.random.key(6)
+  params = _tree(key, SHAPES)
+  g = _grads(jax.random.fold_in(key, 1), params, jnp.float32, zero_frac=0.3)
+  m = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  seen = []
+  real = vu.velvet_update_flat
+  monkeypatch.setattr(vu, "velvet_update_flat",
+                      lambda p, *a, **k: seen.append(p.shape[0]) or real(p, *a, **k))
+  kw = dict(lr=jnp.float32(1e-2), b1=jnp.float32(0.9), count=jnp.int32(3),
+            skip_zero_grads=True, **HP)
+  out = vu.velvet_update(params, g, m, m, impl="pallas", interpret=True, max_chunk=2048,
+                         **kw)
+  _close(out, vu.velvet_update_reference_jnp(params, g, m, m, **kw))
+  # leaves of 1961, 1001, 105, 1, 8256, 0, 17: [1961], [1001, 105, 1], [8256], [0, 17]
+  assert seen == [2048, 2048, 16384, 128], seen
+
+
+def test_shardings_must_be_named_shardings():
+  params = {"a": jnp.ones((300,))}
+  z = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(TypeError, match="NamedSharding"):
+    vu.velvet_update(params, params, z, z, lr=0.1, b1=0.9, count=1, impl="pallas",
+                     interpret=True, shardings={"a": P()}, **HP)
+
+
+def test_block_size_large_ok_in_interpret_mode():
+  params = {"a": jnp.ones((300,))}
+  z = jax.tree.map(jnp.zeros_like, params)
+  kw = dict(lr=0.1, b1=0.9, count=1, impl="pallas", **HP)
+  out = vu.velvet_update(params, params, z, z, interpret=True, block_size=1 << 21, **kw)
+  _close(out, vu.velvet_update(params, params, z, z, interpret=True, **kw))

@@ -37,9 +37,13 @@ def lr_schedule(optim: ConfigDict, max_steps: int) -> optax.Schedule:
       decay_steps=max(max_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
 
 
-def make_optimizer(optim: ConfigDict, max_steps: int,
-                   vocab_size: int) -> optax.GradientTransformationExtraArgs:
-  """Velvet (fed loss and entropy each step) or AdamW with the same clipping."""
+def make_optimizer(optim: ConfigDict, max_steps: int, vocab_size: int, *,
+                   param_shardings: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Velvet (fed loss and entropy each step) or AdamW with the same clipping.
+
+  `param_shardings`: the trainable params' shardings; the fused Velvet kernel then runs
+  per shard (see `velvet(shardings=...)`).
+  """
   schedule = lr_schedule(optim, max_steps)
   if optim.name == "velvet":
     return velvet(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -47,7 +51,7 @@ def make_optimizer(optim: ConfigDict, max_steps: int,
                   entropy_adaptive=optim.entropy_adaptive,
                   perplexity_guided=optim.perplexity_guided,
                   sparse_aware=optim.sparse_aware, vocab_size=vocab_size,
-                  fused=optim.fused)
+                  fused=optim.fused, shardings=param_shardings)
   # adamw ignores the extra args; the clip records the pre-clip norm for logging
   return optax.with_extra_args_support(optax.chain(
       clip_by_global_norm_with_stats(optim.max_grad_norm),
@@ -180,7 +184,15 @@ def sharded_steps(config: ModelConfig, run: ConfigDict, mesh, *,
   from vesperjax import sharding
   from vesperjax.kernels import platform
   target = platform.resolve(run.train.get("platform"), mesh.devices.flat)
-  tx = make_optimizer(run.optim, run.train.max_steps, valid_vocab)
+  param_sh = None
+  if run.optim.name == "velvet" and run.optim.fused and mesh.size > 1:
+    # the fused kernel runs per shard, so the optimizer needs the params' shardings
+    # (the same as state_sh.params below, which needs the optimizer to be computed)
+    abstract_model = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+    param_sh = sharding.state_shardings(
+        nnx.split(abstract_model, trainable_filter(config), ...)[1], mesh)
+  tx = make_optimizer(run.optim, run.train.max_steps, valid_vocab,
+                      param_shardings=param_sh)
   graphdef, init = init_state_fn(config, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.state_shardings(abstract, mesh)

@@ -21,6 +21,8 @@ def velvet(
     fused: bool = False,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     mu_dtype: Optional[Any] = None,
+    *,
+    shardings: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Velvet: AdamW with an entropy-adaptive lr and a perplexity-guided b1.
 
@@ -43,6 +45,8 @@ def velvet(
     fused: use the Pallas kernel ``vesperjax.kernels.velvet_update``.
     mask: weight-decay mask, as ``optax.adamw``'s.
     mu_dtype: dtype of the moments (default fp32).
+    shardings: the params' shardings (pytree of ``NamedSharding``); with
+      ``fused=True`` the kernel runs per shard (see ``scale_by_velvet``).
   """
   return optax.chain(
       clipping.clip_by_global_norm_with_stats(max_grad_norm),
@@ -51,4 +55,4 @@ def velvet(
           entropy_adaptive=entropy_adaptive,
           perplexity_guided=perplexity_guided, vocab_size=vocab_size,
           sparse_aware=sparse_aware, fused=fused, mask=mask,
-          mu_dtype=mu_dtype))
+          mu_dtype=mu_dtype, shardings=shardings))

@@ -114,14 +114,17 @@ def _load_fused_kernel() -> Callable[..., Any]:
         f"imported ({e}). Use fused=False for the reference jnp path.") from e
 
 
-def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay, **kw):
+def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay,
+                  shardings=None, **kw):
   """Run ``step`` once per weight-decay group (decayed / not decayed).
 
   The step takes a scalar weight decay (the kernel is one launch over many
-  leaves), so a decay mask splits the leaves into at most two calls.
+  leaves), so a decay mask splits the leaves into at most two calls. Given
+  ``shardings`` (a tree like params), each call gets its group's subset.
   """
   leaves, treedef = jax.tree.flatten(params)
   g, m, v = (treedef.flatten_up_to(t) for t in (grads, mu, nu))
+  sh = None if shardings is None else treedef.flatten_up_to(shardings)
   if decay_mask is None:
     flags = [True] * len(leaves)
   else:
@@ -134,8 +137,9 @@ def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay, **kw):
     if not idx:
       continue
     pick = lambda xs: [xs[i] for i in idx]  # pylint: disable=cell-var-from-loop
+    extra = {} if sh is None else {"shardings": pick(sh)}
     u, nm, nv = step(pick(leaves), pick(g), pick(m), pick(v),
-                     weight_decay=weight_decay if decay else 0.0, **kw)
+                     weight_decay=weight_decay if decay else 0.0, **extra, **kw)
     for j, i in enumerate(idx):
       out_u[i], out_m[i], out_v[i] = u[j], nm[j], nv[j]
   return tuple(treedef.unflatten(x) for x in (out_u, out_m, out_v))
@@ -155,6 +159,7 @@ def scale_by_velvet(
     fused: bool = False,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     mu_dtype: Optional[Any] = None,
+    shardings: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The full Velvet step on (already clipped) gradients; returns final updates.
 
@@ -179,6 +184,12 @@ def scale_by_velvet(
     mask: weight-decay mask (pytree prefix of params or a callable), True where
       decay applies, as ``optax.adamw``'s ``mask``.
     mu_dtype: moments dtype; default fp32 (or the params' dtype if wider).
+    shardings: with ``fused=True`` on a multi-device mesh, the params'
+      shardings (a pytree like params of ``NamedSharding``, e.g. the ``params``
+      of the train state's shardings; moments and grads are sharded alike).
+      The kernel then runs per shard under ``jax.shard_map``; without it XLA,
+      which cannot partition the kernel, gathers every whole parameter onto
+      every device. Ignored when ``fused=False`` (XLA partitions that path).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``VelvetState``.
@@ -212,8 +223,8 @@ def scale_by_velvet(
     decay_mask = mask(params) if callable(mask) else mask
     new_updates, mu, nu = _grouped_step(
         step, params, grads, state.mu, state.nu, decay_mask, _f32(weight_decay),
-        lr=lr_t, b1=b1_t, b2=_f32(b2), eps=_f32(eps), count=count,
-        skip_zero_grads=sparse_aware)
+        shardings=shardings if fused else None, lr=lr_t, b1=b1_t, b2=_f32(b2),
+        eps=_f32(eps), count=count, skip_zero_grads=sparse_aware)
     return new_updates, VelvetState(
         count=count, mu=mu, nu=nu, learning_rate=lr_t, b1=b1_t,
         entropy_scale=es, perplexity_scale=ps)

@@ -1,0 +1,424 @@
+"""One-shot GPU acceptance run on one H100/H200: the kernels compiled (no interpret mode)
+against their pure-JAX references, the kernel roofline bench, bf16 train-step throughput,
+MFU and memory of small / medium / xlarge, and attention / cross-entropy timings for
+settling `auto`. Writes OUT/acceptance.json, .md and .log and prints the markdown table
+last; docs/gpu-acceptance.md says what is measured and the thresholds.
+
+1. Here, once: fetch what the device lacks (of grain, tensorboardX and ml_collections, the
+   import chain of vesperjax.train_step / run_config needs only ml_collections, pure
+   Python; its absl-py and PyYAML are there) into a git-ignored folder, check the chain
+   against it, and precompute the deviceless memory plans where vesperjax.plan works:
+
+     .venv/bin/python benchmarks/gpu_acceptance.py --prepare build/gpu_acceptance_deps
+
+2. On the device (run tool: carry=["build/gpu_acceptance_deps"], timeout_s=600):
+
+     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_acceptance.py --out $OUT
+
+CPU smoke run (tiny shapes, Pallas interpreted; chosen by itself when no GPU is seen):
+`python benchmarks/gpu_acceptance.py --reduced --out /tmp/acc`. Each section runs in its
+own process (a clean peak-memory figure per model) under a time box, unused time rolling
+over; a failure or timeout is recorded, the rest still run, and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse, contextlib, io, json, math, os, resource, shutil, signal  # noqa: E401
+import subprocess, sys, tempfile, time, zipfile  # noqa: E401
+from pathlib import Path
+
+import jax  # importing starts no backend: the parent never touches the GPU
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling gpu_kernel_checks
+from gpu_kernel_checks import (BF16, F32, THRESHOLDS, _err, check_ce, check_era,  # noqa: E402,F401
+                               rel_err, section_kernels)
+VOCAB = 32768
+MEM_FRACTION = 0.95  # XLA's share of the card, children's default: xlarge B=8 on 80 GB
+# preset: (batch, seq_len). Deviceless compile for h100-80gb (jax 0.10.2), arguments +
+# outputs - aliases + temp: small 18.5 GiB, medium 40.5, xlarge 68.1 (at B=16: 111).
+MODELS = {"small": (32, 2048), "medium": (32, 2048), "xlarge": (8, 2048)}
+REDUCED_HIDDEN = {"small": 64, "medium": 96, "xlarge": 128}  # 2 layers, vocab 512, 2 x 32
+# kernels/bench.py at half its "full" shapes: every operand still >> the 50 MB L2 and each
+# call >> launch overhead, without the 1.3B-parameter tree and N=16k CE eating the box.
+BENCH_ACCEPTANCE = dict(hidden=1024, layers=12, ffn=4096, vocab=32768, era_tokens=16384,
+                        ce=(8192, 32768, 2048), attn=(4, 2048, 16, 128), mm=8192, copy=1 << 28)
+JOBS = [("kernels", "", 90), ("bench", "", 100), ("throughput", "small", 45),  # weight: s
+        ("throughput", "medium", 60), ("throughput", "xlarge", 100), ("timing", "", 55)]
+REDUCED_JOBS = JOBS[:2] + [("throughput", "small,medium,xlarge", 205), JOBS[-1]]
+
+
+def _use_deps(deps):
+  if (Path(deps) / "site").is_dir():
+    sys.path.append(str(Path(deps) / "site"))  # after the installed packages: theirs win
+  sys.path.insert(0, str(ROOT))
+
+
+def _clean(x):  # strict JSON: NaN / inf -> null
+  if isinstance(x, dict):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _dump(obj, path):
+  with open(f"{path}.tmp", "w") as f:
+    json.dump(_clean(obj), f, indent=1, allow_nan=False, default=str)
+  os.replace(f"{path}.tmp", path)
+
+
+# -------------------------------------------------------------------- 2. roofline bench
+
+def section_bench(ctx, res, save):
+  from vesperjax.kernels import bench
+  bench.SIZES.setdefault("acceptance", BENCH_ACCEPTANCE)
+  size, reps = ("tiny", 1) if ctx.reduced else (ctx.args.bench_size, 10)
+  res.update(size=size, shapes=bench.SIZES[size], reps=reps, rows=[])
+  keys = ("name", "ms", "gb_s", "tflop_s", "roof_pct", "temp_mb", "note")
+
+  class Recorded(bench.Table):  # bench.main's own table, saved row by row
+    def add(self, *a, **k):
+      out = super().add(*a, **k)
+      res["rows"] = [dict(zip(keys, r)) for r in self.rows]
+      save()
+      return out
+  table, buf, bench.Table = bench.Table, io.StringIO(), Recorded
+  try:
+    with contextlib.redirect_stdout(buf):
+      bench.main(["--size", size, "--reps", str(reps)])
+  finally:
+    bench.Table, res["stdout"] = table, buf.getvalue()
+
+
+# ---------------------------------------------------------------------- 3. throughput
+
+def model_run(preset, reduced):
+  """(run ConfigDict, batch, seq_len) of one throughput row."""
+  from vesperjax.run_config import default_run_config
+  run, h = default_run_config(preset), REDUCED_HIDDEN[preset]
+  batch, seq = (2, 32) if reduced else MODELS[preset]
+  run.model.update(dict(hidden_size=h, num_heads=2, ffn_size=2 * h, num_layers=2,
+                        vocab_size=512) if reduced else dict(vocab_size=VOCAB))
+  run.data.seq_len, run.train.batch_size, run.train.grad_accum = seq, batch, 1
+  run.train.dtype = "auto" if reduced else "bfloat16"  # auto: fp32 on the CPU
+  run.optim.name, run.mesh.data = "velvet", 1
+  return run, batch, seq
+
+
+def _peak_flops(kind):
+  try:
+    from vesperjax.trainer import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
+  except ImportError:  # it imports grain, absent on the device: its H100/H200 entries
+    PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # pylint: disable=invalid-name
+  return next((p for k, p in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def throughput_one(ctx, preset):
+  from vesperjax import sharding
+  from vesperjax.run_config import model_config
+  from vesperjax.train_step import flops_per_token, sharded_steps
+  run, batch, seq = model_run(preset, ctx.reduced)
+  config, rng = model_config(run), np.random.default_rng(0)
+  warmup, n = (1, 3) if ctx.reduced else (2, 10)
+  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  steps = sharded_steps(config, run, mesh, valid_vocab=config.vocab_size)
+  with jax.set_mesh(mesh):
+    state = steps.init(jax.random.key(0))
+    batches = [sharding.global_batch_from_host(rng.integers(
+        0, config.vocab_size, (1, batch, seq + 1), dtype=np.int32), mesh,
+        steps.batch_sharding) for _ in range(2)]
+    start = time.perf_counter()
+    compiled = steps.train_step.lower(state, batches[0]).compile()
+    compile_s, times = time.perf_counter() - start, []
+    for i in range(warmup + n):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - start)
+  ma, stats = compiled.memory_analysis(), jax.devices()[0].memory_stats() or {}
+  mem = dict(arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
+             alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes)
+  mem["total"] = mem["arguments"] + mem["outputs"] - mem["alias"] + mem["temp"]
+  step_s, tokens, fpt = float(np.median(times[warmup:])), batch * seq, flops_per_token(config, seq)
+  peak, loss = _peak_flops(ctx.device["kind"]), float(metrics["loss"])
+  return dict(
+      preset=preset, status="ok" if math.isfinite(loss) else "non-finite loss",
+      hidden=config.hidden_size, layers=config.num_layers, vocab=config.vocab_size,
+      batch=batch, seq_len=seq, dtype=np.dtype(config.compute_dtype()).name,
+      optimizer="velvet", params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
+      compile_s=round(compile_s, 2), warmup=warmup, steps=n, step_s_median=step_s,
+      step_s_min=min(times[warmup:]), step_s_max=max(times[warmup:]), tokens_per_step=tokens,
+      tokens_per_s=tokens / step_s, flops_per_token=fpt, peak_flops=peak,
+      mfu=tokens / step_s * fpt / peak if peak else None, final_loss=loss,
+      measured_peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
+      measured_note=("peak_bytes_in_use of a fresh process running this model only"
+                     if "peak_bytes_in_use" in stats else "no allocator stats (CPU)"),
+      compiler_bytes=mem, plan_bytes=None)
+
+
+def plan_figure(ctx, row, run):
+  """The deviceless plan's total: prepared by --prepare, else vesperjax.plan here."""
+  target = "h200" if "h200" in ctx.device["kind"].lower() else "h100-80gb"
+  key = f"{row['preset']}:b{row['batch']}:s{row['seq_len']}:{row['dtype']}:{target}"
+  path = Path(ctx.args.deps) / "plans.json"
+  got = json.loads(path.read_text()).get(key) if path.exists() else None
+  if got:
+    return dict(plan_bytes=got["total"], plan_target=target, plan_fits=got.get("fits"),
+                plan_note=f"prepared with jax {got['jax']}")
+  if ctx.reduced:
+    return dict(plan_note="reduced mode: no deviceless plan")
+  try:
+    from vesperjax.plan import plan_step  # pylint: disable=g-import-not-at-top
+    out = plan_step(run, target=target, devices=1, mem_fraction=MEM_FRACTION)
+    return dict(plan_bytes=out["per_device_bytes"]["total"], plan_target=target,
+                plan_fits=out.get("fits"))
+  except Exception as e:  # noqa: BLE001  (absent, or its CUDA plugin is not installed)
+    return dict(plan_note=_err(e, 200))
+
+
+def section_throughput(ctx, res, save):
+  res["models"] = []
+  for preset in ctx.args.models.split(","):
+    try:
+      res["models"].append(throughput_one(ctx, preset))
+      save()  # before the plan: a time box ending in a plan's compile keeps the row
+      res["models"][-1].update(plan_figure(ctx, res["models"][-1],
+                                           model_run(preset, ctx.reduced)[0]))
+    except Exception as e:  # noqa: BLE001
+      res["models"].append(dict(preset=preset, status="error", error=_err(e)))
+    save()
+
+
+# ------------------------------------------------------------ 4. implementation timings
+
+def section_timing(ctx, res, save):
+  from vesperjax.kernels import attention as att, bench, cross_entropy as ce
+  b, s, nh, hd = (8, 2048, 16, 128) if ctx.big else (1, 64, 2, 32)  # xlarge's layer
+  n, v, d = (b * s, VOCAB, 2048) if ctx.big else (256, 512, 64)  # xlarge's LM head
+  rng = np.random.default_rng(1)
+  q, k, vv, h, w = jax.device_put([(rng.standard_normal(x, F32) / c).astype(BF16) for x, c in (
+      ((b, s, nh, hd), 1),) * 3 + (((n, d), 1), ((v, d), math.sqrt(d)))])
+  labels = jax.device_put(rng.integers(0, v, n).astype(np.int32))
+  res.update(attention_shape=[b, s, nh, hd], ce_shape=[n, v, d], rows=[], fastest={},
+             auto=dict(attention=att._choose(q, k, vv, None), cross_entropy=ce._AUTO_GPU))  # pylint: disable=protected-access
+  cases = []  # the slowest to compile last: blocked (8 unrolled blocks), reference
+  for impl in ("chunked", "pallas"):
+    loss = lambda h, w, impl=impl: jnp.mean(sum(ce.linear_cross_entropy(h, w, labels, impl=impl)))
+    cases += [("cross_entropy", f"fwd impl={impl}", jax.jit(loss), (h, w)),
+              ("cross_entropy", f"fwd+bwd impl={impl}", jax.jit(jax.grad(loss, (0, 1))), (h, w))]
+  cases += [("attention", f"fwd+bwd impl={i}", jax.jit(jax.grad(
+      lambda q, k, v, i=i: jnp.sum(att.attention(q, k, v, True, i).astype(jnp.float32)),
+      argnums=(0, 1, 2))), (q, k, vv)) for i in att.IMPLEMENTATIONS
+            if i != "auto" and (i != "cudnn" or ctx.gpu)]
+  for group, name, fn, args in cases:
+    try:
+      row = dict(group=group, name=name, ms=1e3 * bench.median_seconds(
+          fn, *args, reps=10 if ctx.big else 2))
+    except Exception as e:  # noqa: BLE001
+      row = dict(group=group, name=name, ms=None, error=_err(e, 300))
+    res["rows"].append(row)
+    save()
+  for group in ("attention", "cross_entropy"):
+    ok = [r for r in res["rows"] if r["group"] == group and r["ms"] and "bwd" in r["name"]]
+    if ok:
+      res["fastest"][group] = min(ok, key=lambda r: r["ms"])["name"].split("impl=")[1]
+
+
+def child_main(args):
+  _use_deps(args.deps)
+  res, save = {"done": False}, lambda: _dump(res, args.result)
+  if args.inject_crash == args.child:
+    os._exit(3)  # tests: a section that dies must not stop the others
+  ctx = argparse.Namespace(args=args, reduced=args.reduced, big=not args.reduced,
+                           gpu=jax.default_backend() == "gpu")
+  ctx.interpret, dev = not ctx.gpu, jax.devices()[0]
+  res["device"] = ctx.device = dict(kind=dev.device_kind, backend=jax.default_backend(),
+                                    jax=jax.__version__)
+  save()
+  if not ctx.gpu and not ctx.reduced:
+    raise SystemExit("jax sees no GPU: use --reduced (CPU shapes, Pallas interpreted)")
+  globals()[f"section_{args.child}"](ctx, res, save)
+  res["done"] = True
+  save()
+
+
+# ----------------------------------------------------------------------- the parent
+
+def gpu_visible():
+  plats, smi = os.environ.get("JAX_PLATFORMS", ""), shutil.which("nvidia-smi")
+  if (plats and "cuda" not in plats and "gpu" not in plats) or not smi:
+    return False
+  with contextlib.suppress(OSError, subprocess.SubprocessError):
+    out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and "GPU" in out.stdout
+  return False
+
+
+def run_job(args, section, models, box, tmp, log):
+  result, start = Path(tmp) / f"{section}-{models.replace(',', '_')}.json", time.perf_counter()
+  cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, "--models",
+         models, "--result", str(result), "--deps", str(args.deps), "--bench-size",
+         args.bench_size, "--inject-crash", args.inject_crash] + ["--reduced"] * args.reduced
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(MEM_FRACTION))
+  if args.reduced and not args.gpu:
+    env.setdefault("JAX_PLATFORMS", "cpu")
+  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+  with open(Path(tmp) / "child.log", "w+") as out:
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+      rc, status = proc.wait(timeout=box), None
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)  # the child and its compilers (ptxas)
+      rc, status = proc.wait(), f"timeout after {box:.0f} s (partial results kept)"
+    out.seek(0)
+    text = out.read()
+  log.write(f"===== {section} {models} rc={rc}\n{text[-200_000:]}\n")
+  res = json.loads(result.read_text()) if result.exists() else {}
+  used = resource.getrusage(resource.RUSAGE_CHILDREN)
+  res.update(status=status or ("ok" if rc == 0 and res.get("done") else f"crashed (rc={rc})"),
+             wall_s=round(time.perf_counter() - start, 1), box_s=round(box),
+             cpu_s=round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1))
+  if res["status"] != "ok":
+    res["log_tail"] = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(
+        ("WARNING: All log messages", "I0000", "W0000"))][-3:]  # absl start-up noise
+  if section == "throughput" and not res.get("models"):  # died before its first row
+    res["models"] = [dict(preset=m, status=res["status"], error=" / ".join(res["log_tail"]))
+                     for m in models.split(",")]
+  return res
+
+
+def markdown(report):
+  s, g = report["sections"], lambda x, f, k=1.0: "-" if x is None else format(x * k, f)
+  dev = next((v["device"] for v in s.values() if v.get("device")), {})
+  rows = [("run", report["mode"], "FAIL" if report["failed"] else "PASS",
+           f"{report['wall_s']:.0f} s", f"{dev.get('kind', '?')}, jax {dev.get('jax', '?')}")]
+  rows += [(k, "(section)", "FAIL", v["status"], " / ".join(v.get("log_tail", [])))
+           for k, v in s.items() if v["status"] != "ok"]
+  rows += [("kernels", c["name"], "SKIP" if c.get("skipped") else "PASS" if c["passed"]
+            else "FAIL", f"{g(c.get('error'), '.1e')} (thr {g(c.get('threshold'), '.0e')})",
+            c.get("exception") or c.get("note") or ", ".join(
+                f"{k} {g(e['error'], '.1e')}" for k, e in c["errors"].items()))
+           for c in s.get("kernels", {}).get("checks", [])]
+  rows += [("bench", r["name"], "ERR" if r["note"] else "ok", ", ".join(
+      [f"{g(r['ms'], '.3f')} ms"] + [f"{r[k]:{f}} {u}" for k, f, u in (
+          ("gb_s", ".0f", "GB/s"), ("tflop_s", ".1f", "TFLOP/s"), ("roof_pct", ".0f", "% roof"))
+                                     if r[k] is not None]), r["note"])
+           for r in s.get("bench", {}).get("rows", [])]
+  for m in s.get("throughput", {}).get("models", []):
+    item = f"{m['preset']} B={m.get('batch')} S={m.get('seq_len')} {m.get('dtype', '')}"
+    rows.append(("throughput", item, "FAIL", m["status"], m.get("error")) if m["status"] != "ok"
+                else ("throughput", item, "ok", f"{1e3 * m['step_s_median']:.1f} ms/step, "
+                      f"{m['tokens_per_s']:,.0f} tok/s, MFU {g(m['mfu'], '.1%')}",
+                      "GiB measured / compiler / plan: " + " / ".join(g(x, ".2f", 2**-30) for x in (
+                          m["measured_peak_bytes"], m["compiler_bytes"]["total"],
+                          m.get("plan_bytes")))))
+  t = s.get("timing", {})
+  rows += [("timing", f"{r['group']} {r['name']}", "ERR" if r["ms"] is None else "ok",
+            f"{g(r['ms'], '.3f')} ms", "fastest" if "bwd" in r["name"] and t["fastest"].get(
+                r["group"]) == r["name"].split("impl=")[1] else r.get("error"))
+           for r in t.get("rows", [])]
+  cell = lambda x: str(x or "").replace("|", "/").replace("\n", " ")[:200]  # noqa: E731
+  return "\n".join(["| section | item | result | figures | note |", "|---|---|---|---|---|"]
+                   + ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows])
+
+
+def prepare(dest):
+  """Unpacked wheels of what the device lacks in DEST/site; plans in DEST/plans.json."""
+  import importlib.metadata
+  dest = Path(dest).resolve()
+  subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary"
+                  "=:all:", "-d", str(dest / "wheels"),
+                  f"ml_collections=={importlib.metadata.version('ml_collections')}"], check=True)
+  for whl in (dest / "wheels").glob("*.whl"):
+    zipfile.ZipFile(whl).extractall(dest / "site")
+  probe = ("import sys, importlib.abc as a, importlib.machinery as m\nsite = sys.argv[1]\n"
+           "class Device(a.MetaPathFinder):\n def find_spec(self, n, p=None, t=None):\n"
+           "  if n.split('.')[0] in ('grain', 'tensorboardX'): raise ImportError(n)\n"
+           "  if n == 'ml_collections': return m.PathFinder.find_spec(n, [site]) or 1 / 0\n"
+           "sys.meta_path.insert(0, Device())\n"
+           "import vesperjax.train_step, vesperjax.run_config, ml_collections\n"
+           "print('import chain ok without grain / tensorboardX; ml_collections from', "
+           "ml_collections.__file__)")
+  subprocess.run([sys.executable, "-c", probe, str(dest / "site")], check=True, cwd=ROOT,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  plans = {}
+  try:
+    from vesperjax.plan import plan_step  # pylint: disable=g-import-not-at-top
+    for preset in MODELS:
+      run, batch, seq = model_run(preset, False)
+      for target in ("h100-80gb", "h200"):
+        got = plan_step(run, target=target, devices=1, mem_fraction=MEM_FRACTION)
+        total = got["per_device_bytes"]["total"]
+        plans[f"{preset}:b{batch}:s{seq}:bfloat16:{target}"] = dict(
+            total=total, fits=got.get("fits"), jax=jax.__version__)
+        print(f"plan {preset} B={batch} {target}: {total / 2**30:.2f} GiB", flush=True)
+  except Exception as e:  # noqa: BLE001  (absent, or no CUDA plugin here)
+    plans["note"] = _err(e, 300)
+    print(f"deviceless plans skipped: {plans['note']}")
+  _dump(plans, dest / "plans.json")
+  print(f"prepared {dest}: carry it with the run (carry=[{os.path.relpath(dest, ROOT)!r}])")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", help="folder for acceptance.json / .md / .log")
+  ap.add_argument("--reduced", action="store_true", help="CPU smoke shapes (auto w/o GPU)")
+  ap.add_argument("--prepare", metavar="DIR", help="fetch what the device lacks into DIR")
+  ap.add_argument("--deps", default=str(ROOT / "build" / "gpu_acceptance_deps"),
+                  help="the --prepare folder (default %(default)s)")
+  ap.add_argument("--budget", type=float, default=450.0, help="seconds for all sections")
+  ap.add_argument("--only", help="comma-separated: kernels,bench,throughput,timing")
+  ap.add_argument("--bench-size", default="acceptance", choices=("acceptance", "full"))
+  for hidden in ("--child", "--models", "--result", "--inject-crash"):
+    ap.add_argument(hidden, default="", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.child:
+    return child_main(args)
+  _use_deps(args.deps)
+  if args.prepare:
+    return prepare(args.prepare)
+  if not args.out:
+    ap.error("--out is required")
+  args.gpu = gpu_visible()
+  args.reduced = args.reduced or not args.gpu
+  start, out = time.perf_counter(), Path(args.out)
+  jobs = [j for j in (REDUCED_JOBS if args.reduced else JOBS)
+          if not args.only or j[0] in args.only.split(",")]
+  out.mkdir(parents=True, exist_ok=True)
+  report = dict(command=" ".join(["python3", *sys.argv]), budget_s=args.budget, sections={},
+                mode="reduced" if args.reduced else "full")
+  with tempfile.TemporaryDirectory() as tmp, open(out / "acceptance.log", "w") as log:
+    for i, (section, models, weight) in enumerate(jobs):
+      left = args.budget - (time.perf_counter() - start)
+      box = max(10.0, left * weight / sum(w for _, _, w in jobs[i:]))
+      label = f"[{section}{' ' + models if models else ''}]"
+      print(f"{label} time box {box:.0f} s ...", flush=True)
+      res = run_job(args, section, models, box, tmp, log)
+      print(f"{label} {res['status']} in {res['wall_s']} s ({res['cpu_s']} s CPU)", flush=True)
+      prev = report["sections"].setdefault(section, res)
+      if prev is not res:  # throughput: one process per model, one section
+        prev["models"] += res["models"]
+        prev["wall_s"], prev["cpu_s"] = (round(prev[k] + res[k], 1) for k in ("wall_s", "cpu_s"))
+        prev["status"] = res["status"] if prev["status"] == "ok" else prev["status"]
+        prev.setdefault("log_tail", res.get("log_tail") or [])
+  s, report["wall_s"] = report["sections"], round(time.perf_counter() - start, 1)
+  report["failed"] = ([k for k, v in s.items() if v["status"] != "ok"]
+                      + [c["name"] for c in s.get("kernels", {}).get("checks", [])
+                         if c["passed"] is False]
+                      + [m["preset"] for m in s.get("throughput", {}).get("models", [])
+                         if m["status"] != "ok"])
+  table = markdown(report)
+  _dump(report, out / "acceptance.json")
+  (out / "acceptance.md").write_text(f"# GPU acceptance ({report['mode']})\n\n{table}\n")
+  print(f"\nacceptance: {'FAIL: ' + ', '.join(report['failed']) if report['failed'] else 'PASS'}"
+        f" ({report['wall_s']:.0f} s; {out}/acceptance.json)\n\n{table}", flush=True)
+  return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -186,6 +186,11 @@ def test_sigterm_saves_restorable_checkpoint(corpus, tmp_path):
   deadline = time.time() + 180
   while time.time() < deadline and (not metrics.exists() or len(losses(workdir)) < 3):
     time.sleep(0.5)
+  second = cli(*args)  # a second trainer on the same workdir is refused, naming the first
+  assert second.returncode == 2, second.stderr
+  assert second.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert f"in use by another trainer, pid {proc.pid} on" in second.stderr
+  assert "Traceback" not in second.stderr
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err

@@ -16,7 +16,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that describe bad input rather than a bug."""
   from vesperjax.checkpoint import CheckpointError
   from vesperjax.trainer import RunError
-  return (ValueError, OSError, RunError, CheckpointError, flags.Error)
+  from vesperjax.workdir_lock import WorkdirBusy
+  return (ValueError, OSError, RunError, CheckpointError, WorkdirBusy, flags.Error)
 
 
 def _one_line(e: BaseException) -> str:

@@ -25,6 +25,7 @@ from vesperjax.checkpoint import Checkpointer, read_json
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.run_config import model_config
 from vesperjax.train_step import all_finite, flops_per_token, lr_schedule, sharded_steps
+from vesperjax.workdir_lock import acquire_for_job, describe_holder
 
 # Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -90,6 +91,18 @@ class Trainer:
                      f"{shards} batch shards of the mesh {dict(self.mesh.shape)}")
     model_config(run)
     os.makedirs(workdir, exist_ok=True)
+    self._lock = acquire_for_job(workdir)  # before anything in the workdir is touched
+    if self._lock is not None and self._lock.previous:
+      self._log_line(f"{workdir}: took over the lock of a trainer that is gone "
+                     f"({describe_holder(self._lock.previous)})")
+    try:
+      self._setup(require_resume)
+    except BaseException:
+      self.close()
+      raise
+
+  def _setup(self, require_resume: bool):
+    run, workdir, t = self.run, self.workdir, self.run.train
     self._prepare_data()
     self.config = model_config(run, vdata.padded_vocab_size(self.tokenizer.vocab_size))
     self._check_run_dir()
@@ -298,4 +311,10 @@ class Trainer:
       print(text, file=sys.stderr, flush=True)
 
   def close(self):
-    self.ckpt.close()
+    """Close the checkpointer and release the workdir (idempotent)."""
+    try:
+      if getattr(self, "ckpt", None) is not None:
+        self.ckpt.close()
+    finally:
+      if self._lock is not None:
+        self._lock.release()

@@ -2,13 +2,20 @@
 
 WORKDIR/checkpoints/<step>/  latest N: {state, data}  (periodic, final, emergency)
 WORKDIR/best/<step>/         lowest eval loss: {state}
+WORKDIR/corrupt/             checkpoints set aside because they could not be read
 Orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save never leaves a half-written checkpoint that restore would pick up.
+Files damaged later (truncated, garbled) are found at restore: `restore_newest` falls back
+to the newest checkpoint that reads, latest first, then best, and sets the unreadable
+newer ones aside (never deletes them).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -18,7 +25,8 @@ from flax import nnx
 
 from vesperjax.config import ModelConfig
 
-CHECKPOINTS, BEST = "checkpoints", "best"
+CHECKPOINTS, BEST, CORRUPT = "checkpoints", "best", "corrupt"
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
 
 
 class CheckpointError(RuntimeError):
@@ -41,9 +49,17 @@ def _manager(path: str, keep: int, async_save: bool, best: bool = False):
 class Checkpointer:
   """Saves and restores one run's state; all processes call every method."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               log: Callable[[str], None] = print):
     self.latest = _manager(os.path.join(workdir, CHECKPOINTS), keep, async_save)
-    self.best = _manager(os.path.join(workdir, BEST), 1, async_save, best=True)
+    best_dir = os.path.join(workdir, BEST)
+    for step in _step_dirs(best_dir):  # orbax reads every best step's metrics on start
+      try:
+        _check_json(os.path.join(best_dir, step))
+      except CheckpointError as e:
+        log(f"best checkpoint {step} is unreadable ({e}); moved to "
+            f"{_set_aside(best_dir, step)}")
+    self.best = _manager(best_dir, 1, async_save, best=True)
     self.best_loss = float("inf")
 
   def latest_step(self) -> int | None:
@@ -68,10 +84,53 @@ class Checkpointer:
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.latest.restore(step, args=ocp.args.Composite(**args))
-    best = self.best.best_step()
-    if best is not None:  # a resumed run must not replace a better earlier best
-      self.best_loss = float(self.best.metrics(best)["eval_loss"])
+    self._read_best_loss()
     return restored["state"]
+
+  def _read_best_loss(self):
+    """A resumed run must not replace a better earlier best (unreadable: forgotten)."""
+    best = self.best.best_step()
+    if best is None:
+      return
+    try:
+      self.best_loss = float(self.best.metrics(best)["eval_loss"])
+    except Exception:  # noqa: BLE001  (garbled metrics: the next eval sets a new best)
+      self.best_loss = float("inf")
+
+  def restore_newest(self, abstract_state, data_iter, log: Callable[[str], None]):
+    """(state, step, kind) from the newest checkpoint that reads, or None when there is
+    none at all; kind is "latest" or "best" (then the data iterator starts over).
+
+    Unreadable checkpoints newer than the one restored are moved to WORKDIR/corrupt and
+    reported through `log`; when nothing reads, nothing is moved and a one-line
+    CheckpointError names the newest failure (a config that no longer matches its
+    checkpoints fails every restore the same way, and must not look like corruption).
+    """
+    failed = []  # (manager, step, reason)
+    for manager, kind in ((self.latest, "latest"), (self.best, "best")):
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          _check_json(os.path.join(str(manager.directory), str(step)))
+          if kind == "latest":
+            state = self.restore(step, abstract_state, data_iter)
+          else:
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            self._read_best_loss()
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception)
+          failed.append((manager, step, _one_line(e)))
+          continue
+        for bad_manager, bad_step, reason in failed:
+          where = _set_aside(str(bad_manager.directory), str(bad_step))
+          bad_manager.reload()
+          log(f"checkpoint {bad_step} in {bad_manager.directory} is unreadable ({reason}); "
+              f"moved to {where}")
+        return state, step, kind
+    if failed:
+      _, step, reason = failed[0]
+      raise CheckpointError(f"no readable checkpoint: step {step} (the newest) failed: "
+                            f"{reason}")
+    return None
 
   def wait(self):
     self.latest.wait_until_finished()
@@ -80,6 +139,43 @@ class Checkpointer:
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+def _step_dirs(root: str) -> list[str]:
+  return sorted(d for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def _check_json(step_dir: str) -> None:
+  """Name the file when a checkpoint's JSON metadata is garbled (orbax does not)."""
+  for folder, _, files in os.walk(step_dir):
+    for name in files:
+      if name in _JSON_FILES or name.endswith(".json") or name == "metrics":
+        path = os.path.join(folder, name)
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+          raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _set_aside(root: str, step: str) -> str:
+  """Move ROOT/STEP to WORKDIR/corrupt/<root name>-<step>-<time> (process 0; all wait)."""
+  src = os.path.join(root, step)
+  dest = os.path.join(os.path.dirname(root), CORRUPT,
+                      f"{os.path.basename(root)}-{step}-{int(time.time())}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(src, dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"vesperjax: set aside {src}")
+  return dest
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+  text = " ".join((str(e).strip() or type(e).__name__).split())
+  text = text.split(" See full TensorStore details")[0]  # a multi-kilobyte spec dump
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def read_json(path: str) -> dict[str, Any]:

@@ -41,10 +41,19 @@ def use_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _quiet_closed_loops(unraisable, default=sys.unraisablehook) -> None:
+  """Drop 'Event loop is closed' from orbax's reader threads after a failed restore (a
+  checkpoint that was set aside or reported): dozens of tracebacks otherwise follow."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and "Event loop is closed" in str(unraisable.exc_value)):
+    default(unraisable)
+
+
 def run_cli(argv: list[str], body: Callable[[], int],
             flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  sys.unraisablehook = _quiet_closed_loops
   saved_argv = sys.argv
   try:
     sys.argv = list(argv)  # config_flags reads the --config.* overrides from sys.argv

@@ -116,17 +116,21 @@ class Trainer:
     self.train_step, self.eval_step = steps.train_step, steps.eval_step
     self.all_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
 
-    self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+    self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, log=self._log_line)
     self.data_iter = vdata.train_iterator(
         self.train_cache, run.data.seq_len, t.batch_size, seed=t.seed,
         num_workers=run.data.num_workers)
-    start = self.ckpt.latest_step() if t.resume or require_resume else None
-    if require_resume and start is None:
-      raise RunError(f"--resume: no checkpoint in {workdir}/checkpoints")
     with jax.set_mesh(self.mesh):
-      if start is not None:
-        self.state = self.ckpt.restore(start, self.abstract, self.data_iter)
-        self._log_line(f"resumed from step {start}")
+      found = None
+      if t.resume or require_resume:
+        found = self.ckpt.restore_newest(self.abstract, self.data_iter, self._log_line)
+      if require_resume and found is None:
+        raise RunError(f"--resume: no checkpoint in {workdir}/checkpoints")
+      if found is not None:
+        self.state, start, kind = found
+        self._log_line(f"resumed from step {start}" + (
+            "" if kind == "latest" else " (the best checkpoint: no intact latest one; "
+            "the data order starts over)"))
       else:
         self.state = steps.init(jax.random.key(t.seed))
     self._save_run_files()

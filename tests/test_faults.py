@@ -1,0 +1,81 @@
+"""Fault injection: damaged checkpoints are set aside and the run falls back to the newest
+intact one, resuming to the same losses as an uninterrupted run."""
+import glob
+import os
+
+import pytest
+
+from tests.test_train import cli, corpus, losses, overrides, tiny_run  # noqa: F401
+from vesperjax.checkpoint import CheckpointError
+from vesperjax.train import train
+from vesperjax.trainer import Trainer
+
+
+def _truncate_largest_array(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):  # noqa: F811
+  """An uninterrupted 8-step run, and a 6-step one (checkpoints 2, 4, 6) to damage."""
+  full = tmp_path_factory.mktemp("full")
+  assert train(tiny_run(corpus, max_steps=8, save_every=2, keep_checkpoints=5), str(full)) == 0
+  part = tmp_path_factory.mktemp("part")  # the same run, stopped (and saved) at step 6
+  trainer = Trainer(tiny_run(corpus, max_steps=8, save_every=2, keep_checkpoints=5), str(part))
+  trainer.train(stop_at=6)
+  trainer.close()
+  return losses(full), part
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "garbled json"])
+def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damage):  # noqa: F811
+  want, part = reference
+  work = tmp_path / "run"
+  os.system(f"cp -r {part} {work}")
+  step6 = work / "checkpoints" / "6"
+  if damage == "truncated array":
+    _truncate_largest_array(step6)
+  else:
+    (step6 / "state" / "_METADATA").write_text("{garbage")
+  logged = []
+  trainer = Trainer(tiny_run(corpus, max_steps=8, save_every=2, keep_checkpoints=5),
+                    str(work))
+  trainer._log_line = logged.append  # pylint: disable=protected-access
+  assert int(trainer.state.step) == 4
+  trainer.train()
+  trainer.close()
+  got = losses(work)
+  assert all(got[s] == want[s] for s in (5, 6, 7, 8)), (got, want)  # exact resume from 4
+  aside = os.listdir(work / "corrupt")
+  assert len(aside) == 1 and aside[0].startswith("checkpoints-6-")  # kept, not deleted
+
+
+def test_nothing_readable_is_one_error_and_moves_nothing(reference, corpus, tmp_path):  # noqa: F811
+  _, part = reference
+  work = tmp_path / "run"
+  os.system(f"cp -r {part} {work}")
+  for step in glob.glob(str(work / "checkpoints" / "*")) + glob.glob(str(work / "best" / "*")):
+    if os.path.basename(step).isdigit():
+      _truncate_largest_array(step)
+  r = cli(*overrides(corpus, work), "--config.train.max_steps=8",
+          "--config.train.save_every=2")
+  assert r.returncode == 2, r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: no readable checkpoint: step 6 (the newest) failed")
+  assert "Traceback" not in r.stderr and not os.path.exists(work / "corrupt")
+  with pytest.raises(CheckpointError):
+    Trainer(tiny_run(corpus, max_steps=8), str(work))
+
+
+def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path):  # noqa: F811
+  _, part = reference
+  work = tmp_path / "run"
+  os.system(f"cp -r {part} {work}")
+  for path in glob.glob(str(work / "best" / "*" / "metrics" / "metrics")):
+    with open(path, "w") as f:
+      f.write("{garbage")
+  trainer = Trainer(tiny_run(corpus, max_steps=8), str(work))
+  assert int(trainer.state.step) == 6 and trainer.ckpt.best_loss == float("inf")
+  trainer.close()

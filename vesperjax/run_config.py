@@ -75,6 +75,9 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
       scan_layers=True,  # False: unrolled layer loop (faster for shallow models on CPU)
       fused_loss=True,  # chunked linear cross-entropy (never materialises fp32 logits)
       resume=True,  # continue from WORKDIR's latest checkpoint when there is one
+      # divergence stops the run (non-zero exit, the last good checkpoint kept as latest):
+      max_skipped_steps=5,  # this many consecutive non-finite steps (0: never)
+      loss_spike_factor=3.0,  # a logged loss over this x the median of the last 10 (0: never)
       sample_tokens=64,  # tokens sampled at the end of training (0: none)
       sample_prompt="def ",
   ))
@@ -117,6 +120,10 @@ def validate(run: ConfigDict) -> None:
               "keep_checkpoints", "log_every"):
     need(t[key] > 0, f"train.{key}", "must be positive")
   need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+  need(t.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0 (0: never stop)")
+  need(math.isfinite(t.loss_spike_factor) and (t.loss_spike_factor == 0
+                                               or t.loss_spike_factor > 1),
+       "train.loss_spike_factor", "must be 0 (off) or a finite number > 1")
   need(d.seq_len > 1, "data.seq_len", "must be > 1")
   need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
   if t.platform != "auto":

@@ -23,6 +23,7 @@ from vesperjax import data as vdata
 from vesperjax import sharding
 from vesperjax.checkpoint import Checkpointer, read_json
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
+from vesperjax.divergence import DivergenceGuard
 from vesperjax.run_config import model_config
 from vesperjax.train_step import all_finite, flops_per_token, lr_schedule, sharded_steps
 from vesperjax.workdir_lock import acquire_for_job, describe_holder
@@ -220,45 +221,75 @@ class Trainer:
     stopped_by = None
     window_start, window_steps = time.perf_counter(), 0
     metrics = None
+    guard = DivergenceGuard(t.max_skipped_steps, t.loss_spike_factor)
+    diverged = None
     # under the ambient mesh the model pins activations and the MoE goes expert-parallel
     with _Signals() as signals, jax.set_mesh(self.mesh):
-      while step < end:
-        self.state, metrics = self.train_step(self.state, self._next_batch())
-        step += 1
-        window_steps += 1
-        if window_steps == 1 and step == first:  # compiling happened inside that call
-          window_start, window_steps = time.perf_counter(), 0
-        if bar is not None:
-          bar.update(1)
-        if step % t.log_every == 0 or step == t.max_steps:
-          host = jax.device_get(metrics)  # the only sync on the training path
-          elapsed = time.perf_counter() - window_start
-          tps = tokens_per_step * window_steps / elapsed if window_steps else None
-          last_loss = float(host["loss"])
-          self._log_metrics(writer, bar, step, host, tps, flops, peak)
-          window_start, window_steps = time.perf_counter(), 0
-        if step % t.eval_every == 0 or step == t.max_steps:
-          eval_loss = self.evaluate()
-          if eval_loss is not None:
-            self._log(writer, step, {"eval_loss": eval_loss,
-                                     "eval_perplexity": math.exp(min(eval_loss, 50))})
-            if self._finite():
-              self.ckpt.save_best(step, self.state, eval_loss)
-        if signals.received is not None:
-          stopped_by = signal.Signals(signals.received).name
-          break
-        if step % t.save_every == 0:
-          self._save(step)
-        if step % t.eval_every == 0 or step % t.save_every == 0:
-          window_start, window_steps = time.perf_counter(), 0  # count training time only
-      self._save(step, force=True)
+      try:
+        while step < end:
+          self.state, metrics = self.train_step(self.state, self._next_batch())
+          guard.record(metrics["finite"])
+          step += 1
+          window_steps += 1
+          if window_steps == 1 and step == first:  # compiling happened inside that call
+            window_start, window_steps = time.perf_counter(), 0
+          if bar is not None:
+            bar.update(1)
+          logged = step % t.log_every == 0 or step == t.max_steps
+          saving = step % t.save_every == 0
+          if logged:
+            host = jax.device_get(metrics)  # the only sync on the training path
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_steps / elapsed if window_steps else None
+            last_loss = float(host["loss"])
+            self._log_metrics(writer, bar, step, host, tps, flops, peak)
+            window_start, window_steps = time.perf_counter(), 0
+          if logged or saving:  # a save must not keep a diverging state
+            diverged = guard.check(step, last_loss if logged else float(metrics["loss"]))
+            if diverged:
+              break
+          if step % t.eval_every == 0 or step == t.max_steps:
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+              self._log(writer, step, {"eval_loss": eval_loss,
+                                       "eval_perplexity": math.exp(min(eval_loss, 50))})
+              if self._finite():
+                self.ckpt.save_best(step, self.state, eval_loss)
+          if signals.received is not None:
+            stopped_by = signal.Signals(signals.received).name
+            break
+          if saving and guard.streak:
+            self._log_line(f"step {step}: not saved while steps are being skipped")
+          elif saving:
+            self._save(step)
+          if step % t.eval_every == 0 or step % t.save_every == 0:
+            window_start, window_steps = time.perf_counter(), 0  # count training time only
+      except Exception:
+        self._save_before_failing(step)
+        raise
+      if not diverged:  # a diverged state is not saved: the last good one stays latest
+        self._save(step, force=True)
       self.ckpt.wait()
     if writer is not None:
       writer.close()
     if bar is not None:
       bar.close()
+    if diverged:
+      raise RunError(f"the run diverged at {diverged}; the latest checkpoint is step "
+                     f"{self.ckpt.latest_step()}")
     skipped = int(self.state.skipped)
     return Outcome(step, last_loss, eval_loss, skipped, stopped_by)
+
+  def _save_before_failing(self, step: int):
+    """An error inside the loop: keep the steps since the last checkpoint if the state is
+    still whole (a failure inside the step may have consumed its donated buffers)."""
+    try:
+      self._save(step, force=True)
+      self.ckpt.wait()
+      self._log_line(f"saved step {step} before failing")
+    except Exception as e:  # noqa: BLE001  (the original error is what matters)
+      self._log_line(f"step {step} could not be saved before failing: "
+                     f"{' '.join(str(e).split())[:200]}")
 
   def _finite(self) -> bool:
     return bool(self.all_finite(self.state))

@@ -1,0 +1,65 @@
+"""Divergence: the step guard covers the new state, and a diverging run stops non-zero
+keeping its last good checkpoint."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.test_train import corpus, tiny_run  # noqa: F401
+from vesperjax.divergence import DivergenceGuard
+from vesperjax.train_step import all_finite
+from vesperjax.trainer import RunError, Trainer
+
+
+def test_guard_rules():
+  guard = DivergenceGuard(max_skipped_steps=3, loss_spike_factor=3.0)
+  for loss in (9.0, 7.0, 6.0, 5.5):  # falling losses never trip it
+    guard.record(jnp.asarray(True))
+    assert guard.check(1, loss) is None
+  for _ in range(2):
+    guard.record(jnp.asarray(False))
+  assert guard.check(2, float("nan")) is None and guard.streak == 2
+  guard.record(jnp.asarray(True))  # a finite step ends the streak
+  assert guard.check(3, 5.4) is None and guard.streak == 0
+  for _ in range(3):
+    guard.record(jnp.asarray(False))
+  assert "3 consecutive steps were not finite" in guard.check(4, float("inf"))
+  spike = DivergenceGuard(0, 3.0)
+  for loss in (6.0, 5.0, 4.0):
+    assert spike.check(1, loss) is None
+  assert "over 3x the median 5" in spike.check(2, 15.5)
+  assert DivergenceGuard(0, 0).check(1, 1e9) is None  # both rules off
+
+
+def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
+  """lr=inf (refused by the CLI, forced here): loss and gradient are finite, the update
+  is not; the step is skipped and the state is untouched."""
+  run = tiny_run(corpus, max_steps=4)
+  run.optim.update(dict(lr=float("inf"), warmup_steps=0))
+  trainer = Trainer(run, str(tmp_path))
+  before = jax.tree.map(np.asarray, (trainer.state.params, trainer.state.opt_state))
+  with jax.set_mesh(trainer.mesh):
+    state, metrics = trainer.train_step(trainer.state, trainer._next_batch())  # pylint: disable=protected-access
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"]) and int(state.skipped) == 1
+  after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  trainer.state = state
+  trainer.close()
+
+
+def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path):  # noqa: F811
+  run = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)
+  run.optim.update(dict(lr=1e6, warmup_steps=2))
+  trainer = Trainer(run, str(tmp_path))
+  with pytest.raises(RunError, match="the run diverged at step"):
+    trainer.train()
+  stopped = int(trainer.state.step)
+  latest = trainer.ckpt.latest_step()
+  assert stopped < 30 and (latest is None or latest < stopped)
+  trainer.close()
+  if latest is not None:  # what it kept is a whole, finite state
+    resumed = Trainer(run, str(tmp_path))
+    assert int(resumed.state.step) == latest
+    assert bool(all_finite((resumed.state.params, resumed.state.opt_state)))
+    resumed.close()

@@ -109,12 +109,15 @@ class VesperLM(nnx.Module):
       kv = None if view is None else (view.k, view.v)
       return (x, kv), (aux, nnx.state(block, RoutingBias))
 
-    if c.remat != "none":
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     # Decoding always scans: the stacked cache then updates in place in the carry
-    # (unrolled, tiny decodes ~10% slower and compiles twice as long).
-    run_layers = jax.lax.scan if c.scan_layers or cache is not None else unrolled_scan
+    # (unrolled decoding is slower and compiles longer: docs/benchmarks.md).
+    scanned = c.scan_layers or cache is not None
+    run_layers = jax.lax.scan if scanned else unrolled_scan
+    if c.remat != "none":
+      # scan already keeps XLA from merging the recomputation back into the forward;
+      # unrolled layers need prevent_cse, or the remat is optimised away
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not scanned)
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     (x, kv), (aux, routing) = run_layers(layer, (x, kv), (params, rest, layer_ids))
     nnx.update(self.blocks, routing)
     if cache is not None:

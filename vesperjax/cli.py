@@ -68,6 +68,10 @@ def run_cli(argv: list[str], body: Callable[[], int],
   except (flags.Error, TypeError, ValueError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+  except Exception as e:  # noqa: BLE001  (the --config file's own code raised)
+    print(f"error: cannot load --config: {type(e).__name__}: {_one_line(e)}",
+          file=sys.stderr)
+    return 2
   finally:
     sys.argv = saved_argv
   try:

@@ -95,6 +95,10 @@ def test_workdir_with_other_model_is_refused(corpus, tmp_path):
   other.model.hidden_size = 64
   with pytest.raises(RuntimeError, match="different model.*hidden_size"):
     Trainer(other, str(tmp_path))
+  other = tiny_run(corpus, max_steps=2)
+  other.data.tokenizer = "bpe:300"  # was "byte": refused, not silently ignored
+  with pytest.raises(RuntimeError, match="trained with data.tokenizer='byte', not 'bpe:300'"):
+    Trainer(other, str(tmp_path))
   rerun = tiny_run(corpus, max_steps=3)  # how the same model runs may change on resume
   rerun.train.remat, rerun.train.scan_layers = "full", False
   assert train(rerun, str(tmp_path)) == 0

@@ -153,7 +153,13 @@ class Trainer:
     cache_dir = d.cache_dir or os.path.join(self.workdir, "data")
     tokenizer = d.tokenizer
     saved = os.path.join(self.workdir, "tokenizer.json")
-    if os.path.exists(saved):  # a resumed run keeps its tokenizer whatever the spec says
+    if os.path.exists(saved):  # a resumed run keeps its tokenizer: its spec must match
+      config_path = os.path.join(self.workdir, "config.json")
+      before = (read_json(config_path).get("data", {}).get("tokenizer")
+                if os.path.exists(config_path) else None)
+      if before is not None and before != d.tokenizer:
+        raise RunError(f"{self.workdir} was trained with data.tokenizer={before!r}, not "
+                       f"{d.tokenizer!r}; use a new --workdir")
       tokenizer = saved
     self.train_cache, self.val_cache, self.tokenizer = vdata.prepare_train_val(
         d.dataset, tokenizer, cache_dir, val_dataset=d.val_dataset, text_field=d.text_field,

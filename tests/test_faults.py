@@ -79,3 +79,19 @@ def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path): 
   trainer = Trainer(tiny_run(corpus, max_steps=8), str(work))
   assert int(trainer.state.step) == 6 and trainer.ckpt.best_loss == float("inf")
   trainer.close()
+
+
+def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):  # noqa: F811
+  """The validation cache vanishes before the first eval: the steps trained so far are
+  checkpointed before the error is reported."""
+  import shutil
+  trainer = Trainer(tiny_run(corpus, max_steps=8, eval_every=3, save_every=100),
+                    str(tmp_path))
+  shutil.rmtree(trainer.val_cache.path)
+  with pytest.raises(OSError):
+    trainer.train()
+  assert trainer.ckpt.latest_step() == 3
+  trainer.close()
+  resumed = Trainer(tiny_run(corpus, max_steps=8, eval_every=100), str(tmp_path))
+  assert int(resumed.state.step) == 3
+  resumed.close()

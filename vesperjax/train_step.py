@@ -2,8 +2,9 @@
 
 One step = `grad_accum` micro-batches scanned on device, one optimizer update. The mean
 token cross-entropy and the mean predictive entropy are computed in-graph and handed to
-Velvet as extra args; a step whose loss, gradient, new params or new optimizer state is not
-finite leaves params, optimizer state and model state untouched and is counted in `skipped`. Nothing syncs with the host.
+Velvet as extra args; a step whose loss, gradient or update is not finite leaves params,
+optimizer state and model state untouched and is counted in `skipped`. Nothing syncs with
+the host.
 """
 from __future__ import annotations
 
@@ -130,9 +131,10 @@ def make_train_step(graphdef, config: ModelConfig, tx, *, valid_vocab: int,
                                    loss=loss, entropy=entropy)
     params = optax.apply_updates(state.params, updates)
     grad_norm = global_norm(grads)
-    # the new state too: a finite gradient can still make a non-finite update (lr=inf)
+    # the update too: a finite gradient can still make a non-finite update (lr=inf, eps=0
+    # on a zero gradient); the new moments are finite whenever the gradient is
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & all_finite((params, opt_state)))
+              & jnp.isfinite(global_norm(updates)))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     new_state = TrainState(

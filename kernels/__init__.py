@@ -8,7 +8,8 @@ each, named after its function: ``velvet_update.velvet_update``, ``era.era``,
 ``velvet_update``, ``era`` and ``attention`` are those submodules (a submodule import would
 shadow a same-named function anyway). Implementation switch: every kernel takes
 ``impl="auto" | "pallas" | "reference"``; the process default is ``set_default_impl`` or
-the ``VESPERJAX_KERNELS`` environment variable.
+the ``VESPERJAX_KERNELS`` environment variable. Every backend choice reads the target
+platform of the graph being traced (``vesperjax.kernels.platform``), not the host's.
 """
 import importlib
 

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vesperjax.cli import _one_line
 from vesperjax.config import ModelConfig
 
 CHECKPOINTS, BEST, CORRUPT = "checkpoints", "best", "corrupt"
@@ -170,12 +171,6 @@ def _set_aside(root: str, step: str) -> str:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f"vesperjax: set aside {src}")
   return dest
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-  text = " ".join((str(e).strip() or type(e).__name__).split())
-  text = text.split(" See full TensorStore details")[0]  # a multi-kilobyte spec dump
-  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def read_json(path: str) -> dict[str, Any]:

@@ -5,8 +5,10 @@ a single `error: ...` line on stderr with exit status 2; bugs still show a trace
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 from absl import flags
@@ -21,8 +23,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(e: BaseException) -> str:
-  text = str(e).strip() or type(e).__name__
-  return " ".join(text.split())
+  text = " ".join((str(e).strip() or type(e).__name__).split())
+  return text.split(" See full TensorStore details")[0]  # a multi-kilobyte spec dump
 
 
 def _config_file_error(e: BaseException) -> str:
@@ -41,19 +43,37 @@ def use_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _quiet_closed_loops(unraisable, default=sys.unraisablehook) -> None:
-  """Drop 'Event loop is closed' from orbax's reader threads after a failed restore (a
-  checkpoint that was set aside or reported): dozens of tracebacks otherwise follow."""
-  if not (isinstance(unraisable.exc_value, RuntimeError)
-          and "Event loop is closed" in str(unraisable.exc_value)):
+def _quiet_orbax_leftovers(unraisable, default=sys.unraisablehook) -> None:
+  """Drop what orbax's reader coroutines and threads leave behind after a failed restore
+  (the failure itself was already reported in one line): 'Event loop is closed', and
+  the same read error again from coroutines nobody awaits any more."""
+  tb = unraisable.exc_traceback
+  from_orbax = False
+  while tb is not None:
+    from_orbax = from_orbax or "/orbax/" in tb.tb_frame.f_code.co_filename
+    tb = tb.tb_next
+  closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                 and "Event loop is closed" in str(unraisable.exc_value))
+  if not (closed_loop or from_orbax):
     default(unraisable)
+
+
+def _not_orbax_task(record) -> bool:
+  """asyncio's 'exception was never retrieved' for orbax's reader tasks and futures (a
+  failed restore already reported in one line): dropped."""
+  text = record.getMessage()
+  return not ("never retrieved" in text
+              and any(m in text for m in ("/orbax/", "TensorStore", "OCDBT")))
 
 
 def run_cli(argv: list[str], body: Callable[[], int],
             flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  sys.unraisablehook = _quiet_closed_loops
+  sys.unraisablehook = _quiet_orbax_leftovers
+  logging.getLogger("asyncio").addFilter(_not_orbax_task)
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message="coroutine '_read_array_index_and_device_put' was never")
   saved_argv = sys.argv
   try:
     sys.argv = list(argv)  # config_flags reads the --config.* overrides from sys.argv

@@ -60,7 +60,7 @@ def _fwd_bwd(fn, primals, cot):
 
 
 def check_velvet(ctx, rng, skip):
-  from vesperjax.kernels import velvet_update as vu
+  from vesperjax.kernels import _velvet_update as vu
   d, f, v = (1024, 2752, 8000) if ctx.big else (32, 48, 100)
   shapes = {"embed": ((v, d), F32), "w_in": ((d, f), BF16), "bias": ((f,), F32),
             "odd": ((37, 129), BF16), "ln": ((d,), BF16), "w_out": ((f, d), F32)}

@@ -15,9 +15,10 @@ import importlib
 
 from ._dispatch import get_default_impl, set_default_impl  # noqa: F401
 
-_SUBMODULES = ("velvet_update", "era", "cross_entropy", "attention")
+_SUBMODULES = ("era", "cross_entropy", "attention")
 _FUNCTIONS = {
-    "velvet_update_reference_jnp": "velvet_update",
+    "velvet_update": "_velvet_update",
+    "velvet_update_reference_jnp": "_velvet_update",
     "era_reference": "era",
     "linear_cross_entropy": "cross_entropy",
     "linear_cross_entropy_reference": "cross_entropy",

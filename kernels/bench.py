@@ -23,7 +23,7 @@ from . import _dispatch
 from . import attention as att
 from . import cross_entropy as ce
 from . import era as era_mod
-from . import velvet_update as vu
+from . import _velvet_update as vu
 
 SIZES = {
     # hidden, layers, ffn, vocab | ERA tokens | CE N, V, D | attention B, S, H, D | matmul

@@ -28,7 +28,7 @@ def test_resolve_on_cpu(monkeypatch):
 
 
 def test_lazy_exports():
-  assert callable(kernels.velvet_update.velvet_update)
+  assert callable(kernels._velvet_update.velvet_update)
   assert callable(kernels.era.era) and callable(kernels.era_reference)
   assert callable(kernels.linear_cross_entropy)
   assert callable(kernels.attention.attention)

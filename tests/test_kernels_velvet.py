@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vesperjax.kernels import velvet_update as vu
+from vesperjax.kernels import _velvet_update as vu
 
 HP = dict(b2=0.999, eps=1e-8, weight_decay=1e-3)
 

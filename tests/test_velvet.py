@@ -355,7 +355,7 @@ def test_weight_decay_mask():
 
 
 def test_fused_matches_reference():
-  kernels = pytest.importorskip("vesperjax.kernels.velvet_update")
+  kernels = pytest.importorskip("vesperjax.kernels._velvet_update")
   del kernels
   from vesperjax import kernels as vk  # pylint: disable=g-import-not-at-top
   params = make_params()

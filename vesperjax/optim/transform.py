@@ -105,12 +105,12 @@ def _prepare_grads(grads, sparse_mask, sparse_aware):
 def _load_fused_kernel() -> Callable[..., Any]:
   """The Pallas kernel, imported only when ``fused=True`` is asked for."""
   try:
-    from vesperjax.kernels import velvet_update as kernel_module  # pylint: disable=g-import-not-at-top
+    from vesperjax.kernels import _velvet_update as kernel_module  # pylint: disable=g-import-not-at-top
     return kernel_module.velvet_update
   except (ImportError, AttributeError) as e:
     raise ImportError(
         "Velvet fused=True needs the Pallas kernel "
-        "vesperjax.kernels.velvet_update.velvet_update, which could not be "
+        "vesperjax.kernels._velvet_update.velvet_update, which could not be "
         f"imported ({e}). Use fused=False for the reference jnp path.") from e
 
 

@@ -102,7 +102,7 @@ def model_run(preset, reduced):
   run.model.update(dict(hidden_size=h, num_heads=2, ffn_size=2 * h, num_layers=2,
                         vocab_size=512) if reduced else dict(vocab_size=VOCAB))
   run.data.seq_len, run.train.batch_size, run.train.grad_accum = seq, batch, 1
-  run.train.dtype = "auto" if reduced else "bfloat16"  # auto: fp32 on the CPU
+  run.model.dtype = "auto" if reduced else "bfloat16"  # auto: fp32 on the CPU
   run.optim.name, run.mesh.data = "velvet", 1
   return run, batch, seq
 

@@ -52,8 +52,8 @@ def run_config(preset: str, devices: int, seq: int, remat: str = "none"):
   run.optim.name = "velvet"
   run.data.seq_len = seq
   run.train.grad_accum = 1
-  run.train.remat = remat
-  run.train.dtype = "auto"
+  run.model.remat = remat
+  run.model.dtype = "auto"
   if devices > 1:
     run.mesh.data, run.mesh.fsdp = 1, devices
   return run

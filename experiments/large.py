@@ -12,5 +12,5 @@ def get_config():
   config.train.max_steps = 50000
   config.train.eval_every = 2000
   config.train.save_every = 2000
-  config.train.remat = "dots_no_batch"
+  config.model.remat = "dots_no_batch"
   return config

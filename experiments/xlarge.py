@@ -13,7 +13,7 @@ def get_config():
   config.train.max_steps = 100000
   config.train.eval_every = 2000
   config.train.save_every = 2000
-  config.train.remat = "dots_no_batch"
+  config.model.remat = "dots_no_batch"
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config

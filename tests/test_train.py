@@ -100,7 +100,7 @@ def test_workdir_with_other_model_is_refused(corpus, tmp_path):
   with pytest.raises(RuntimeError, match="trained with data.tokenizer='byte', not 'bpe:300'"):
     Trainer(other, str(tmp_path))
   rerun = tiny_run(corpus, max_steps=3)  # how the same model runs may change on resume
-  rerun.train.remat, rerun.train.scan_layers = "full", False
+  rerun.model.remat, rerun.model.scan_layers = "full", False
   assert train(rerun, str(tmp_path)) == 0
 
 

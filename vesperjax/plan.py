@@ -88,8 +88,7 @@ def _prepared(run, remat: str | None = None):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat policy {remat!r}; choose from "
                        f"{', '.join(REMAT_POLICIES)}")
-    run.train.remat = remat
-    run.model.remat = None
+    run.model.remat = remat
   return run
 
 

@@ -67,12 +67,9 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
       keep_checkpoints=3,
       log_every=10,
       seed=0,
-      dtype="auto",  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU), float32, bfloat16
       # the backend the steps are built for: auto (the mesh's devices, or the
       # VESPERJAX_PLATFORM environment variable), cpu, cuda, rocm or tpu
       platform="auto",
-      remat="none",  # none, full, dots, dots_no_batch
-      scan_layers=True,  # False: unrolled layer loop (faster for shallow models on CPU)
       fused_loss=True,  # chunked linear cross-entropy (never materialises fp32 logits)
       resume=True,  # continue from WORKDIR's latest checkpoint when there is one
       # divergence stops the run (non-zero exit, the last good checkpoint kept as latest):
@@ -87,11 +84,12 @@ def default_run_config(preset: str = "tiny") -> ConfigDict:
 
 
 def model_config(run: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-  """The ModelConfig a run trains: preset + non-None `model.*` + train dtype/remat/scan."""
+  """The ModelConfig a run trains: the preset with the non-None `model.*` keys over it.
+
+  How the model runs (`model.dtype`, `model.remat`, `model.scan_layers`, ...) is part of
+  the ModelConfig too; a run may resume with other values of those (EXECUTION_FIELDS).
+  """
   overrides = {k: v for k, v in run.model.items() if k != "preset" and v is not None}
-  overrides.setdefault("dtype", run.train.dtype)
-  overrides.setdefault("remat", run.train.remat)
-  overrides.setdefault("scan_layers", run.train.scan_layers)
   if vocab_size is not None:
     if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
       raise ValueError(f"model.vocab_size={overrides['vocab_size']} is smaller than the "

@@ -47,6 +47,33 @@ def test_reuse_and_rebuild_on_change(tmp_path, monkeypatch):
   (tmp_path / "d.txt").write_text("changed text")
   c3, _ = prepare_dataset(*args, progress=False)
   assert calls == [1] and c3.num_tokens == len("changed text") + 1
+  # the same size and the old mtime: only the content digest tells
+  stat = os.stat(tmp_path / "d.txt")
+  (tmp_path / "d.txt").write_text("CHANGED TEXT")
+  os.utime(tmp_path / "d.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  c4, _ = prepare_dataset(*args, progress=False)
+  assert calls == [1, 1] and c4.tokens[:7].tolist() == list(b"CHANGED")
+
+
+def test_content_digest_samples_large_files(tmp_path, monkeypatch):
+  from vesperjax.data import sources
+  monkeypatch.setattr(sources, "SAMPLE_WHOLE", 1000)
+  monkeypatch.setattr(sources, "SAMPLE_BLOCKS", 4)
+  monkeypatch.setattr(sources, "SAMPLE_BLOCK", 10)
+  data = bytearray(b"x" * 5000)
+  path = tmp_path / "big.txt"
+
+  def digest():
+    path.write_bytes(bytes(data))
+    return sources.content_digest(str(path), len(data))
+
+  base = digest()
+  for at in (0, 4999, 1664):  # first, last, and inside the block at 4990 * 1 // 3
+    data[at] = ord("y")
+    assert digest() != base, at
+    data[at] = ord("x")
+  data[800] = ord("y")  # between blocks: the documented blind spot of sampling
+  assert digest() == base
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bad_json", "wrong_tokenizer", "no_tokens"])

@@ -117,3 +117,22 @@ def test_stdlib_split(monkeypatch):
   assert len(list(tr.documents())) + len(list(va.documents())) == len(list(al.documents()))
   full = sources._stdlib_files(sources.sysconfig.get_paths()["stdlib"])
   assert not any("/test/" in f"/{f.rel}" or "site-packages" in f.rel for f in full)
+
+
+def test_one_huge_line_is_cut_without_changing_its_tokens(tmp_path, monkeypatch):
+  """A document with no line ends reaches the tokenizer in bounded pieces, cut where the
+  byte-level pre-tokenizer would split anyway, so the tokens are those of the whole."""
+  import random
+  from vesperjax.data.tokenizer import train_bpe
+  monkeypatch.setattr(sources, "PIECE_CHARS", 300)
+  rng = random.Random(0)
+  words = ["alpha", "beta,", "gamma.", "(delta)", "x", "42", "éàü"]
+  text = " ".join(rng.choice(words) for _ in range(2000)) + "  tail  end"
+  path = tmp_path / "one.txt"
+  path.write_text(text)
+  pieces = list(sources.open_source(str(path), "all").pieces())
+  assert len(pieces) > 10 and max(len(t) for t, _ in pieces) <= 300
+  assert "".join(t for t, _ in pieces) == text
+  assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True]
+  tok = train_bpe(iter([text]), 300)
+  assert sum((tok.encode(t) for t, _ in pieces), []) == tok.encode(text)

@@ -2,7 +2,8 @@
 
 Layout of one cache directory (see docs/data.md):
   header.json  format version, tokenizer hash, source fingerprint (path, size, mtime_ns
-               per file), token/document counts, dtype, vocab size, key
+               and a content digest per file), token/document counts, dtype, vocab
+               size, key
   tokens.bin   flat little-endian uint16 (vocab <= 65536) or uint32 token ids;
                every document is followed by the end-of-document token
   docs.bin     int64 start offset of every document in tokens.bin
@@ -170,7 +171,8 @@ def _write(source: Source, tok: Tokenizer, out: str, progress: bool) -> dict:
   t0 = time.perf_counter()
   share = {"all": 1.0, "train": 1 - source.val_percent / 100,
            "val": source.val_percent / 100}[source.split]  # a progress estimate only
-  bar = tqdm(total=int(share * sum(s for _, s, _ in fingerprint)), unit="B", unit_scale=True,
+  bar = tqdm(total=int(share * sum(entry[1] for entry in fingerprint)), unit="B",
+             unit_scale=True,
              desc=f"tokenizing {source.name}:{source.split}", disable=not progress,
              leave=False, file=sys.stderr)
   with open(os.path.join(out, TOKENS), "wb") as ft, open(os.path.join(out, DOCS), "wb") as fd:

@@ -39,7 +39,8 @@ def resolve_tokenizer(spec: str, dataset: str, cache_dir: str, *, text_field: st
     if progress:
       print(f"training byte-level BPE (vocab {vocab}) on {src.name}:train "
             f"(first {BPE_MAX_BYTES >> 20} MB)", file=sys.stderr)
-    tok = train_bpe(src.documents(), vocab)  # its bars write blank lines to stdout
+    # bounded pieces, not whole documents: one huge line must not be held whole
+    tok = train_bpe((text for text, _ in src.pieces()), vocab)  # its bars print to stdout
     tok.save(path)
     tok.path = path
     return tok

@@ -37,7 +37,16 @@ Piece = tuple[str, bool]
 SPLITS = ("train", "val", "all")
 SUFFIXES = (".txt", ".jsonl", ".json")
 READ_BYTES = 4 << 20  # read/emit granularity for .txt; tests shrink it
+# The content part of a file's fingerprint: files up to SAMPLE_WHOLE bytes are hashed
+# whole, larger ones by SAMPLE_BLOCKS evenly spaced blocks (first and last included), so
+# checking a multi-GB corpus reads about SAMPLE_BLOCKS * SAMPLE_BLOCK bytes a file.
+SAMPLE_WHOLE = 1 << 20
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 16 << 10
+# Longest piece handed to the tokenizer: its memory grows with the piece, so one huge
+# line (or JSON record) is cut, at a line end or before a word where it can be.
+PIECE_CHARS = 1 << 20
 _BLANK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+_WORD_START = re.compile(r"\S \S")  # a single space between two non-spaces
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test",
                 "__pycache__", "__phello__"}
 
@@ -73,21 +82,31 @@ class Source:
   explicit_file: bool = False  # a single file named on the command line
 
   def fingerprint(self) -> list[list]:
-    """(path, size, mtime_ns) per file: what the cache compares to detect changes."""
+    """[path, size, mtime_ns, content digest] per file: what the cache compares to detect
+    changes (the digest catches an edit that keeps the size and the old mtime)."""
     out = []
     for f in self.files:
       try:
         st = os.stat(f.path)
+        out.append([f.rel, st.st_size, st.st_mtime_ns, content_digest(f.path, st.st_size)])
       except OSError as e:
         raise errors.MissingPathError(f"{f.path}: {e.strerror}") from None
-      out.append([f.rel, st.st_size, st.st_mtime_ns])
     return out
 
   def total_bytes(self) -> int:
-    return sum(s for _, s, _ in self.fingerprint())
+    return sum(os.path.getsize(f.path) for f in self.files)
 
   def pieces(self) -> Iterator[Piece]:
-    """Stream the split's (text, ends_document) pieces, file by file, in order."""
+    """Stream the split's (text, ends_document) pieces, file by file, in order; no piece
+    is longer than PIECE_CHARS."""
+    for text, end in self._whole_pieces():
+      while len(text) > PIECE_CHARS:
+        cut = _cut_point(text, PIECE_CHARS)
+        yield text[:cut], False
+        text = text[cut:]
+      yield text, end
+
+  def _whole_pieces(self) -> Iterator[Piece]:
     for f in self.files:
       if f.kind == "py":
         yield from self._stdlib_file(f)
@@ -150,6 +169,34 @@ class Source:
               f"{f.path}:{lineno}: field {self.text_field!r} is not a string")
         if text:
           yield text, True
+
+
+def _cut_point(text: str, limit: int) -> int:
+  """Where to cut `text` at or before `limit` without changing how it tokenizes: after a
+  newline, else before a space that starts a word (the byte-level pre-tokenizer puts a
+  word's leading space in the word), else at `limit` (no whitespace at all)."""
+  newline = text.rfind("\n", 0, limit) + 1
+  if newline > limit // 2:
+    return newline
+  start = max(limit // 2, limit - 4096)
+  for m in reversed(list(_WORD_START.finditer(text, start, limit + 1))):
+    return m.start() + 1
+  return newline or limit
+
+
+def content_digest(path: str, size: int) -> str:
+  """blake2b of the whole file up to SAMPLE_WHOLE bytes, else of SAMPLE_BLOCKS blocks of
+  SAMPLE_BLOCK bytes spread evenly from its start to its end."""
+  h = hashlib.blake2b(digest_size=16)
+  with open(path, "rb") as fh:
+    if size <= SAMPLE_WHOLE:
+      h.update(fh.read())
+    else:
+      last = size - SAMPLE_BLOCK
+      for i in range(SAMPLE_BLOCKS):
+        fh.seek(last * i // (SAMPLE_BLOCKS - 1))
+        h.update(fh.read(SAMPLE_BLOCK))
+  return h.hexdigest()
 
 
 def _decoded_chunks(path: str) -> Iterator[str]:

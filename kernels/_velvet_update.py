@@ -6,11 +6,10 @@ leaves' views concatenated, padded to the block size), each updated by one
 place; the buckets are then split back into the tree. Step-dependent scalars (lr, b1,
 bias corrections) travel as a small fp32 array input, so a new step never recompiles.
 
-Per element (fp32 math; grads/params may be bf16)::
-
-  m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2
-  update = -lr (m'/bc1 / (sqrt(v'/bc2) + eps) + wd p),  bc1 = 1 - b1^t, bc2 = 1 - b2^t
-  skip_zero_grads and g == 0 exactly:  m' = m, v' = v, update = 0
+Per element the kernel body calls ``vesperjax.optim.velvet.velvet_element``, the one
+definition of Velvet's math (its module docstring has the equations), on fp32 blocks
+(grads/params may be bf16; the buckets are fp32). The pure-JAX path is the optimizer's
+``velvet_update_reference``, on the same function.
 
 Memory: the packed copies are temporaries on top of what XLA's per-leaf update needs.
 Buckets hold at most ``max_chunk`` elements (cut between leaves; a larger leaf gets a
@@ -34,9 +33,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vesperjax.optim.velvet import bias_corrections, velvet_element, velvet_update_reference
+
 from . import _dispatch
 
-_NUM_SCALARS = 16  # padded to a power of two (Triton block shapes)
+_NUM_SCALARS = 8  # padded to a power of two (Triton block shapes)
 _GPU_BLOCK = 4096
 _INTERPRET_MAX_BLOCK = 1 << 22
 _MIN_BLOCK = 128
@@ -44,39 +45,26 @@ MAX_CHUNK = 1 << 20  # elements per bucket (bounds the packed copies' memory)
 
 
 def _scalars(lr, b1, b2, eps, weight_decay, count):
-  """In-graph step scalars (inputs, not constants: no recompiles per step).
+  """In-graph step scalars ``lr, b1, b2, eps, wd, 1 - b1^t, 1 - b2^t`` (inputs, not
+  constants: no recompiles per step).
 
-  Computed as ``vesperjax.optim.velvet.velvet_update_reference`` does: hyperparameters are
-  cast to fp32 first, so ``1 - b2`` is the fp32 difference (optax uses the float64 one:
-  ~1e-5 relative apart in the v increment for b2 = 0.999).
+  fp32 as the reference path has them: hyperparameters are cast first, so ``1 - b2`` is
+  the fp32 difference (optax uses the float64 one: ~1e-5 relative apart in the v
+  increment for b2 = 0.999).
   """
   f32 = jnp.float32
   lr, b1, b2, eps, weight_decay = (jnp.asarray(x, f32).reshape(())
                                    for x in (lr, b1, b2, eps, weight_decay))
   t = jnp.asarray(count).astype(f32).reshape(())
-  vals = [lr, b1, 1 - b1, b2, 1 - b2, eps, weight_decay, 1 - b1 ** t, 1 - b2 ** t]
+  vals = [lr, b1, b2, eps, weight_decay, *bias_corrections(b1, b2, t)]
   return jnp.stack(vals + [jnp.zeros((), f32)] * (_NUM_SCALARS - len(vals)))
 
 
-def _math(s, p, g, m, v, skip_zero_grads):
-  """The element math on fp32 values; shared by kernel and reference (same op order)."""
-  lr, b1, ob1, b2, ob2, eps, wd, bc1, bc2 = (s[i] for i in range(9))
-  g = g.astype(jnp.float32)
-  p = p.astype(jnp.float32)
-  m1 = b1 * m + ob1 * g
-  v1 = b2 * v + ob2 * (g * g)
-  u = -lr * (wd * p + (m1 / bc1) / (jnp.sqrt(v1 / bc2) + eps))
-  if skip_zero_grads:
-    live = g != 0
-    m1 = jnp.where(live, m1, m)
-    v1 = jnp.where(live, v1, v)
-    u = jnp.where(live, u, 0.0)
-  return u, m1, v1
-
-
 def _kernel(s_ref, p_ref, g_ref, m_ref, v_ref, u_ref, mo_ref, vo_ref, *, skip_zero_grads):
-  s = [s_ref[i] for i in range(9)]
-  u, m1, v1 = _math(s, p_ref[...], g_ref[...], m_ref[...], v_ref[...], skip_zero_grads)
+  lr, b1, b2, eps, wd, bc1, bc2 = (s_ref[i] for i in range(7))
+  u, m1, v1 = velvet_element(p_ref[...], g_ref[...], m_ref[...], v_ref[...], lr=lr,
+                             b1=b1, b2=b2, eps=eps, weight_decay=wd, bc1=bc1, bc2=bc2,
+                             skip_zero_grads=skip_zero_grads)
   u_ref[...] = u.astype(u_ref.dtype)
   mo_ref[...] = m1
   vo_ref[...] = v1
@@ -223,8 +211,9 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
   use_pallas, interpret = _dispatch.resolve(impl, interpret)
   if block_size is not None:
     check_block_size(block_size, compiled=use_pallas and not interpret)
-  if not use_pallas:
-    return velvet_update_reference_jnp(
+  if not use_pallas:  # moments in fp32, as the kernel's
+    mu, nu = (jax.tree.map(lambda x: x.astype(jnp.float32), t) for t in (mu, nu))
+    return velvet_update_reference(
         params, grads, mu, nu, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
         count=count, skip_zero_grads=skip_zero_grads)
   p_leaves, treedef = jax.tree.flatten(params)
@@ -245,17 +234,5 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
   return tuple(jax.tree.unflatten(treedef, x) for x in out)
 
 
-def velvet_update_reference_jnp(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay,
-                                count, skip_zero_grads=False, **unused):
-  """Pure-JAX per-leaf reference (same math and op order as the kernel)."""
-  del unused
-  s = _scalars(lr, b1, b2, eps, weight_decay, count)
-
-  def leaf(p, g, m, v):
-    u, m1, v1 = _math(s, p, g, m.astype(jnp.float32), v.astype(jnp.float32),
-                      skip_zero_grads)
-    return u.astype(p.dtype), m1, v1
-
-  out = jax.tree.map(leaf, params, grads, mu, nu)
-  treedef = jax.tree.structure(params)
-  return tuple(jax.tree.transpose(treedef, jax.tree.structure((0, 0, 0)), out))
+# The pure-JAX path under its kernel-side name (exported by ``vesperjax.kernels``).
+velvet_update_reference_jnp = velvet_update_reference

@@ -4,14 +4,16 @@ from typing import Any
 import jax
 
 from vesperjax.optim import clipping
-from vesperjax.optim import transform
+from vesperjax.optim.velvet import VelvetState
+from vesperjax.optim.velvet_split import VelvetLearningRateState
+from vesperjax.optim.velvet_split import VelvetMomentsState
 
 # State type -> the fields a trainer logs.
 _FIELDS = {
-    transform.VelvetState: (
+    VelvetState: (
         "learning_rate", "b1", "entropy_scale", "perplexity_scale"),
-    transform.VelvetMomentsState: ("b1", "perplexity_scale"),
-    transform.VelvetLearningRateState: ("learning_rate", "entropy_scale"),
+    VelvetMomentsState: ("b1", "perplexity_scale"),
+    VelvetLearningRateState: ("learning_rate", "entropy_scale"),
     clipping.GlobalNormState: ("grad_norm",),
 }
 _TYPES = tuple(_FIELDS)

@@ -1,86 +1,419 @@
 """Velvet: AdamW whose step size and momentum follow the training signal.
 
-This module holds the per-parameter math. ``velvet_update_reference`` is the
-pure-JAX definition of one Velvet step over whole pytrees; the fused Pallas
-kernel (``vesperjax.kernels.velvet_update``) has the same signature and is
-tested against it.
+Velvet adds two multipliers to AdamW, computed in-graph from the step's mean
+loss ``L`` and, optionally, its mean predictive entropy ``H`` (both in nats;
+traced fp32 scalars passed as optax extra args, so nothing syncs with the host)::
+
+  es = clip((min(S, ln V) / ln V) / 0.5, 0.7, 1.3)   # entropy scale, S = H or L
+  ps = clip(40 / max(exp(min(L, 20)), 1), 0.7, 1.3)  # perplexity scale
+
+The entropy target 0.5 (normalised entropy at which the lr is unchanged), the
+perplexity target 40, the log-perplexity cap 20, the band [0.7, 1.3] and the
+b1 band [0.5, 0.999] are the original optimizer's constants. A missing or
+non-finite signal gives a neutral 1: no ``loss`` gives ``ps = 1``; a non-finite
+loss gives ``es = ps = 1``; a non-finite entropy gives ``es = 1``.
+
+Per step ``t = 1, 2, ...`` (``lr`` is the schedule at step ``t - 1``, as in
+optax), on gradients already clipped by their global norm (``clipping.py``)::
+
+  lr_t = lr * es                               (entropy_adaptive)
+  b1_t = clip(b1 * ps, 0.5, 0.999)             (perplexity_guided)
+  m'   = b1_t m + (1 - b1_t) g
+  v'   = b2 v + (1 - b2) g^2
+  d    = (m' / (1 - b1_t^t)) / (sqrt(v' / (1 - b2^t)) + eps)
+  u    = -lr_t * (wd * p + d)                  (optax sign: p' = p + u)
+
+The first moment's bias correction uses this step's adapted ``b1_t``, as the
+original does. Weight decay is decoupled (AdamW) and follows ``lr_t``.
+``p + u`` equals the original's two stages ``p *= 1 - lr_t wd;
+p -= lr_t d``. With both features off and no clipping, Velvet is ``optax.adamw``.
+
+Sparse (lazy) rule, ``sparse_aware``: where ``g == 0`` exactly (unused experts,
+absent tokens' embedding rows) or the ``sparse_mask=`` extra arg is False,
+``u = 0``, ``m' = m``, ``v' = v``: no momentum drift and no weight decay. The
+bias corrections still use the global ``t``, as lazy Adam does. (The original
+froze ``|p| < 1e-9``, which freezes every zero-initialised weight; not copied.)
+
+``velvet_element`` is that per-element math, written once: the pytree reference
+``velvet_update_reference``, the split blocks (``velvet_split.py``) and the fused
+Pallas kernel (``vesperjax.kernels.velvet_update``) all call it. Guide:
+docs/velvet.md.
+
+References:
+  thevesperhouse-hub/VelvetOptimizer, the original PyTorch optimizer:
+    https://github.com/thevesperhouse-hub/VelvetOptimizer
+  Kingma & Ba, Adam: A Method for Stochastic Optimization, arXiv:1412.6980.
+  Loshchilov & Hutter, Decoupled Weight Decay Regularization (AdamW),
+    arXiv:1711.05101.
 """
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from vesperjax.optim import clipping
+
+SCALE_MIN = 0.7
+SCALE_MAX = 1.3
+ENTROPY_TARGET = 0.5
+PERPLEXITY_TARGET = 40.0
+MAX_LOG_PERPLEXITY = 20.0
+B1_MIN = 0.5
+B1_MAX = 0.999
 
 
-def adam_moments(g, m, v, *, b1, b2, eps, t):
-  """Adam moments and bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``."""
+class VelvetScales(NamedTuple):
+  """Multipliers for the learning rate and beta1 (fp32 scalars)."""
+  entropy_scale: jax.Array
+  perplexity_scale: jax.Array
+
+
+def _scalar(x: Any, name: str) -> jax.Array:
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim != 0:
+    raise ValueError(f"Velvet: `{name}` must be a scalar (the step's mean), "
+                     f"got shape {x.shape}.")
+  return x
+
+
+def velvet_scales(
+    loss: Optional[Any] = None,
+    entropy: Optional[Any] = None,
+    *,
+    vocab_size: Optional[Any] = None,
+    entropy_adaptive: bool = True,
+    perplexity_guided: bool = True,
+) -> VelvetScales:
+  """Entropy scale ``es`` (for the lr) and perplexity scale ``ps`` (for b1).
+
+  The rules and their neutral cases are in the module docstring; a disabled
+  feature always gives 1. ``entropy_adaptive`` with a signal needs
+  ``vocab_size`` (ValueError otherwise).
+  """
+  one = jnp.ones([], jnp.float32)
+  loss = None if loss is None else _scalar(loss, "loss")
+  entropy = None if entropy is None else _scalar(entropy, "entropy")
+  loss_ok = one.astype(bool) if loss is None else jnp.isfinite(loss)
+
+  es = one
+  signal = entropy if entropy is not None else loss
+  if entropy_adaptive and signal is not None:
+    check_vocab(entropy_adaptive, vocab_size)
+    log_v = jnp.log(jnp.asarray(vocab_size, jnp.float32))
+    raw = (jnp.minimum(signal, log_v) / log_v) / ENTROPY_TARGET
+    es = jnp.where(loss_ok & jnp.isfinite(signal),
+                   jnp.clip(raw, SCALE_MIN, SCALE_MAX), one)
+
+  ps = one
+  if perplexity_guided and loss is not None:
+    ppl = jnp.maximum(jnp.exp(jnp.minimum(loss, MAX_LOG_PERPLEXITY)), 1.0)
+    ps = jnp.where(loss_ok, jnp.clip(PERPLEXITY_TARGET / ppl, SCALE_MIN,
+                                     SCALE_MAX), one)
+  return VelvetScales(entropy_scale=es, perplexity_scale=ps)
+
+
+def adapted_b1(b1: Any, perplexity_scale: jax.Array,
+               perplexity_guided: bool = True) -> jax.Array:
+  """``clip(b1 * ps, 0.5, 0.999)`` if perplexity-guided, else ``b1`` as is.
+
+  Leaving b1 unclipped when the feature is off keeps Velvet == AdamW exactly.
+  """
+  b1 = jnp.asarray(b1, jnp.float32)
+  if not perplexity_guided:
+    return b1
+  return jnp.clip(b1 * perplexity_scale, B1_MIN, B1_MAX)
+
+
+def bias_corrections(b1: Any, b2: Any, t: Any) -> tuple[Any, Any]:
+  """``(1 - b1^t, 1 - b2^t)``, with this step's (adapted) ``b1``."""
+  return 1 - b1**t, 1 - b2**t
+
+
+def velvet_element(p, g, m, v, *, b1, b2, eps, bc1, bc2, lr=None,
+                   weight_decay=None, skip_zero_grads=False):
+  """One Velvet step on elements (arrays, or a kernel's loaded blocks).
+
+  Returns ``(u, m', v')`` of the module docstring, in ``m``'s dtype (``g``
+  and ``p`` are cast to it; the scalars should be in it too). ``bc1, bc2``:
+  ``bias_corrections``, computed once per step. With ``lr=None``, ``u = d``,
+  the direction alone (``scale_by_velvet_moments``; ``p`` is unused).
+  ``skip_zero_grads``: the lazy rule for entries with ``g == 0``.
+  """
+  g = g.astype(m.dtype)
   new_m = b1 * m + (1 - b1) * g
   new_v = b2 * v + (1 - b2) * (g * g)
-  # Bias correction uses this step's (possibly adapted) b1, as the original.
-  m_hat = new_m / (1 - b1**t)
-  v_hat = new_v / (1 - b2**t)
-  return new_m, new_v, m_hat / (jnp.sqrt(v_hat) + eps)
-
-
-def skip_where(skip, u, m, v, new_m, new_v):
-  """Where ``skip``: no update, moments unchanged (sparse_aware)."""
-  return (jnp.where(skip, jnp.zeros_like(u), u), jnp.where(skip, m, new_m),
-          jnp.where(skip, v, new_v))
-
-
-def _velvet_leaf(p, g, m, v, *, lr, b1, b2, eps, weight_decay, count,
-                 skip_zero_grads):
-  """One leaf of ``velvet_update_reference``; math in the moments' dtype."""
-  dt = m.dtype
-  g = g.astype(dt)
-  lr, b1, b2, eps, weight_decay = (
-      jnp.asarray(x, dt) for x in (lr, b1, b2, eps, weight_decay))
-  t = jnp.asarray(count).astype(dt)
-  new_m, new_v, direction = adam_moments(g, m, v, b1=b1, b2=b2, eps=eps, t=t)
-  u = -lr * (weight_decay * p.astype(dt) + direction)
+  u = (new_m / bc1) / (jnp.sqrt(new_v / bc2) + eps)
+  if lr is not None:
+    u = -lr * (weight_decay * p.astype(m.dtype) + u)
   if skip_zero_grads:
-    u, new_m, new_v = skip_where(g == 0, u, m, v, new_m, new_v)
-  return u.astype(p.dtype), new_m, new_v
+    live = g != 0
+    u = jnp.where(live, u, jnp.zeros_like(u))
+    new_m = jnp.where(live, new_m, m)
+    new_v = jnp.where(live, new_v, v)
+  return u, new_m, new_v
 
 
-def velvet_update_reference(
-    params: Any,
-    grads: Any,
-    mu: Any,
-    nu: Any,
+def velvet_leaf(p, g, m, v, *, b1, b2, eps, count, lr=None, weight_decay=None,
+                skip_zero_grads=False):
+  """``velvet_element`` on one leaf, its scalars cast to the moments' dtype.
+
+  ``u`` comes back in the dtype of what it updates: ``p``'s for the whole
+  step, ``g``'s for the direction alone (``lr=None``).
+  """
+  dt = m.dtype
+  b1, b2, eps = (jnp.asarray(x, dt) for x in (b1, b2, eps))
+  bc1, bc2 = bias_corrections(b1, b2, jnp.asarray(count).astype(dt))
+  if lr is not None:
+    lr, weight_decay = jnp.asarray(lr, dt), jnp.asarray(weight_decay, dt)
+  u, new_m, new_v = velvet_element(
+      p, g, m, v, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2=bc2, lr=lr,
+      weight_decay=weight_decay, skip_zero_grads=skip_zero_grads)
+  return u.astype(g.dtype if lr is None else p.dtype), new_m, new_v
+
+
+def map_leaves3(fn: Callable[..., Any], tree: Any, *rest: Any):
+  """``fn`` per leaf returning a triple -> three trees shaped like ``tree``."""
+  out = jax.tree.map(fn, tree, *rest)
+  return tuple(jax.tree.transpose(
+      jax.tree.structure(tree), jax.tree.structure((0, 0, 0)), out))
+
+
+def velvet_update_reference(params: Any, grads: Any, mu: Any, nu: Any, *,
+                            lr: Any, b1: Any, b2: Any, eps: Any,
+                            weight_decay: Any, count: Any,
+                            skip_zero_grads: bool = False):
+  """One Velvet step over pytrees, in plain ``jnp`` (the fused kernel's contract).
+
+  ``grads`` are already clipped; ``lr`` and ``b1`` are the step's effective
+  (adapted) ``lr_t`` and ``b1_t``; ``count`` is the step ``t``, already
+  incremented (``t >= 1``); ``skip_zero_grads`` is the lazy rule. The math
+  runs in the moments' dtype (fp32 by default) per ``velvet_element``.
+  Returns ``(updates, new_mu, new_nu)``, ``updates`` in the params' dtypes.
+  """
+  return map_leaves3(functools.partial(
+      velvet_leaf, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      count=count, skip_zero_grads=skip_zero_grads), params, grads, mu, nu)
+
+
+class VelvetState(NamedTuple):
+  """State of ``scale_by_velvet``; the scalars are the last step's values."""
+  count: jax.Array            # int32 number of steps taken
+  mu: optax.Updates           # first moment, fp32, shaped like params
+  nu: optax.Updates           # second moment, fp32, shaped like params
+  learning_rate: jax.Array    # effective lr_t = lr(step) * entropy_scale
+  b1: jax.Array               # effective b1_t
+  entropy_scale: jax.Array
+  perplexity_scale: jax.Array
+
+
+def f32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def lr_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  """Schedules see the 0-based step index, as in ``optax.scale_by_schedule``."""
+  return f32(learning_rate(count) if callable(learning_rate) else learning_rate)
+
+
+def zeros_moments(params, mu_dtype):
+  """fp32 (or ``mu_dtype``) zeros like params: same shape, same sharding."""
+  return jax.tree.map(lambda p: jnp.zeros_like(
+      p, dtype=mu_dtype or jnp.promote_types(p.dtype, jnp.float32)), params)
+
+
+def check_vocab(entropy_adaptive, vocab_size):
+  if entropy_adaptive and vocab_size is None:
+    raise ValueError(
+        "Velvet: entropy_adaptive=True needs vocab_size (the entropy scale is "
+        "normalised by ln V). Pass vocab_size=... or entropy_adaptive=False.")
+
+
+def _broadcast_prefix(prefix, tree, fn):
+  """``fn(prefix_leaf, tree_leaf)`` for each leaf of ``tree`` under a prefix."""
+  return jax.tree.map(lambda m, sub: jax.tree.map(lambda x: fn(m, x), sub),
+                      prefix, tree)
+
+
+def apply_sparse_mask(grads: Any, sparse_mask: Optional[Any]) -> Any:
+  """Zero the gradient where ``sparse_mask`` is False, marking it for skipping.
+
+  ``sparse_mask`` is a prefix of the grads tree; leaves are Python bools or
+  boolean arrays broadcastable to the leaf (e.g. one flag per expert row).
+  """
+  if sparse_mask is None:
+    return grads
+  return _broadcast_prefix(
+      sparse_mask, grads,
+      lambda m, g: jnp.where(m, g, jnp.zeros_like(g)) if not isinstance(m, bool)
+      else (g if m else jnp.zeros_like(g)))
+
+
+def prepare_grads(grads, sparse_mask, sparse_aware):
+  if sparse_mask is not None and not sparse_aware:
+    raise ValueError("Velvet: sparse_mask= needs sparse_aware=True.")
+  return apply_sparse_mask(grads, sparse_mask)
+
+
+def _load_fused_kernel() -> Callable[..., Any]:
+  """The Pallas kernel, imported only when ``fused=True`` is asked for."""
+  try:
+    from vesperjax.kernels import _velvet_update  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"Velvet fused=True needs vesperjax.kernels.velvet_update "
+                      f"({e}); fused=False is the reference jnp path.") from e
+  return _velvet_update.velvet_update
+
+
+def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay,
+                  shardings=None, **kw):
+  """Run ``step`` once per weight-decay group (decayed / not decayed).
+
+  The step takes a scalar weight decay (the kernel is one launch over many
+  leaves), so a decay mask splits the leaves into at most two calls. Given
+  ``shardings`` (a tree like params), each call gets its group's subset.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  rows = [leaves] + [treedef.flatten_up_to(t) for t in (grads, mu, nu)]
+  sh = None if shardings is None else treedef.flatten_up_to(shardings)
+  flags = [True] * len(leaves) if decay_mask is None else treedef.flatten_up_to(
+      _broadcast_prefix(decay_mask, params, lambda f, _: bool(f)))
+  out = [[None] * len(leaves) for _ in range(3)]
+  for decay in (True, False):
+    idx = [i for i, f in enumerate(flags) if f == decay]
+    pick = lambda xs: [xs[i] for i in idx]  # pylint: disable=cell-var-from-loop
+    extra = {} if sh is None else {"shardings": pick(sh)}
+    if idx:
+      res = step(*map(pick, rows), weight_decay=weight_decay if decay else 0.0,
+                 **extra, **kw)
+      for j, i in enumerate(idx):
+        for o, r in zip(out, res):
+          o[i] = r[j]
+  return tuple(treedef.unflatten(x) for x in out)
+
+
+def scale_by_velvet(
+    learning_rate: optax.ScalarOrSchedule = 5e-4,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-3,
     *,
-    lr: Any,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    weight_decay: Any,
-    count: Any,
-    skip_zero_grads: bool,
-) -> tuple[Any, Any, Any]:
-  """One Velvet step over pytrees, in plain ``jnp`` (the reference path).
+    entropy_adaptive: bool = True,
+    perplexity_guided: bool = True,
+    vocab_size: Optional[Any] = None,
+    sparse_aware: bool = True,
+    fused: bool = False,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    mu_dtype: Optional[Any] = None,
+    shardings: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The whole Velvet step on (already clipped) gradients; returns final updates.
+
+  ``update(grads, state, params, loss=..., entropy=..., sparse_mask=...)``; the
+  math is the module docstring's. One transformation rather than moments +
+  decay + lr because the fused kernel needs ``lr_t`` and ``b1_t`` together and
+  a lazily skipped entry must also skip its weight decay.
 
   Args:
-    params: current parameters (any float dtype; fp32 master weights).
-    grads: gradients, already clipped; may be lower precision (bf16) and are
-      cast to the moments' dtype before use.
-    mu, nu: first and second moments (fp32), same structure as ``params``.
-    lr, b1: the *effective* (already adapted) learning rate and beta1 scalars.
-    b2, eps, weight_decay: scalars.
-    count: int32 step number, already incremented (``t >= 1``).
-    skip_zero_grads: if True, entries whose gradient is exactly ``0.0`` are
-      left alone: zero update, ``mu`` and ``nu`` unchanged (lazy update).
+    learning_rate: float or optax schedule.
+    b1, b2, eps, weight_decay: as in ``optax.adamw``.
+    entropy_adaptive: scale lr by the entropy scale (needs ``vocab_size``).
+    perplexity_guided: scale b1 by the perplexity scale.
+    vocab_size: V, for the ``ln V`` normalisation of the entropy.
+    sparse_aware: the lazy rule, for exact-zero gradients and entries masked
+      out by the ``sparse_mask=`` extra arg (see ``apply_sparse_mask``).
+      Dense gradients give the same result as False.
+    fused: run the moments/update through the Pallas kernel
+      (``vesperjax.kernels.velvet_update``); the scalars are computed the same.
+    mask: weight-decay mask (pytree prefix of params or a callable), True where
+      decay applies, as ``optax.adamw``'s ``mask``.
+    mu_dtype: moments dtype; default fp32 (or the params' dtype if wider).
+    shardings: with ``fused=True`` on a multi-device mesh, the params'
+      shardings (a pytree like params of ``NamedSharding``; grads and moments
+      are sharded alike): the kernel runs per shard under ``jax.shard_map``
+      (XLA cannot partition it; it would gather every parameter whole onto
+      every device). Ignored when ``fused=False``: XLA partitions that path.
 
   Returns:
-    ``(updates, new_mu, new_nu)`` where
-    ``updates = -lr * (weight_decay * p + m_hat / (sqrt(v_hat) + eps))``,
-    ``m_hat = m / (1 - b1**t)``, ``v_hat = v / (1 - b2**t)``; ``updates`` has
-    the params' dtypes. ``params + updates`` equals the original's two-stage
-    step ``p *= 1 - lr*wd; p -= lr * m_hat / (sqrt(v_hat) + eps)``.
+    An ``optax.GradientTransformationExtraArgs`` with ``VelvetState``.
   """
-  kw = dict(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-            count=count, skip_zero_grads=skip_zero_grads)
-  out = jax.tree.map(lambda p, g, m, v: _velvet_leaf(p, g, m, v, **kw),
-                     params, grads, mu, nu)
-  treedef = jax.tree.structure(params)
-  updates, new_mu, new_nu = jax.tree.transpose(
-      treedef, jax.tree.structure((0, 0, 0)), out)
-  return updates, new_mu, new_nu
+  check_vocab(entropy_adaptive, vocab_size)
+  step = _load_fused_kernel() if fused else velvet_update_reference
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
+    return VelvetState(
+        count=count, mu=zeros_moments(params, mu_dtype),
+        nu=zeros_moments(params, mu_dtype), learning_rate=lr_at(learning_rate, count),
+        b1=f32(b1), entropy_scale=jnp.ones([], jnp.float32),
+        perplexity_scale=jnp.ones([], jnp.float32))
+
+  def update_fn(updates, state, params=None, *, loss=None, entropy=None,
+                sparse_mask=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("scale_by_velvet needs params (decoupled weight decay).")
+    es, ps = velvet_scales(
+        loss, entropy, vocab_size=vocab_size,
+        entropy_adaptive=entropy_adaptive, perplexity_guided=perplexity_guided)
+    lr_t = lr_at(learning_rate, state.count) * es
+    b1_t = adapted_b1(b1, ps, perplexity_guided)
+    count = optax.safe_increment(state.count)
+    grads = prepare_grads(updates, sparse_mask, sparse_aware)
+    decay_mask = mask(params) if callable(mask) else mask
+    new_updates, mu, nu = _grouped_step(
+        step, params, grads, state.mu, state.nu, decay_mask, f32(weight_decay),
+        shardings=shardings if fused else None, lr=lr_t, b1=b1_t, b2=f32(b2),
+        eps=f32(eps), count=count, skip_zero_grads=sparse_aware)
+    return new_updates, VelvetState(
+        count=count, mu=mu, nu=nu, learning_rate=lr_t, b1=b1_t,
+        entropy_scale=es, perplexity_scale=ps)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def velvet(
+    learning_rate: optax.ScalarOrSchedule = 5e-4,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-3,
+    max_grad_norm: Optional[Any] = 1.0,
+    entropy_adaptive: bool = True,
+    perplexity_guided: bool = True,
+    sparse_aware: bool = True,
+    vocab_size: Optional[Any] = None,
+    fused: bool = False,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    shardings: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Velvet: AdamW with an entropy-adaptive lr and a perplexity-guided b1.
+
+  ``chain(clip_by_global_norm_with_stats(max_grad_norm), scale_by_velvet(...))``:
+  ``max_grad_norm`` is the global-norm clipping threshold, applied first
+  (``None`` or ``inf`` disables clipping); the other arguments are
+  ``scale_by_velvet``'s. Call ``update(grads, state, params, loss=mean_loss,
+  entropy=mean_entropy)``; both are optional fp32 scalars (traced is fine:
+  nothing leaves the device). Without them, or with both adaptive features
+  off, it is ``optax.adamw`` after clipping. ``entropy_adaptive`` needs
+  ``vocab_size``: a ValueError is raised at construction otherwise.
+  """
+  return optax.chain(
+      clipping.clip_by_global_norm_with_stats(max_grad_norm),
+      scale_by_velvet(
+          learning_rate, b1, b2, eps, weight_decay,
+          entropy_adaptive=entropy_adaptive,
+          perplexity_guided=perplexity_guided, vocab_size=vocab_size,
+          sparse_aware=sparse_aware, fused=fused, mask=mask,
+          mu_dtype=mu_dtype, shardings=shardings))
+
+
+__all__ = [
+    "velvet", "scale_by_velvet", "VelvetState", "velvet_update_reference",
+    "velvet_element", "bias_corrections", "velvet_scales", "adapted_b1",
+    "VelvetScales", "apply_sparse_mask",
+]

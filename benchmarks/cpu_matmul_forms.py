@@ -4,10 +4,11 @@
    flattened to [tokens, d] (`layers.flat_tokens`): the 3-D weight gradient contracts
    two axes, and XLA:CPU transposes the cotangent for it.
 2. The MoE blocked layout's weight gather ([groups, k, n] -> [blocks, k, n]): default
-   fill mode, clip mode (`grouped._take_blocks`), and transposed weights.
+   fill mode, clip mode (`_take_blocks` in kernels/_grouped_matmul.py), and transposed
+   weights.
 3. The FFN down projection's weight gradient `x.T @ dy`: as written (XLA:CPU runs it on
-   Eigen) and with x.T materialised first, as `layers.rows_matmul` does on CPU (the dot
-   then goes to YNNPACK). Session 4.
+   Eigen) and with x.T materialised first, as `vesperjax.kernels.rows_matmul` does on
+   CPU (the dot then goes to YNNPACK). Session 4.
 
   python benchmarks/cpu_matmul_forms.py
 """

@@ -194,15 +194,17 @@ def section_throughput(ctx, res, save):
 # ------------------------------------------------------------ 4. implementation timings
 
 def section_timing(ctx, res, save):
-  from vesperjax.kernels import attention as att, bench, cross_entropy as ce
+  from vesperjax.kernels import _attention as att, _cross_entropy as ce, bench, platform
   b, s, nh, hd = (8, 2048, 16, 128) if ctx.big else (1, 64, 2, 32)  # xlarge's layer
   n, v, d = (b * s, VOCAB, 2048) if ctx.big else (256, 512, 64)  # xlarge's LM head
   rng = np.random.default_rng(1)
   q, k, vv, h, w = jax.device_put([(rng.standard_normal(x, F32) / c).astype(BF16) for x, c in (
       ((b, s, nh, hd), 1),) * 3 + (((n, d), 1), ((v, d), math.sqrt(d)))])
   labels = jax.device_put(rng.integers(0, v, n).astype(np.int32))
+  auto = dict(attention=att._choose(q, k, vv, None),  # pylint: disable=protected-access
+              cross_entropy=platform.CHOICES["cross_entropy"]["cuda"])
   res.update(attention_shape=[b, s, nh, hd], ce_shape=[n, v, d], rows=[], fastest={},
-             auto=dict(attention=att._choose(q, k, vv, None), cross_entropy=ce._AUTO_GPU))  # pylint: disable=protected-access
+             auto=auto)
   cases = []  # the slowest to compile last: blocked (8 unrolled blocks), reference
   for impl in ("chunked", "pallas"):
     loss = lambda h, w, impl=impl: jnp.mean(sum(ce.linear_cross_entropy(h, w, labels, impl=impl)))

@@ -88,7 +88,7 @@ def check_velvet(ctx, rng, skip):
 
 
 def check_era(ctx, rng, dt):
-  from vesperjax.kernels import era as era_mod
+  from vesperjax.kernels import _era as era_mod
   shape = (4096, 2755) if ctx.big else (48, 67)  # not a multiple of the block
   make = lambda rng: ((2 * rng.standard_normal(shape, F32)).astype(dt),  # noqa: E731
                       np.float32(0.05 + 0.1 * rng.random()),  # gamma, traced: gets a grad
@@ -102,7 +102,7 @@ def check_era(ctx, rng, dt):
 
 
 def check_ce(ctx, rng, dt):
-  from vesperjax.kernels import cross_entropy as ce
+  from vesperjax.kernels import _cross_entropy as ce
   fp32, hi = dt == F32, jax.lax.Precision.HIGHEST
   n, v, d = {(True, True): (1000, 4000, 256), (True, False): (2048, 8192, 512),
              (False, True): (100, 300, 32), (False, False): (128, 256, 32)}[(ctx.big, fp32)]
@@ -127,7 +127,7 @@ def check_ce(ctx, rng, dt):
 
 
 def check_attention(ctx, rng, impl):
-  from vesperjax.kernels import attention as att
+  from vesperjax.kernels import _attention as att
   shape = (2, 1024, 8, 128) if ctx.big else (1, 64, 2, 32)
   name = f"attention impl={impl} bf16 causal fwd+bwd S={shape[1]} D={shape[3]}"
   if impl == "cudnn" and not ctx.gpu:
@@ -146,7 +146,7 @@ def check_attention(ctx, rng, impl):
 
 
 def section_kernels(ctx, res, save):
-  from vesperjax.kernels import attention as att
+  from vesperjax.kernels import _attention as att
   checks = [(check_velvet, s) for s in ((False, True) if ctx.big else (True,))]
   checks += [(c, dt) for c in (check_era, check_ce) for dt in (F32, BF16)]
   checks += [(check_attention, i) for i in att.IMPLEMENTATIONS if i != "reference"]

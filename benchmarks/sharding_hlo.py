@@ -7,7 +7,7 @@ Lists each all-gather / all-reduce / all-to-all with its shape and source op, an
 "activation" gathers (leading dims = batch x seq or tokens). --pin patches the model the
 way docs/scaling.md asks: block activations pinned to the batch axes with
 `sharding.constrain`, logits to (batch, None, vocab), FlyLoRA's top-k via
-`sharding.top_k`; compare the two listings.
+`vesperjax.kernels.partitionable_top_k`; compare the two listings.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def pin_model() -> None:
   import jax.numpy as jnp
 
   from vesperjax import sharding as sh
+  from vesperjax.kernels import partitionable_top_k
   from vesperjax.model import layers, transformer
 
   act = ("batch", None, None)
@@ -40,7 +41,7 @@ def pin_model() -> None:
       logits(self, sh.constrain(h, act)), ("batch", None, "vocab"))
 
   def rank_topk_mask(y, bias, k):
-    _, idx = sh.top_k(jnp.abs(y.astype(jnp.float32) + bias), k)
+    _, idx = partitionable_top_k(jnp.abs(y.astype(jnp.float32) + bias), k)
     return jax.nn.one_hot(idx, y.shape[-1], dtype=y.dtype).sum(-2)
 
   layers.rank_topk_mask = rank_topk_mask

@@ -44,8 +44,8 @@ def main() -> None:
     cfg = vj.ModelConfig(hidden_size=a.hidden, ffn_size=a.ffn, num_heads=4,
                          num_experts=a.experts, top_k=2, vocab_size=128,
                          moe_capacity_factor=cf)
-    moe_lib.EXPERT_PARALLEL = ep
-    graphdef, state, shardings = sh.init_sharded(lambda: moe_lib.MoE(cfg, nnx.Rngs(0)), mesh)
+    graphdef, state, shardings = sh.init_sharded(
+        lambda: moe_lib.MoE(cfg, nnx.Rngs(0), expert_parallel=ep), mesh)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (a.tokens // 128, 128, a.hidden)),
                        sh.batch_sharding(mesh, ndim=3))
 

@@ -1,35 +1,45 @@
-"""Pallas / Triton kernels for VesperLM's hot paths, each beside its pure-JAX reference.
+"""Kernels and backend-specific forms of VesperLM's hot paths, beside pure-JAX references.
 
 Installed as ``vesperjax.kernels`` (never as a top-level ``kernels``: PyPI has one).
 
-Submodules (imported on first use, so importing this package stays cheap) hold one kernel
-each, named after its function: ``velvet_update.velvet_update``, ``era.era``,
-``cross_entropy.linear_cross_entropy``, ``attention.attention``. The package attributes
-``velvet_update``, ``era`` and ``attention`` are those submodules (a submodule import would
-shadow a same-named function anyway). Implementation switch: every kernel takes
-``impl="auto" | "pallas" | "reference"``; the process default is ``set_default_impl`` or
-the ``VESPERJAX_KERNELS`` environment variable. Every backend choice reads the target
-platform of the graph being traced (``vesperjax.kernels.platform``), not the host's.
+The package exports functions; the private modules that hold them (``_era``,
+``_attention``, ...) are imported on first use, so importing this package stays cheap
+(no Pallas). Exports:
+
+* ``velvet_update`` (fused Velvet / AdamW step), ``era`` / ``era_gated`` (the ERA
+  activation), ``linear_cross_entropy`` (loss and entropy without the logits),
+  ``attention``: each with its pure-JAX ``*_reference``;
+* ``GroupLayout`` / ``grouped_matmul`` (MoE rows grouped by expert), ``rows_matmul``
+  (token-row matmul), ``partitionable_top_k`` (top-k that shards over the batch).
+
+Every backend choice reads the target platform of the graph being traced, through the
+one table ``platform.CHOICES`` (``vesperjax.kernels.platform``, a public module), never
+the host's. The Pallas kernels also take ``impl="auto" | "pallas" | "reference"``, whose
+process default is ``set_default_impl`` or the ``VESPERJAX_KERNELS`` environment variable.
 """
 import importlib
 
 from ._dispatch import get_default_impl, set_default_impl  # noqa: F401
 
-_SUBMODULES = ("era", "cross_entropy", "attention")
-_FUNCTIONS = {
+_EXPORTS = {
     "velvet_update": "_velvet_update",
     "velvet_update_reference_jnp": "_velvet_update",
-    "era_reference": "era",
-    "linear_cross_entropy": "cross_entropy",
-    "linear_cross_entropy_reference": "cross_entropy",
-    "attention_reference": "attention",
+    "era": "_era",
+    "era_reference": "_era",
+    "era_gated": "_era",
+    "linear_cross_entropy": "_cross_entropy",
+    "linear_cross_entropy_reference": "_cross_entropy",
+    "attention": "_attention",
+    "attention_reference": "_attention",
+    "GroupLayout": "_grouped_matmul",
+    "grouped_matmul": "_grouped_matmul",
+    "rows_matmul": "_rows_matmul",
+    "partitionable_top_k": "_top_k",
 }
-__all__ = ["get_default_impl", "set_default_impl", *_SUBMODULES, *_FUNCTIONS]
+__all__ = ["get_default_impl", "set_default_impl", *_EXPORTS]
 
 
 def __getattr__(name):
-  if name in _SUBMODULES:
-    return importlib.import_module(f".{name}", __name__)
-  if name in _FUNCTIONS:
-    return getattr(importlib.import_module(f".{_FUNCTIONS[name]}", __name__), name)
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,10 @@
   see (about half the work of the full [S, S] at many blocks); einsum + softmax, for CPU.
 * ``"reference"``: naive softmax(q k^T / sqrt(D)) v in fp32, for tests.
 
-``None`` / ``"auto"`` follows ``_choose``: cuDNN where it applies on a CUDA GPU, blocked
-for causal self-attention on CPU, XLA otherwise; Pallas (process default) only where
-``pallas_supported``. The GPU entries are defaults to be measured with
-``kernels/bench.py`` on H100/H200.
+``None`` / ``"auto"`` follows ``_choose`` and its row of ``platform.CHOICES``: cuDNN
+where it applies on a CUDA GPU, blocked for causal self-attention on CPU, XLA otherwise;
+Pallas (process default) only where ``pallas_supported``. The GPU entries are defaults
+to be measured with ``kernels/bench.py`` on H100/H200.
 The process default (``set_default_impl`` / ``VESPERJAX_KERNELS``) maps ``reference`` ->
 "reference" and ``pallas`` -> "pallas".
 """
@@ -149,21 +149,25 @@ def pallas_supported(q, k, v, interpret=None):
   return True
 
 
+def _applies(impl, q, k, v):
+  """Whether "auto" may pick `impl` for these inputs: cuDNN within its limits, blocked
+  for self-attention longer than one block (shorter ones have nothing to skip)."""
+  if impl == "cudnn":
+    return cudnn_supported(q, k, v)
+  if impl == "blocked":
+    return q.shape[1] == k.shape[1] and q.shape[1] > 64
+  return True
+
+
 def _choose(q, k, v, interpret):
-  """The choice table (to be measured on GPU)."""
+  """What "auto" runs: the process default's kernel where it can, else the first
+  implementation of ``platform.CHOICES["attention"]`` that applies."""
   default = _dispatch.get_default_impl()
   if default == "reference":
     return "reference"
   if (default == "pallas" or interpret) and pallas_supported(q, k, v, interpret):
     return "pallas"
-  if _dispatch.pallas_gpu_available() and cudnn_supported(q, k, v):
-    return "cudnn"
-  if platform.is_cpu():
-    # measured (2-core CPU, jax 0.10.2, tiny-preset layer [8, 256, 4, 64], fwd+bwd):
-    # blocked 15 ms, the plain einsum/softmax path 24 ms (42 before the host-memory fix),
-    # jax.nn.dot_product_attention 60 ms
-    return "blocked" if q.shape[1] == k.shape[1] and q.shape[1] > 64 else "reference"
-  return "xla"
+  return next(impl for impl in platform.choice("attention") if _applies(impl, q, k, v))
 
 
 def attention(q, k, v, causal=True, implementation=None, *, scale=None, interpret=None):

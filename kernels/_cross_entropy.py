@@ -15,7 +15,8 @@ dh/dw come back in h/w's dtypes.
 
 Paths (``impl``): "chunked" (pure JAX, scan over chunks: the portable default off GPU),
 "pallas" (Pallas forward kernel on GPU / interpret mode, chunked backward),
-"reference" (naive full logits, for tests), "auto" (pallas on a CUDA GPU, else chunked).
+"reference" (naive full logits, for tests), "auto" (``platform.CHOICES["cross_entropy"]``:
+chunked everywhere until the Pallas forward is measured on a GPU).
 """
 import functools
 
@@ -29,10 +30,6 @@ from . import _dispatch
 from . import platform
 
 _NEG_INF = float("-inf")
-# What "auto" runs on a CUDA GPU. The chunked path's logits tiles are cuBLAS matmuls with an
-# XLA-fused epilogue; the Pallas forward re-streams w per token block. Until
-# kernels/bench.py has measured both on an H100/H200, auto stays on "chunked".
-_AUTO_GPU = "chunked"
 # keep_logits=None keeps the chunked forward's fp32 logits for the backward (no second
 # h @ w.T) on the CPU backend, up to this size; accelerators always recompute.
 KEEP_LOGITS_MAX_BYTES = 256 << 20
@@ -199,7 +196,9 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
     return linear_cross_entropy_reference(h, w, labels, valid_vocab=valid_vocab,
                                           precision=precision)
   if impl == "auto" and not interpret:
-    impl = _AUTO_GPU if _dispatch.pallas_gpu_available() else "chunked"
+    # CUDA stays on "chunked" (cuBLAS tiles with an XLA-fused epilogue; the Pallas
+    # forward re-streams w per token block) until kernels/bench.py has measured both
+    impl = platform.choice("cross_entropy")
   if impl == "chunked":
     use_pallas, interpret = False, False
   else:
@@ -216,7 +215,8 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
     _check_triton_tiles(bn, bv, h.shape[1], jnp.promote_types(h.dtype, w.dtype))
   if keep_logits is None:  # CPU: memory is cheap, the recomputing matmul is not
     padded = -(-n // bn) * bn * -(-v // bv) * bv
-    keep_logits = platform.is_cpu() and padded * 4 <= KEEP_LOGITS_MAX_BYTES
+    keep_logits = (platform.choice("cross_entropy_keep_logits")
+                   and padded * 4 <= KEEP_LOGITS_MAX_BYTES)
   keep_logits = bool(keep_logits) and not use_pallas
   return _lce(h, w, labels.astype(jnp.int32), nvalid, bn, bv, precision, use_pallas,
               interpret, keep_logits)

@@ -1,13 +1,16 @@
 """Shared plumbing: which implementation a kernel call runs, and whether Pallas interprets.
 
+The per-platform choices themselves are rows of ``platform.CHOICES``; this module holds
+the process-wide switch that overrides them and the Pallas-Triton limits.
+
 Every public kernel takes ``impl="auto" | "pallas" | "reference"`` (``None`` means the
 process-wide default) and ``interpret: bool | None``:
 
 * ``"reference"``: the pure-JAX path (always available, the CPU/TPU default).
 * ``"pallas"``: the Pallas kernel; on a backend without a compiled Pallas GPU path it runs
   in interpret mode (slow, for tests), unless ``interpret=False`` is forced.
-* ``"auto"``: Pallas where its backend exists (the target platform is CUDA), the
-  reference elsewhere.
+* ``"auto"``: Pallas where its backend exists (``platform.CHOICES["pallas"]``: the
+  target platform is CUDA), the reference elsewhere.
 
 The process-wide default comes from ``set_default_impl(...)`` or, failing that, the
 ``VESPERJAX_KERNELS`` environment variable (``auto`` when unset).
@@ -45,9 +48,9 @@ def get_default_impl():
 
 
 def pallas_gpu_available():
-  """True when the target platform (``platform.current()``) is CUDA, where Pallas
-  compiles GPU kernels; ROCm/TPU/CPU are left to the reference."""
-  return platform.is_cuda()
+  """True when Pallas compiles GPU kernels for the target platform (CUDA; ROCm, TPU and
+  CPU are left to the reference)."""
+  return platform.choice("pallas")
 
 
 def resolve(impl=None, interpret=None):

@@ -1,19 +1,24 @@
-"""Grouped matmuls for MoE: rows sorted by expert, each group times its own weight.
+"""Grouped matmuls for MoE: rows sorted by group (expert), each group times its own weight.
 
 `jax.lax.ragged_dot` is the native op, and on GPU/TPU it is a real grouped GEMM. XLA:CPU
-lowers it to every group's matmul over all rows, masked: E times the work (4096 x 256 x
-1024 in 4 groups: 61 ms against 16 ms for one dense matmul of the same rows, jax 0.10).
-On CPU the `blocked` layout pads each group to whole blocks of rows, so that every block
-belongs to one group, and a grouped matmul is one batched matmul of the blocks against
-their gathered weights (26 ms for the same shapes): at most `groups` extra blocks of work
-whatever the routing. Rows are padded once per MoE layer, not once per matmul.
+lowers it to every group's matmul over all rows, masked: G times the work. On CPU the
+`blocked` layout pads each group to whole blocks of rows, so that every block belongs to
+one group, and a grouped matmul is one batched matmul of the blocks against their
+gathered weights: at most G extra blocks of work whatever the routing. Rows are laid out
+once per MoE layer, not once per matmul. Which layout "auto" takes is the
+"grouped_matmul" row of `platform.CHOICES`; the timings are in docs/benchmarks.md
+(`benchmarks/cpu_matmul_forms.py`).
+
+Shape suffixes: M rows in input order (sorted by group, padding rows last), R laid-out
+rows, G groups, D input features, F output features; blocked layout: J blocks of S rows
+(R = J * S).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from vesperjax.kernels import platform
+from . import platform
 
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
 
@@ -23,100 +28,107 @@ class GroupLayout:
 
   `to_groups` takes rows sorted by group (rows past the groups are padding) into the
   layout, `matmul` multiplies laid-out rows by their group's weight, `from_groups` brings
-  laid-out rows back in input order (padding rows: 0). `group` is each laid-out row's
-  group, = the number of groups for a row in none.
+  laid-out rows back in input order (padding rows: 0). `group` [R] is each laid-out row's
+  group, = G for a row in none.
   """
 
-  def __init__(self, group_sizes: jax.Array, rows: int, *, impl: str = "auto",
+  def __init__(self, group_sizes_G: jax.Array, rows: int, *, impl: str = "auto",
                block_rows: int = 256):
     if impl not in IMPLEMENTATIONS:
       raise ValueError(f"grouped matmul impl {impl!r}: choose from {IMPLEMENTATIONS}")
     if impl == "auto":
-      impl = "blocked" if platform.is_cpu() else "ragged_dot"
+      impl = platform.choice("grouped_matmul")
     self.impl = impl
-    self.sizes = group_sizes.astype(jnp.int32)
+    self.sizes = group_sizes_G.astype(jnp.int32)
     groups = self.sizes.shape[0]
-    ends = jnp.cumsum(self.sizes)
-    row_group = jnp.searchsorted(ends, jnp.arange(rows), side="right")  # groups: none
+    ends_G = jnp.cumsum(self.sizes)
+    group_M = jnp.searchsorted(ends_G, jnp.arange(rows), side="right")  # G: in none
     if impl == "ragged_dot":
-      self.group = row_group
+      self.group = group_M
       return
-    b = max(8, min(block_rows, -(-rows // 8) * 8))
-    num_blocks = -(-rows // b) + groups  # each group wastes less than one block
-    row_start = ends - self.sizes
-    blocks = -(-self.sizes // b)
-    block_start = jnp.cumsum(blocks) - blocks
-    j = jnp.arange(num_blocks)
-    block_group = jnp.searchsorted(jnp.cumsum(blocks), j, side="right")  # groups: unused
-    clamped = jnp.minimum(block_group, groups - 1)
-    within = (j - block_start[clamped])[:, None] * b + jnp.arange(b)  # [blocks, b]
-    filled = (block_group < groups)[:, None] & (within < self.sizes[clamped][:, None])
-    self.block_rows, self.num_blocks, self.block_group = b, num_blocks, clamped
-    self.source = jnp.where(filled, row_start[clamped][:, None] + within, rows).reshape(-1)
-    self.group = jnp.where(filled, clamped[:, None], groups).reshape(-1)
-    g = jnp.minimum(row_group, groups - 1)
-    self.slot = jnp.where(row_group < groups, block_start[g] * b + jnp.arange(rows) -
-                          row_start[g], num_blocks * b)
+    s = max(8, min(block_rows, -(-rows // 8) * 8))
+    num_blocks = -(-rows // s) + groups  # each group wastes less than one block
+    row_start_G = ends_G - self.sizes
+    blocks_G = -(-self.sizes // s)
+    block_start_G = jnp.cumsum(blocks_G) - blocks_G
+    j_J = jnp.arange(num_blocks)
+    block_group_J = jnp.searchsorted(jnp.cumsum(blocks_G), j_J, side="right")  # G: unused
+    clamped_J = jnp.minimum(block_group_J, groups - 1)
+    within_JxS = (j_J - block_start_G[clamped_J])[:, None] * s + jnp.arange(s)
+    filled_JxS = ((block_group_J < groups)[:, None]
+                  & (within_JxS < self.sizes[clamped_J][:, None]))
+    self.block_rows, self.num_blocks, self.block_group = s, num_blocks, clamped_J
+    self.source = jnp.where(filled_JxS, row_start_G[clamped_J][:, None] + within_JxS,
+                            rows).reshape(-1)
+    self.group = jnp.where(filled_JxS, clamped_J[:, None], groups).reshape(-1)
+    g_M = jnp.minimum(group_M, groups - 1)
+    self.slot = jnp.where(group_M < groups, block_start_G[g_M] * s + jnp.arange(rows) -
+                          row_start_G[g_M], num_blocks * s)
 
-  def to_groups(self, x: jax.Array) -> jax.Array:
+  def to_groups(self, x_MxD: jax.Array) -> jax.Array:
+    """Rows in input order [M, D] -> laid out [R, D] (padding rows: 0)."""
     if self.impl == "ragged_dot":
-      return x
-    return x.at[self.source].get(mode="fill", fill_value=0)
+      return x_MxD
+    return x_MxD.at[self.source].get(mode="fill", fill_value=0)
 
-  def from_groups(self, y: jax.Array) -> jax.Array:
+  def from_groups(self, y_RxF: jax.Array) -> jax.Array:
+    """Laid-out rows [R, F] -> input order [M, F] (rows in no group: 0)."""
     if self.impl == "ragged_dot":
-      return jnp.where((self.group < self.sizes.shape[0])[:, None], y, 0)
-    return y.at[self.slot].get(mode="fill", fill_value=0)
+      return jnp.where((self.group < self.sizes.shape[0])[:, None], y_RxF, 0)
+    return y_RxF.at[self.slot].get(mode="fill", fill_value=0)
 
-  def per_row(self, v: jax.Array) -> jax.Array:
-    """v [groups, ...] -> each laid-out row's group's v [R, ...] (padding rows: some
-    group's; their outputs are ignored). Blocked: one value per block, broadcast over its
-    rows, so the gradient is a sum per block, not a scatter-add of every row."""
+  def per_row(self, v_Gx: jax.Array) -> jax.Array:
+    """v [G, ...] -> each laid-out row's group's v [R, ...] (padding rows: some group's;
+    their outputs are ignored). Blocked: one value per block, broadcast over its rows, so
+    the gradient is a sum per block, not a scatter-add of every row."""
     if self.impl == "ragged_dot":
-      return v[jnp.minimum(self.group, v.shape[0] - 1)]
-    per_block = jnp.take(v, self.block_group, axis=0, mode="clip")
-    rows = jnp.broadcast_to(per_block[:, None], (self.num_blocks, self.block_rows, *v.shape[1:]))
-    return rows.reshape(self.num_blocks * self.block_rows, *v.shape[1:])
+      return v_Gx[jnp.minimum(self.group, v_Gx.shape[0] - 1)]
+    per_block = jnp.take(v_Gx, self.block_group, axis=0, mode="clip")
+    rows = jnp.broadcast_to(per_block[:, None],
+                            (self.num_blocks, self.block_rows, *v_Gx.shape[1:]))
+    return rows.reshape(self.num_blocks * self.block_rows, *v_Gx.shape[1:])
 
-  def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
-    """Laid-out rows [R, k] times their group's w [groups, k, n] -> [R, n]."""
+  def matmul(self, x_RxD: jax.Array, w_GxDxF: jax.Array) -> jax.Array:
+    """Laid-out rows [R, D] times their group's w [G, D, F] -> [R, F]."""
     if self.impl == "ragged_dot":
-      return jax.lax.ragged_dot(x, w, self.sizes)
-    b, nb = self.block_rows, self.num_blocks
-    return _block_matmul(x.reshape(nb, b, -1), w, self.block_group).reshape(nb * b, -1)
+      return jax.lax.ragged_dot(x_RxD, w_GxDxF, self.sizes)
+    s, j = self.block_rows, self.num_blocks
+    y_JxSxF = _block_matmul(x_RxD.reshape(j, s, -1), w_GxDxF, self.block_group)
+    return y_JxSxF.reshape(j * s, -1)
 
 
 @jax.custom_vjp
-def _block_matmul(x, w, block_group):
-  """x [blocks, b, k] @ w[block_group] [blocks, k, n].
+def _block_matmul(x_JxSxD, w_GxDxF, block_group_J):
+  """x [J, S, D] @ w[block_group] [J, D, F].
 
   The backward is written out so that dx gathers the weights as the forward does and
   contracts their last axis (gathering transposed weights instead fuses the transpose
-  into the gather, 9 vs 0.6 ms for [20, 272, 1024] on XLA:CPU), and the weight gradient
-  is one batched dot per block, summed per group.
+  into the gather, which XLA:CPU runs far slower), and the weight gradient is one batched
+  dot per block, summed per group.
   """
-  return jnp.einsum("jbk,jkn->jbn", x, _take_blocks(w, block_group),
-                    preferred_element_type=x.dtype)
+  return jnp.einsum("jsd,jdf->jsf", x_JxSxD, _take_blocks(w_GxDxF, block_group_J),
+                    preferred_element_type=x_JxSxD.dtype)
 
 
-def _take_blocks(w, block_group):
-  """Each block's group's weight (clip mode: block_group is in range, and XLA:CPU's
-  gather skips fill mode's bounds masking: 0.6 vs 0.8 ms for [20, 272, 1024])."""
-  return jnp.take(w, block_group, axis=0, mode="clip")
+def _take_blocks(w_GxDxF, block_group_J):
+  """Each block's group's weight [J, D, F] (clip mode: block_group is in range, and
+  XLA:CPU's gather then skips fill mode's bounds masking)."""
+  return jnp.take(w_GxDxF, block_group_J, axis=0, mode="clip")
 
 
-def _block_matmul_fwd(x, w, block_group):
-  return _block_matmul(x, w, block_group), (x, w, block_group)
+def _block_matmul_fwd(x_JxSxD, w_GxDxF, block_group_J):
+  return (_block_matmul(x_JxSxD, w_GxDxF, block_group_J),
+          (x_JxSxD, w_GxDxF, block_group_J))
 
 
-def _block_matmul_bwd(res, dy):
-  x, w, block_group = res
-  dx = jnp.einsum("jbn,jkn->jbk", dy, _take_blocks(w, block_group),
-                  preferred_element_type=x.dtype)
-  x_t = jnp.swapaxes(x, 1, 2)  # [blocks, k, b]
-  dw_blocks = jnp.einsum("jkb,jbn->jkn", x_t, dy, preferred_element_type=w.dtype)
-  dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0])
-  return _sum_like(dx, x), _sum_like(dw, w), None
+def _block_matmul_bwd(res, dy_JxSxF):
+  x_JxSxD, w_GxDxF, block_group_J = res
+  dx_JxSxD = jnp.einsum("jsf,jdf->jsd", dy_JxSxF, _take_blocks(w_GxDxF, block_group_J),
+                        preferred_element_type=x_JxSxD.dtype)
+  x_JxDxS = jnp.swapaxes(x_JxSxD, 1, 2)
+  dw_JxDxF = jnp.einsum("jds,jsf->jdf", x_JxDxS, dy_JxSxF, preferred_element_type=w_GxDxF.dtype)
+  dw_GxDxF = jax.ops.segment_sum(dw_JxDxF, block_group_J, num_segments=w_GxDxF.shape[0])
+  return _sum_like(dx_JxSxD, x_JxSxD), _sum_like(dw_GxDxF, w_GxDxF), None
 
 
 def _sum_like(cotangent, primal):
@@ -137,8 +149,10 @@ def _varying_axes(x) -> set:
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, *,
                    impl: str = "auto", block_rows: int = 256) -> jax.Array:
-  """`ragged_dot(x [m, k], w [g, k, n], group_sizes [g])`: rows past the groups get 0."""
-  layout = GroupLayout(group_sizes, x.shape[0], impl=impl, block_rows=block_rows)
-  return layout.from_groups(layout.matmul(layout.to_groups(x), w))
+  """`ragged_dot(x [M, D], w [G, D, F], group_sizes [G])` -> [M, F]: rows past the groups
+  get 0. `impl`: "auto" (the target platform's row of `platform.CHOICES`), "ragged_dot"
+  or "blocked"."""
+  layout = GroupLayout(group_sizes_G, x_MxD.shape[0], impl=impl, block_rows=block_rows)
+  return layout.from_groups(layout.matmul(layout.to_groups(x_MxD), w_GxDxF))

@@ -20,9 +20,9 @@ import numpy as np
 import optax
 
 from . import _dispatch
-from . import attention as att
-from . import cross_entropy as ce
-from . import era as era_mod
+from . import _attention as att
+from . import _cross_entropy as ce
+from . import _era as era_mod
 from . import _velvet_update as vu
 
 SIZES = {

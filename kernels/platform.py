@@ -1,10 +1,11 @@
-"""The target platform: the backend the graph being traced will run on.
+"""The target platform, and the one table of what each backend-dependent choice picks.
 
-Every backend-dependent choice in vesperjax (compute dtype, attention implementation,
-cross-entropy logits reuse, MoE grouped-matmul layout, CPU-only matmul tricks, Pallas vs
-reference) reads ``current()``, never ``jax.default_backend()``: a train step traced for
-GPUs on a CPU-only host (a deviceless compile, or ``lower(lowering_platforms=("cuda",))``)
-must get the GPU graph.
+Every backend-dependent choice in vesperjax (compute dtype, Pallas vs reference,
+attention implementation, cross-entropy path and logits reuse, MoE grouped-matmul
+layout, CPU-only matmul forms) is a row of ``CHOICES``, read by ``choice(concept)`` for
+``current()``, never for ``jax.default_backend()``: a train step traced for GPUs on a
+CPU-only host (a deviceless compile, or ``lower(lowering_platforms=("cuda",))``) must get
+the GPU graph.
 
 ``current()`` is, in order of precedence:
 
@@ -105,9 +106,29 @@ def traced_for(platform: str, fn: Callable) -> Callable:
   return wrapped
 
 
-def is_cpu() -> bool:
-  return current() == "cpu"
+# concept -> {target platform: what it picks}; "*" stands for every platform not listed.
+# The module named beside each row holds its options and documents them.
+CHOICES = {
+    # compute dtype of "auto" (vesperjax.config.ModelConfig.compute_dtype)
+    "compute_dtype": {"cpu": "float32", "*": "bfloat16"},
+    # whether impl="auto" runs the Pallas kernels (_dispatch.resolve): compiled for CUDA
+    "pallas": {"cuda": True, "*": False},
+    # attention implementations of "auto", first one that applies (_attention.py)
+    "attention": {"cuda": ("cudnn", "xla"), "cpu": ("blocked", "reference"),
+                  "*": ("xla",)},
+    # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA: "pallas" once measured
+    "cross_entropy": {"cuda": "chunked", "*": "chunked"},
+    # the chunked forward keeps its logits for the backward: memory is cheap on a host
+    "cross_entropy_keep_logits": {"cpu": True, "*": False},
+    # MoE row layout of impl="auto" (_grouped_matmul.py): XLA:CPU's ragged_dot does every
+    # group's matmul over all rows
+    "grouped_matmul": {"cpu": "blocked", "*": "ragged_dot"},
+    # rows_matmul's weight gradient (_rows_matmul.py): XLA:CPU's fast dot wants x.T copied
+    "rows_matmul_grad": {"cpu": "transpose_first", "*": "plain"},
+}
 
 
-def is_cuda() -> bool:
-  return current() == "cuda"
+def choice(concept: str):
+  """What `concept` (a key of CHOICES) picks on the target platform `current()`."""
+  options = CHOICES[concept]
+  return options.get(current(), options["*"])

@@ -118,7 +118,7 @@ def _ctx():
 
 
 def test_a_broken_reference_fails_the_check(monkeypatch):
-  from vesperjax.kernels import era as era_mod
+  from vesperjax.kernels import _era as era_mod
   good = era_mod.era_reference
   ok = ga.check_era(_ctx(), np.random.default_rng(0), ga.F32)[0]
   assert ok["passed"] is True and ok["error"] < 1e-5

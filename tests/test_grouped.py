@@ -1,10 +1,11 @@
-"""The CPU grouped matmul (padded row blocks) against jax.lax.ragged_dot."""
+"""MoE kernels: the CPU grouped matmul (padded row blocks) against jax.lax.ragged_dot,
+and the partitionable top-k against jax.lax.top_k."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesperjax.model.grouped import GroupLayout, grouped_matmul
+from vesperjax.kernels import GroupLayout, grouped_matmul, partitionable_top_k
 from vesperjax.model.layers import rank_topk_mask
 
 
@@ -75,3 +76,14 @@ def test_rank_topk_mask_is_lax_top_k_with_ties():
     want = np.zeros((64, 16))
     np.put_along_axis(want, np.asarray(idx), 1.0, -1)
     np.testing.assert_array_equal(rank_topk_mask(y, bias, k), want)
+
+
+def test_partitionable_top_k_is_lax_top_k_with_ties():
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.integers(-3, 4, size=(2, 32, 8)), jnp.float32)  # many ties
+  for k in (1, 2, 8):
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = jax.jit(partitionable_top_k, static_argnums=1)(x, k)
+    assert got_i.dtype == jnp.int32
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_v, want_v)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesperjax.kernels import attention as att
+from vesperjax.kernels import _attention as att
 from vesperjax.kernels import platform
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesperjax.kernels import cross_entropy as ce
+from vesperjax.kernels import _cross_entropy as ce
 from vesperjax.kernels import platform
 
 

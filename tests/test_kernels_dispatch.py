@@ -1,8 +1,15 @@
-"""Kernel implementation switch: keyword, process default, environment variable."""
+"""Kernel implementation switch (keyword, process default, environment variable) and the
+package's exports."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from vesperjax import kernels
-from vesperjax.kernels import _dispatch
+from vesperjax.kernels import (_attention, _cross_entropy, _dispatch, _era, _grouped_matmul,
+                               _rows_matmul, _top_k, _velvet_update)
 
 
 def test_resolve_on_cpu(monkeypatch):
@@ -28,7 +35,37 @@ def test_resolve_on_cpu(monkeypatch):
 
 
 def test_lazy_exports():
-  assert callable(kernels._velvet_update.velvet_update)
-  assert callable(kernels.era.era) and callable(kernels.era_reference)
-  assert callable(kernels.linear_cross_entropy)
-  assert callable(kernels.attention.attention)
+  """The package's names are the functions of its private modules."""
+  assert kernels.velvet_update is _velvet_update.velvet_update
+  assert kernels.era is _era.era and kernels.era_reference is _era.era_reference
+  assert kernels.era_gated is _era.era_gated
+  assert kernels.linear_cross_entropy is _cross_entropy.linear_cross_entropy
+  assert kernels.attention is _attention.attention
+  assert kernels.GroupLayout is _grouped_matmul.GroupLayout
+  assert kernels.grouped_matmul is _grouped_matmul.grouped_matmul
+  assert kernels.rows_matmul is _rows_matmul.rows_matmul
+  assert kernels.partitionable_top_k is _top_k.partitionable_top_k
+  assert all(callable(getattr(kernels, name)) for name in kernels.__all__)
+  with pytest.raises(AttributeError, match="no attribute 'bogus'"):
+    kernels.bogus  # pylint: disable=pointless-statement
+
+
+# The package imports no Pallas until a kernel is used, and a plain source checkout on
+# sys.path (no install: how the GPU acceptance run starts) finds it through
+# vesperjax._kernels_mount.
+_SOURCE_CHECKOUT = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path.insert(0, sys.argv[1])
+import vesperjax.kernels as k
+assert not [m for m in sys.modules if "pallas" in m], "importing the package imported Pallas"
+print(k.era.__module__, k.__file__)
+"""
+
+
+def test_package_is_lazy_and_found_from_a_source_checkout(tmp_path):
+  root = pathlib.Path(__file__).resolve().parent.parent
+  out = subprocess.run([sys.executable, "-c", _SOURCE_CHECKOUT, str(root)], cwd=tmp_path,
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.split()
+  assert out == ["vesperjax.kernels._era", str(root / "kernels" / "__init__.py")]

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesperjax.kernels import era as era_mod
+from vesperjax.kernels import _era as era_mod
 from vesperjax.kernels import platform
-from vesperjax.kernels.era import era, era_reference
+from vesperjax.kernels import era, era_reference
 
 
 @pytest.mark.parametrize("shape,dtype,block", [

@@ -17,9 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tests import gpu_util
 from vesperjax import gpu_targets
 from vesperjax.kernels import _dispatch
-from vesperjax.kernels import attention as att
-from vesperjax.kernels import cross_entropy as ce
-from vesperjax.kernels import era as era_mod
+from vesperjax.kernels import _attention as att
+from vesperjax.kernels import _cross_entropy as ce
+from vesperjax.kernels import _era as era_mod
 from vesperjax.kernels import platform
 
 TRITON = "__gpu$xla.gpu.triton"

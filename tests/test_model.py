@@ -10,7 +10,7 @@ from flax import nnx
 
 import vesperjax as vj
 from vesperjax.model import FrozenProjection, RoutingBias
-from vesperjax.kernels.era import era_reference as era
+from vesperjax.kernels import era_reference as era
 
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
             max_seq_len=64, lora_rank=8, lora_topk=2)
@@ -287,7 +287,7 @@ def test_remat_matches_no_remat(policy):
 def test_rows_matmul_matches_autodiff(dtype, tol):
   """The down projection's matmul (CPU: weight gradient via a materialised x.T) has the
   value and gradients of a plain x @ w."""
-  from vesperjax.model.layers import rows_matmul
+  from vesperjax.kernels import rows_matmul
   x = jax.random.normal(jax.random.key(0), (12, 8)).astype(dtype)
   w = jax.random.normal(jax.random.key(1), (8, 5)).astype(dtype)
   dy = jax.random.normal(jax.random.key(2), (12, 5)).astype(dtype)

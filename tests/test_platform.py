@@ -5,8 +5,7 @@ import pytest
 
 from vesperjax import model_preset
 from vesperjax.kernels import _dispatch, platform
-from vesperjax.kernels import cross_entropy
-from vesperjax.model.grouped import GroupLayout
+from vesperjax.kernels import GroupLayout, linear_cross_entropy, rows_matmul
 
 
 def test_precedence(monkeypatch):
@@ -62,6 +61,19 @@ def test_choices_follow_the_target():
     assert _dispatch.resolve() == (False, False)  # no Pallas GPU backend there
 
 
+def test_rows_matmul_copies_x_transposed_on_cpu_only():
+  x = jax.ShapeDtypeStruct((16, 8), jnp.float32)
+  w = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+
+  def jaxpr(target):  # the backward is traced inside the block too, as in a train step
+    with platform.use(target):
+      grad = jax.grad(lambda x, w: rows_matmul(x, w).sum(), argnums=(0, 1))
+      return str(jax.make_jaxpr(grad)(x, w))
+
+  assert "optimization_barrier" in jaxpr("cpu")
+  assert "optimization_barrier" not in jaxpr("cuda")
+
+
 def test_cross_entropy_keeps_logits_on_cpu_only():
   h = jax.ShapeDtypeStruct((64, 32), jnp.float32)
   w = jax.ShapeDtypeStruct((128, 32), jnp.float32)
@@ -70,7 +82,7 @@ def test_cross_entropy_keeps_logits_on_cpu_only():
   def jaxpr(target):
     def loss(h, w, labels):
       with platform.use(target):
-        return cross_entropy.linear_cross_entropy(h, w, labels, impl="chunked")[0].sum()
+        return linear_cross_entropy(h, w, labels, impl="chunked")[0].sum()
     return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w, labels))
 
   # the kept logits tiles are scan outputs of shape [token chunks, vocab chunks, bn, bv]

@@ -11,11 +11,11 @@ from vesperjax import sharding as sh
 from vesperjax.model.moe import MoE, capacity
 
 
-def _moe(cf=None):
+def _moe(cf=None, expert_parallel=True):
   cfg = vj.ModelConfig(hidden_size=32, num_heads=2, num_layers=1, ffn_size=64,
                        vocab_size=128, lora_rank=4, lora_topk=2, num_experts=4, top_k=2,
                        moe_capacity_factor=cf)
-  moe = MoE(cfg, nnx.Rngs(0))
+  moe = MoE(cfg, nnx.Rngs(0), expert_parallel=expert_parallel)
   for i, lin in enumerate((moe.gate, moe.up)):  # give the adapters something to do
     lin.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), lin.lora_b.shape)
   return moe
@@ -54,6 +54,22 @@ def test_expert_parallel_layer_equals_single_device(axes):
   assert float(got[1]["dropped_tokens"]) == 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, got))
+
+
+def test_expert_parallel_off_keeps_the_local_path_under_an_expert_mesh():
+  want, _ = _moe()(X)
+  mesh = sh.make_mesh(data=2, expert=4)
+  texts, outs = {}, {}
+  for ep in (True, False):
+    graphdef, state = nnx.split(_moe(expert_parallel=ep))
+    with jax.set_mesh(mesh):
+      placed = jax.device_put(state, sh.state_shardings(state, mesh))
+      x = jax.device_put(X, sh.batch_sharding(mesh, ndim=3))
+      f = jax.jit(lambda s, x, graphdef=graphdef: nnx.merge(graphdef, s)(x)[0])
+      texts[ep], outs[ep] = f.lower(placed, x).as_text(), f(placed, x)
+  assert "all_to_all" in texts[True] and "all_to_all" not in texts[False]
+  for y in outs.values():
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_drops_only_overflow_assignments():

@@ -1,7 +1,10 @@
 """Make the top-level ``kernels/`` folder importable as ``vesperjax.kernels``.
 
-An installed wheel or an editable install maps it through setuptools' ``package-dir``.
-This finder covers the remaining case: a plain source checkout on ``sys.path``.
+An installed wheel or an editable install (`pip install -e .`, the documented way) maps
+it through setuptools' ``package-dir``. This finder covers the remaining case, a plain
+source checkout on ``sys.path``: the GPU acceptance run (docs/gpu-acceptance.md) runs
+`python3 benchmarks/gpu_acceptance.py` from a copied working tree on a device machine
+where nothing is installed. It is appended after the regular finders, so an install wins.
 """
 import importlib.abc
 import importlib.util

@@ -90,7 +90,7 @@ class ModelConfig:
     """`dtype`; "auto" is bfloat16 when the target platform is an accelerator."""
     if self.dtype == "auto":
       from vesperjax.kernels import platform  # pylint: disable=g-import-not-at-top
-      return jnp.float32 if platform.is_cpu() else jnp.bfloat16
+      return getattr(jnp, platform.choice("compute_dtype"))  # float32 on CPU
     return jnp.dtype(self.dtype)
 
   def replace(self, **overrides: Any) -> "ModelConfig":

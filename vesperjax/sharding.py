@@ -23,7 +23,6 @@ import re
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -143,23 +142,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
-
-
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` over the last axis, as k argmax passes.
-
-  XLA's SPMD partitioner does not split TopK along batch dimensions (it all-gathers the
-  whole operand: measured on jax 0.10 CPU); argmax is a reduction and partitions. Same
-  values and indices as lax.top_k (ties to the lower index); meant for small k.
-  """
-  idx = []
-  masked = x
-  for _ in range(k):
-    i = jnp.argmax(masked, axis=-1)
-    idx.append(i)
-    masked = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, masked)
-  idx = jnp.stack(idx, -1).astype(jnp.int32)
-  return jnp.take_along_axis(x, idx, -1), idx
 
 
 def _logical_axes(variable) -> tuple | None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
-from vesperjax.kernels.attention import attention
+from vesperjax.kernels import attention
 from vesperjax.model.layers import flat_tokens, param
 
 

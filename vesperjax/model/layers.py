@@ -10,11 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vesperjax.config import ModelConfig
-from vesperjax.kernels import platform
-# The GLU's ERA(g) * u on `era_reference` (GELU_tanh + gamma * softplus, in fp32, the one
-# definition the fused Pallas kernel vesperjax.kernels.era.era is tested against; swap the
-# kernel in once checked on GPU), with a backward that keeps only g and u.
-from vesperjax.kernels.era import era_gated
+# era_gated: the GLU's ERA(g) * u on `era_reference` (GELU_tanh + gamma * softplus, in
+# fp32, the one definition the fused Pallas kernel `vesperjax.kernels.era` is tested
+# against; swap the kernel in once checked on GPU), with a backward keeping only g and u.
+from vesperjax.kernels import era_gated, rows_matmul
 
 
 class FrozenProjection(nnx.Variable):
@@ -91,38 +90,31 @@ def flat_tokens(x: jax.Array) -> jax.Array:
   """[..., d] -> [tokens, d]: matmuls over flattened rows, not [batch, seq, d] ones.
 
   The weight gradient of `[B, S, d] @ [d, n]` contracts two axes; XLA:CPU lowers that by
-  transposing the [B, S, n] cotangent and running a matmul at half speed (fwd+bwd of
-  [8, 256, 272] @ [272, 1024]: 43 ms; as [2048, 272] rows: 31 ms, jax 0.10).
+  transposing the [B, S, n] cotangent and running a slower matmul (docs/benchmarks.md,
+  `benchmarks/cpu_matmul_forms.py`).
   """
   return x.reshape(-1, x.shape[-1])
 
 
-@jax.custom_vjp
-def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x @ w` for x [tokens, k]; on CPU its weight gradient transposes x before the dot.
+def flylora_matmul(x_NxD: jax.Array, kernel: jax.Array, lora_a: jax.Array,
+                   lora_b: jax.Array, routing_bias: jax.Array, config: ModelConfig,
+                   matmul=jnp.matmul) -> tuple[jax.Array, jax.Array]:
+  """FlyLoRA without its bias: (x W + s B (mask * A x) [N, F], rank mask [N, R]).
 
-  XLA:CPU hands YNNPACK only dots whose lhs contracts its last axis; `x.T @ dy` falls back
-  to Eigen, which runs the FFN down projection's [2048, 1024]^T @ [2048, 256] in 9.7 ms
-  against 7.05 ms for a materialised x.T (copy included): ~3% of the tiny train step.
-  Other backends get the plain gradient.
+  The dense layer passes W [D, F], A [D, R], B [R, F] and `jnp.matmul`; the experts
+  pass [E, ...] weights and their layout's grouped matmul. `routing_bias` is [R] or one
+  per row [N, R]; A is frozen (no gradient). The mask keeps each row's `lora_topk` ranks
+  with the largest |A x + routing_bias|.
   """
-  return x @ w
-
-
-def _rows_matmul_fwd(x, w):
-  return x @ w, (x, w)
-
-
-def _rows_matmul_bwd(res, dy):
-  x, w = res
-  if platform.is_cpu():  # the barrier keeps XLA from folding x.T back in
-    dw = jax.lax.optimization_barrier(x.T) @ dy
-  else:
-    dw = x.T @ dy
-  return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
-
-
-rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
+  dt = x_NxD.dtype
+  y_NxR = matmul(x_NxD, jax.lax.stop_gradient(lora_a).astype(dt))
+  mask_NxR = rank_topk_mask(y_NxR, routing_bias, config.lora_topk)
+  adapter_in_NxR = (y_NxR * mask_NxR) * jnp.asarray(config.lora_scale, dt)
+  # Base and adapter as one matmul, [x | s (mask * y)] @ [W; B]: one weight-gradient dot
+  # over the [N, F] cotangent then serves W and B.
+  joint_in = jnp.concatenate([x_NxD, adapter_in_NxR], axis=-1)
+  joint_kernel = jnp.concatenate([kernel.astype(dt), lora_b.astype(dt)], axis=-2)
+  return matmul(joint_in, joint_kernel), mask_NxR
 
 
 class FlyLoRALinear(nnx.Module):
@@ -149,23 +141,18 @@ class FlyLoRALinear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.tokens(flat_tokens(x)).reshape(*x.shape[:-1], -1)
 
-  def tokens(self, x: jax.Array) -> jax.Array:
+  def tokens(self, x_NxD: jax.Array) -> jax.Array:
     """The layer on [tokens, d_in] rows (see `flat_tokens`)."""
-    dt = x.dtype
-    kernel, bias = self.kernel[...].astype(dt), self.bias[...].astype(dt)
+    dt = x_NxD.dtype
+    bias = self.bias[...].astype(dt)
     if not self.config.lora_rank:
-      return x @ kernel + bias
-    y = x @ jax.lax.stop_gradient(self.lora_a[...]).astype(dt)
-    mask = rank_topk_mask(y, self.routing_bias[...], self.config.lora_topk)
+      return x_NxD @ self.kernel[...].astype(dt) + bias
+    y_NxF, mask_NxR = flylora_matmul(x_NxD, self.kernel[...], self.lora_a[...],
+                                     self.lora_b[...], self.routing_bias[...], self.config)
     if not self.deterministic:
-      counts = mask.astype(jnp.float32).sum(0)
+      counts = mask_NxR.astype(jnp.float32).sum(0)
       self.routing_bias[...] += balance_step(counts, self.config.lora_bias_rate)
-    # Base and adapter as one matmul, [x | s (mask * y)] @ [W; B]: one weight-gradient
-    # dot over the [tokens, d_out] cotangent then serves W and B.
-    adapter_in = (y * mask) * jnp.asarray(self.config.lora_scale, dt)
-    joint_in = jnp.concatenate([x, adapter_in], axis=-1)
-    joint_kernel = jnp.concatenate([kernel, self.lora_b[...].astype(dt)], axis=0)
-    return joint_in @ joint_kernel + bias
+    return y_NxF + bias
 
 
 class FeedForward(nnx.Module):

@@ -27,7 +27,8 @@ def unrolled_scan(f, carry, xs):
 
   Each step becomes its own ops, so autodiff keeps every layer's residuals as separate
   buffers: a scan stacks them into [layers, ...] buffers (zero-filled, then written one
-  slice per step) and serialises the steps, which costs ~8% of the tiny train step on CPU.
+  slice per step) and serialises the steps, which slows the tiny train step on CPU
+  (docs/benchmarks.md).
   """
   ys = []
   for i in range(jax.tree.leaves(xs)[0].shape[0]):
@@ -39,11 +40,12 @@ def unrolled_scan(f, carry, xs):
 class Block(nnx.Module):
   """x + Attn(LN(x)), then x + FFN-or-MoE(LN(x))."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, expert_parallel: bool = True):
     self.attn_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
     self.attn = Attention(config, rngs)
     self.ffn_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
-    self.ffn = MoE(config, rngs) if config.is_moe else FeedForward(config, rngs)
+    self.ffn = (MoE(config, rngs, expert_parallel=expert_parallel) if config.is_moe
+                else FeedForward(config, rngs))
 
   def __call__(self, x, positions, cache=None):
     x = constrain(x, BATCH_ACTIVATION)
@@ -62,9 +64,10 @@ class VesperLM(nnx.Module):
   `jax.checkpoint`. aux is empty for dense models; for MoE it holds the mean
   Switch load-balancing loss over layers, the per-layer expert load [L, E] and the
   number of expert assignments dropped over capacity (0 when dropless).
+  `expert_parallel=False` keeps the MoE layers off their expert-parallel path (`MoE`).
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, expert_parallel: bool = True):
     self.config = config
     self.embed = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                        config.init_std)
@@ -72,7 +75,7 @@ class VesperLM(nnx.Module):
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return Block(config, rngs)
+      return Block(config, rngs, expert_parallel=expert_parallel)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)

@@ -1,5 +1,5 @@
-"""A tiny sharded training loop on the vesperjax.sharding API, shared by the sharding
-tests and run as a script for the multi-process test.
+"""Tiny sharded training on the trainer's own pieces (build_model, StepLoop), shared by
+the sharding tests and run as a script for the multi-process test.
 
   python tests/sharding_train.py --moe --mesh data=2,expert=2 --steps 3 \
       [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id 0 --local-devices 2]
@@ -34,73 +34,51 @@ def batches(steps: int, batch: int = BATCH, seq: int = SEQ, vocab: int = 128):
   return rng.integers(0, vocab, (steps, batch, seq + 1), dtype=np.int32)
 
 
-def build(cfg, mesh, lr: float = 1e-2):
-  """(graphdef, sharded state, state shardings) of (model, adamw optimizer)."""
-  import jax
-  import optax
-  from flax import nnx
-
-  from vesperjax import sharding
-  from vesperjax.model.transformer import VesperLM
-
-  def create():
-    model = VesperLM(cfg, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
-
-  return sharding.init_sharded(create, mesh)
-
-
-def make_step(graphdef, shardings, mesh):
-  """jit of one adamw step over (state, tokens) with the rule-given shardings."""
-  import jax
-  import optax
-  from flax import nnx
-
-  from vesperjax import sharding
-
-  def step(state, tokens):
-    model, opt = nnx.merge(graphdef, state)
-
-    def loss_fn(model):
-      logits, aux = model(tokens[:, :-1])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-      if aux:
-        loss = loss + model.config.moe_aux_weight * aux["load_balance_loss"]
-      return loss
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return nnx.state((model, opt)), loss
-
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+def tiny_run(cfg, steps: int, lr: float = 1e-2):
+  """A run config whose model is `cfg`: AdamW at `lr`, BATCH x SEQ tokens per step."""
+  from vesperjax.run_config import default_run_config
+  run = default_run_config("tiny")
+  run.model.update({k: v for k, v in cfg.to_dict().items() if k in run.model})
+  run.data.seq_len = SEQ
+  run.optim.update(dict(name="adamw", lr=lr, warmup_steps=0))
+  run.train.update(dict(batch_size=BATCH, grad_accum=1, max_steps=steps, seed=0,
+                        fused_loss=False))
+  return run
 
 
 def train(cfg, mesh, steps: int = 3, data=None, hlo: bool = False):
-  """Losses of `steps` adamw steps on `mesh` (every process gets the same list).
+  """Losses of `steps` AdamW steps on `mesh` (every process gets the same list): the
+  trainer's own model, jitted steps (`build.build_model`) and step loop (`StepLoop`).
 
-  Returns (losses, final state, compiled HLO text or None): the step is lowered and
+  Returns (losses, final TrainState, compiled HLO text or None): the step is lowered and
   compiled once, so the HLO inspected is the one that ran.
   """
   import jax
 
-  from vesperjax import sharding
+  from vesperjax import build, sharding
+  from vesperjax.trainer import StepLoop
 
   data = batches(steps) if data is None else data
-  graphdef, state, shardings = build(cfg, mesh)
-  bs = sharding.batch_sharding(mesh)
+  model = build.build_model(tiny_run(cfg, steps), mesh, vocab_size=cfg.vocab_size)
+  assert model.config == cfg, (model.config, cfg)
+  s = model.steps
   n, i = jax.process_count(), jax.process_index()
-  losses, compiled = [], None
+  rows = data.shape[1] // n
+  host = iter(data)
+
+  def next_batch():  # this process's share of the batch, as the trainer's data iterator
+    local = next(host)[None, i * rows:(i + 1) * rows]
+    return sharding.global_batch_from_host(local, mesh, s.batch_sharding)
+
+  tokens = jax.ShapeDtypeStruct((1, *data.shape[1:]), data.dtype, sharding=s.batch_sharding)
+  losses = []
   with jax.set_mesh(mesh):
-    for tokens in data:
-      rows = tokens.shape[0] // n
-      local = tokens[i * rows:(i + 1) * rows]  # this process's share of the batch
-      batch = sharding.global_batch_from_host(local, mesh, bs)
-      if compiled is None:
-        compiled = make_step(graphdef, shardings, mesh).lower(state, batch).compile()
-      state, loss = compiled(state, batch)
-      losses.append(float(loss))
-  return losses, state, (compiled.as_text() if hlo else None)
+    compiled = s.train_step.lower(s.abstract, tokens).compile()
+    loop = StepLoop(compiled, next_batch,
+                    [lambda info: losses.append(float(info.metrics["loss"]))],
+                    s.init(jax.random.key(0)), 0)
+    loop.run(len(data))
+  return losses, loop.state, (compiled.as_text() if hlo else None)
 
 
 def _mesh_arg(text: str) -> dict:

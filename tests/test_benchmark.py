@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vesperjax import benchmark
+from vesperjax.bench.optimizers import format_table, summarize
 
 TOY = ["--config", "experiments/tiny.py", "--config.model.hidden_size=32",
        "--config.model.num_layers=1", "--config.model.num_heads=2",
@@ -94,7 +95,7 @@ def fake_report():
                          final_train_loss=loss[-1], step_s=0.1))
   report = dict(optimizers=["velvet", "adamw"], lrs=[1e-3, 2e-3], steps=20, seeds=2,
                 runs=runs)
-  report["summary"] = benchmark.summarize(report)
+  report["summary"] = summarize(report)
   return report
 
 
@@ -104,7 +105,7 @@ def test_summary_picks_each_optimizers_best_lr():
   want = 100 * (4.015 - 4.115) / 4.115
   assert s["velvet_vs_adamw_best_val_pct"] == pytest.approx(want)
   assert s["gap_exceeds_seed_std"]
-  table = benchmark.format_table(s)
+  table = format_table(s)
   assert table.count("*") >= 2 and "velvet" in table and "adamw" in table
 
 

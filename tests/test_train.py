@@ -223,7 +223,7 @@ def test_moe_run_logs_expert_load(corpus, tmp_path):
 def test_checkpoint_from_8_device_mesh_loads_on_one_device(corpus, tmp_path):
   from flax import nnx
 
-  from vesperjax.checkpoint import load_model
+  from vesperjax.build import load_model
   run = tiny_run(corpus, max_steps=2, eval_every=2, save_every=2)
   run.mesh.update(dict(data=1, fsdp=-1))  # params really split over the 8 devices
   trainer = Trainer(run, str(tmp_path))
@@ -237,6 +237,30 @@ def test_checkpoint_from_8_device_mesh_loads_on_one_device(corpus, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded),
                jax.tree.map(np.asarray, trainer.state.params))
   assert tok.vocab_size == trainer.tokenizer.vocab_size and run.train.max_steps == 2
+
+
+def test_load_model_reads_adamw_and_best_checkpoints(corpus, tmp_path):
+  """Only the model's variables are restored, so the optimizer that wrote the checkpoint
+  does not matter; --best reads the best checkpoint, --step any kept one."""
+  from flax import nnx
+
+  from vesperjax.build import load_model
+  run = tiny_run(corpus, max_steps=3, eval_every=2, save_every=1)
+  run.optim.name = "adamw"
+  trainer = Trainer(run, str(tmp_path))
+  trainer.train()
+  trainer.close()
+  params = lambda model: jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  latest, _, _ = load_model(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params(latest),
+               jax.tree.map(np.asarray, trainer.state.params))
+  best_step = int(sorted(os.listdir(tmp_path / "best"))[-1])
+  best, _, _ = load_model(str(tmp_path), best=True)
+  at_step, _, _ = load_model(str(tmp_path), best_step)
+  jax.tree.map(np.testing.assert_array_equal, params(best), params(at_step))
+  earlier, _, _ = load_model(str(tmp_path), 1)
+  assert not np.array_equal(params(earlier)["embed"][...], params(latest)["embed"][...])
+  assert best.blocks.ffn.gate.deterministic is True  # eval mode
 
 
 def test_two_processes_match_one_process(corpus, tmp_path):

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of a run: the train state plus the data iterator, and model loading.
+"""Orbax checkpoints of a run: the train state plus the data iterator.
+
+(`build.load_model` reads a model's weights back for inference.)
 
 WORKDIR/checkpoints/<step>/  latest N: {state, data}  (periodic, final, emergency)
 WORKDIR/best/<step>/         lowest eval loss: {state}
@@ -7,12 +9,15 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 interrupted save never leaves a half-written checkpoint that restore would pick up.
 Files damaged later (truncated, garbled) are found at restore: `restore_newest` falls back
 to the newest checkpoint that reads, latest first, then best, and sets the unreadable
-newer ones aside (never deletes them).
+newer ones aside (never deletes them). A save that fails (a full disk) removes its
+temporary directory and raises `CheckpointSaveError`: the checkpoints before it stay whole.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,17 +26,20 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from vesperjax.cli import _one_line
-from vesperjax.config import ModelConfig
 
 CHECKPOINTS, BEST, CORRUPT = "checkpoints", "best", "corrupt"
 _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used (missing, or not from this kind of run)."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written; the earlier ones are intact."""
 
 
 def _manager(path: str, keep: int, async_save: bool, best: bool = False):
@@ -62,6 +70,7 @@ class Checkpointer:
             f"{_set_aside(best_dir, step)}")
     self.best = _manager(best_dir, 1, async_save, best=True)
     self.best_loss = float("inf")
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -70,15 +79,41 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
+    with self._writing(step):
+      return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state, eval_loss: float) -> bool:
     """Keep `state` if `eval_loss` beats every earlier evaluation of this run."""
     if not eval_loss < self.best_loss:
       return False
     self.best_loss = eval_loss
-    return self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                          metrics={"eval_loss": eval_loss}, force=True)
+    with self._writing(step):
+      return self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                            metrics={"eval_loss": eval_loss}, force=True)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turn a failed save into one CheckpointSaveError and remove what it left behind.
+
+    An async save fails in orbax's background thread and surfaces at the next save or
+    wait, so the step named is the one in the failing path when orbax gives it.
+    """
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception)
+      text = _one_line(e)
+      found = re.search(r"/(\d+)" + re.escape(_TMP_SUFFIX), text)
+      failed = found.group(1) if found else step
+      removed = self._remove_partial_saves()
+      if "No space left on device" in text:
+        text = f"no space left on device ({self.latest.directory})"
+      latest = self.latest_step()
+      self._failed = True
+      raise CheckpointSaveError(
+          f"checkpoint {failed} could not be saved: {text[:300]}; "
+          + (f"the latest checkpoint is step {latest}" if latest is not None
+             else "no checkpoint was saved")
+          + ("; its partial files were removed" if removed else "")) from None
 
   def restore(self, step: int, abstract_state, data_iter=None):
     args = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -134,12 +169,29 @@ class Checkpointer:
     return None
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with self._writing(None):
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
+
+  def _remove_partial_saves(self) -> list[str]:
+    """Delete the temporary directories of unfinished saves (on process 0)."""
+    removed = []
+    for manager in (self.latest, self.best):
+      root = str(manager.directory)
+      for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.endswith(_TMP_SUFFIX):
+          removed.append(os.path.join(os.path.basename(root), name))
+          if jax.process_index() == 0:  # no barrier: the others may not have failed
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return removed
 
   def close(self):
-    self.latest.close()
-    self.best.close()
+    try:
+      self.latest.close()
+      self.best.close()
+    except Exception:  # noqa: BLE001
+      if not self._failed:  # else: the failed save, already raised once
+        raise
 
 
 def _step_dirs(root: str) -> list[str]:
@@ -182,40 +234,3 @@ def read_json(path: str) -> dict[str, Any]:
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e.msg})") from None
 
-
-def load_model(workdir: str, step: int | None = None, *, best: bool = False):
-  """(model in eval mode, tokenizer, run config) of a run, on the devices present.
-
-  `step=None` takes the latest checkpoint (or the best one with `best=True`). Only the
-  model variables are read; the optimizer state is restored abstractly and dropped.
-  """
-  from ml_collections import ConfigDict
-
-  from vesperjax.data import Tokenizer
-  from vesperjax.sharding import make_mesh
-  from vesperjax.train_step import sharded_steps
-
-  run = ConfigDict(read_json(os.path.join(workdir, "config.json")))
-  config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(tok_path):
-    raise CheckpointError(f"{tok_path} not found: is this a vesperjax run directory?")
-  tokenizer = Tokenizer.from_file(tok_path)
-
-  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
-  steps = manager.all_steps()
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {workdir}")
-  if step is None:
-    step = manager.best_step() if best else manager.latest_step()
-  elif step not in steps:
-    raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have {sorted(steps)}")
-
-  one_device = make_mesh(devices=jax.devices()[:1])  # whatever mesh it was saved from
-  target = sharded_steps(config, run, one_device, valid_vocab=tokenizer.vocab_size)
-  state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))["state"]
-  manager.close()
-  model = nnx.merge(target.graphdef, state.params, state.rest)
-  model.eval()
-  return model, tokenizer, run

@@ -16,8 +16,8 @@ from absl import flags
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that describe bad input rather than a bug."""
+  from vesperjax.build import RunError
   from vesperjax.checkpoint import CheckpointError
-  from vesperjax.trainer import RunError
   from vesperjax.workdir_lock import WorkdirBusy
   return (ValueError, OSError, RunError, CheckpointError, WorkdirBusy, flags.Error)
 
@@ -66,12 +66,20 @@ def _not_orbax_task(record) -> bool:
               and any(m in text for m in ("/orbax/", "TensorStore", "OCDBT")))
 
 
+def _not_orbax_thread_error(record) -> bool:
+  """orbax's background save threads log their failure with a traceback, then it
+  surfaces in the main thread, where the Checkpointer reports it in one line: dropped."""
+  return not (record.levelno >= logging.ERROR and record.exc_info
+              and "/orbax/" in record.pathname)
+
+
 def run_cli(argv: list[str], body: Callable[[], int],
             flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   sys.unraisablehook = _quiet_orbax_leftovers
   logging.getLogger("asyncio").addFilter(_not_orbax_task)
+  logging.getLogger("absl").addFilter(_not_orbax_thread_error)
   warnings.filterwarnings("ignore", category=RuntimeWarning,
                           message="coroutine '_read_array_index_and_device_put' was never")
   saved_argv = sys.argv

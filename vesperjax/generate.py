@@ -94,7 +94,8 @@ def _prompts() -> list[str]:
 
 
 def _load(workdir: str, step: int | None, best: bool):
-  from vesperjax.checkpoint import CheckpointError, load_model
+  from vesperjax.build import load_model
+  from vesperjax.checkpoint import CheckpointError
   if not workdir:
     raise ValueError("--workdir RUN is required (a directory written by vesperjax.train)")
   if not os.path.isdir(workdir):

@@ -85,7 +85,7 @@ def token_losses(model: VesperLM, tokens: jax.Array, valid_vocab: int, fused: bo
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   hidden, aux, _ = model.hidden_states(inputs)
   if fused:
-    from vesperjax.kernels.cross_entropy import linear_cross_entropy
+    from vesperjax.kernels import linear_cross_entropy
     w = model.embed[...].astype(hidden.dtype)
     loss, entropy = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w,
                                          targets.reshape(-1), valid_vocab=valid_vocab)

@@ -1,0 +1,260 @@
+"""The training loop's periodic actions, each a small callable run after every step.
+
+The loop (`trainer.Trainer.train`) runs one jit step, then hands a `StepInfo` to each
+action in turn; an action that sets `info.stop` ends the loop after that step (the
+actions after it do not run). In the trainer's order:
+
+  ThroughputWindow.count    tokens/s over training time only (not compile, eval, save)
+  LogMetrics                fetches the step's metrics (the only sync with the device
+                            on the training path) and writes them: TensorBoard,
+                            metrics.jsonl, progress bar
+  GuardDivergence           stops a run whose steps keep being skipped or whose loss spikes
+  EvaluateAndKeepBest       validation loss; the best-so-far checkpoint
+  StopOnSignal              the first SIGTERM/SIGINT: stop (and save) after this step
+  PeriodicCheckpoint        the latest checkpoints, never while steps are being skipped
+  ThroughputWindow.restart  evaluating and saving do not count as training time
+
+Actions read plain values (`build.LoopSettings`), never the run config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from vesperjax.divergence import DivergenceGuard
+
+# Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def device_peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def due(step: int, every: int, last: int | None = None) -> bool:
+  """True on every `every`-th step, and on `last`."""
+  return step % every == 0 or step == last
+
+
+@dataclasses.dataclass
+class StepInfo:
+  """One finished step, as the actions see it."""
+  step: int
+  state: Any  # TrainState after the step
+  metrics: dict  # the step's metrics, still on device
+  loss: float | None = None  # set by LogMetrics on log steps
+  stop: str | None = None  # why the loop ends after this step, once an action says so
+
+
+class ThroughputWindow:
+  """Counts steps since the window opened; the first step of a run (it compiles) and
+  the time spent evaluating or saving are left out."""
+
+  def __init__(self, first_step: int, eval_every: int, save_every: int,
+               clock: Callable[[], float] = time.perf_counter):
+    self.first_step, self.eval_every, self.save_every = first_step, eval_every, save_every
+    self.clock = clock
+    self.reset()
+
+  def reset(self) -> None:
+    self.start, self.steps = self.clock(), 0
+
+  def count(self, info: StepInfo) -> None:
+    self.steps += 1
+    if self.steps == 1 and info.step == self.first_step:  # compiling happened in that call
+      self.reset()
+
+  def steps_per_s(self) -> float | None:
+    return self.steps / (self.clock() - self.start) if self.steps else None
+
+  def restart(self, info: StepInfo) -> None:
+    if info.step % self.eval_every == 0 or info.step % self.save_every == 0:
+      self.reset()
+
+
+class MetricsSink:
+  """Scalars to TensorBoard (WORKDIR/tb) and WORKDIR/metrics.jsonl, and the progress bar;
+  process 0 only (elsewhere every method does nothing)."""
+
+  def __init__(self, workdir: str, max_steps: int, step: int):
+    self.workdir = workdir
+    self.writer = self.bar = None
+    if jax.process_index() != 0:
+      return
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+    self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+    self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True,
+                    mininterval=1.0, file=sys.stderr)
+
+  def advance(self, info: StepInfo) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if self.writer is None:
+      return
+    for k, v in scalars.items():
+      self.writer.add_scalar(k, v, step)
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def postfix(self, **values) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(refresh=False, **values)
+
+  def close(self) -> None:
+    """Idempotent."""
+    for thing in (self.writer, self.bar):
+      if thing is not None:
+        thing.close()
+    self.writer = self.bar = None
+
+
+def step_scalars(host: dict, step: int, lr: Callable[[int], Any], tokens_per_s,
+                 flops_per_token: float, peak: float | None) -> dict:
+  """The logged scalars of one step's fetched metrics (+ perplexity, LR, tokens/s, MFU,
+  each expert's share of the routed tokens)."""
+  scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+  scalars["perplexity"] = math.exp(min(scalars["loss"], 50))
+  if "learning_rate" not in scalars:  # adamw: the schedule's value
+    scalars["learning_rate"] = float(lr(step - 1))
+  if tokens_per_s is not None:
+    scalars["tokens_per_s"] = tokens_per_s
+    if peak:
+      scalars["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+  if "expert_load" in host:  # [layers, experts]: each expert's share, layer-averaged
+    load = np.asarray(host["expert_load"]).mean(0)
+    scalars.update({f"expert_load/{i}": float(x) for i, x in enumerate(load)})
+    scalars["expert_load/max_over_mean"] = float(load.max() * load.size)
+  return scalars
+
+
+class LogMetrics:
+  """Every `every` steps and at `last`: fetch, compute and write the step's scalars."""
+
+  def __init__(self, every: int, last: int, sink: MetricsSink, window: ThroughputWindow,
+               *, tokens_per_step: int, lr, flops_per_token: float, peak: float | None):
+    self.every, self.last, self.sink, self.window = every, last, sink, window
+    self.tokens_per_step, self.lr = tokens_per_step, lr
+    self.flops, self.peak = flops_per_token, peak
+    self.last_loss = None
+
+  def __call__(self, info: StepInfo) -> None:
+    if not due(info.step, self.every, self.last):
+      return
+    host = jax.device_get(info.metrics)
+    rate = self.window.steps_per_s()
+    tps = None if rate is None else rate * self.tokens_per_step
+    scalars = step_scalars(host, info.step, self.lr, tps, self.flops, self.peak)
+    self.sink.write(info.step, scalars)
+    self.sink.postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps or 0:,.0f}")
+    self.window.reset()
+    info.loss = self.last_loss = scalars["loss"]
+
+
+class GuardDivergence:
+  """Records each step's finite flag (no sync); on log and save steps asks the guard,
+  so a save never keeps a diverging state. Stops the loop with `diverged` set."""
+
+  def __init__(self, guard: DivergenceGuard, *, log_every: int, save_every: int, last: int):
+    self.guard, self.last = guard, last
+    self.log_every, self.save_every = log_every, save_every
+    self.diverged: str | None = None
+
+  def __call__(self, info: StepInfo) -> None:
+    self.guard.record(info.metrics["finite"])
+    logged = due(info.step, self.log_every, self.last)
+    if not (logged or info.step % self.save_every == 0):
+      return
+    loss = info.loss if logged else float(info.metrics["loss"])
+    self.diverged = self.guard.check(info.step, loss)
+    if self.diverged:
+      info.stop = "diverged"
+
+
+class EvaluateAndKeepBest:
+  """Every `every` steps and at `last`: the validation loss, logged, and the state kept
+  as the best checkpoint when it beats every earlier one (and is finite)."""
+
+  def __init__(self, every: int, last: int, evaluate: Callable[[Any], float | None],
+               save_best: Callable[[int, Any, float], Any], finite: Callable[[Any], bool],
+               sink: MetricsSink):
+    self.every, self.last, self.evaluate = every, last, evaluate
+    self.save_best, self.finite, self.sink = save_best, finite, sink
+    self.eval_loss = None
+
+  def __call__(self, info: StepInfo) -> None:
+    if not due(info.step, self.every, self.last):
+      return
+    self.eval_loss = self.evaluate(info.state)
+    if self.eval_loss is None:
+      return
+    self.sink.write(info.step, {"eval_loss": self.eval_loss,
+                                "eval_perplexity": math.exp(min(self.eval_loss, 50))})
+    if self.finite(info.state):
+      self.save_best(info.step, info.state, self.eval_loss)
+
+
+class Signals:
+  """First SIGTERM/SIGINT asks for a clean stop (emergency save); a second exits at once."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:
+      os._exit(128 + signum)
+    self.received = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+          "(send again to exit at once)", file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class StopOnSignal:
+  def __init__(self, signals: Signals):
+    self.signals = signals
+
+  def __call__(self, info: StepInfo) -> None:
+    if self.signals.received is not None:
+      info.stop = signal.Signals(self.signals.received).name
+
+
+class PeriodicCheckpoint:
+  """Every `every` steps: save the latest checkpoint, unless the last steps were skipped
+  (a run that is diverging keeps its last good checkpoint as the latest)."""
+
+  def __init__(self, every: int, save: Callable[[int, Any], Any], guard: DivergenceGuard,
+               log: Callable[[str], None]):
+    self.every, self.save, self.guard, self.log = every, save, guard, log
+
+  def __call__(self, info: StepInfo) -> None:
+    if info.step % self.every:
+      return
+    if self.guard.streak:
+      self.log(f"step {info.step}: not saved while steps are being skipped")
+    else:
+      self.save(info.step, info.state)

@@ -1,0 +1,324 @@
+"""Builds a run: everything a command sets up before its loop, each piece written once.
+
+The stages, and the commands that take them:
+
+  `LoopSettings.from_run`  the loop's numbers (steps, cadences, batch)   train, benchmarks
+  `checked_mesh`           the mesh; the batch must split over it         train, throughput
+  `model_vocab`            the vocabulary without reading data            throughput
+  `prepare_data`           tokenizer + caches, process 0 first            train, optimizers
+  `build_model`            ModelConfig, optimizer, jitted steps, LR       train, benchmarks
+  `build_run`              all of it + workdir lock, checkpointer, data   train
+                           iterator, the state (fresh or restored), run files
+  `load_model`             the model's variables alone, restored into an  generate
+                           abstract model (no optimizer, no steps)
+
+This module is the one place that reads the run config's sections (`run.train`, `run.data`,
+`run.optim`, `run.mesh`; `train_step.sharded_steps` reads the optimizer's), so what the
+loop and the benchmarks get are plain values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+from ml_collections import ConfigDict
+
+from vesperjax import data as vdata
+from vesperjax import sharding
+from vesperjax.checkpoint import (BEST, CHECKPOINTS, Checkpointer, CheckpointError,
+                                  _manager, read_json)
+from vesperjax.config import EXECUTION_FIELDS, ModelConfig
+from vesperjax.run_config import model_config
+from vesperjax.train_step import ShardedSteps, lr_schedule, sharded_steps
+from vesperjax.workdir_lock import acquire_for_job, describe_holder
+
+RUN_FILES = ("config.json", "model_config.json", "tokenizer.json")
+
+
+class RunError(RuntimeError):
+  """A run that cannot start or continue as configured (one-line message)."""
+
+
+def log_line(text: str) -> None:
+  """A status line on stderr, from process 0 only."""
+  if jax.process_index() == 0:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """What the training loop needs to know of the run config, read once."""
+  max_steps: int
+  log_every: int
+  eval_every: int
+  save_every: int
+  batch_size: int  # global, per micro-batch
+  grad_accum: int
+  seq_len: int
+  eval_batches: int
+  max_skipped_steps: int
+  loss_spike_factor: float
+  seed: int
+
+  @classmethod
+  def from_run(cls, run: ConfigDict) -> "LoopSettings":
+    t = run.train
+    return cls(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
+               save_every=t.save_every, batch_size=t.batch_size, grad_accum=t.grad_accum,
+               seq_len=run.data.seq_len, eval_batches=t.eval_batches,
+               max_skipped_steps=t.max_skipped_steps,
+               loss_spike_factor=t.loss_spike_factor, seed=t.seed)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.grad_accum * self.seq_len
+
+
+def checked_mesh(run: ConfigDict, batch_size: int, flag: str = "config.train.batch_size"):
+  """The run's mesh (`run.mesh`); `batch_size` must split over its batch axes (`flag`
+  names the setting in the error)."""
+  mesh = sharding.make_mesh(**run.mesh)
+  shards = sharding.batch_divisor(mesh)
+  if batch_size % shards:
+    raise RunError(f"{flag}={batch_size} must be a multiple of the {shards} batch shards "
+                   f"of the mesh {dict(mesh.shape)}")
+  return mesh
+
+
+def model_vocab(run: ConfigDict) -> int:
+  """The model's vocabulary without reading data: the config's, or the tokenizer spec's."""
+  from vesperjax.data.tokenizer import Tokenizer, byte_tokenizer, parse_spec
+  if run.model.vocab_size is not None:
+    return run.model.vocab_size
+  kind, n = parse_spec(run.data.tokenizer)
+  if kind == "bpe":
+    return vdata.padded_vocab_size(n)
+  tok = byte_tokenizer() if kind == "byte" else Tokenizer.from_file(run.data.tokenizer)
+  return vdata.padded_vocab_size(tok.vocab_size)
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any  # vesperjax.data.Tokenizer
+  train_cache: Any  # TokenCache
+  val_cache: Any  # TokenCache, or None when the data has no validation split
+
+
+def prepare_data(run: ConfigDict, workdir: str, *, progress: bool = True) -> Data:
+  """Tokenizer and caches (in `data.cache_dir` or WORKDIR/data). With several processes,
+  process 0 trains the tokenizer and builds the caches first; the others then load them.
+  A workdir that holds a tokenizer.json keeps it, and refuses another tokenizer spec."""
+  if jax.process_count() == 1:
+    return _prepare_data_here(run.data, workdir, progress)
+  from jax.experimental import multihost_utils
+  main = jax.process_index() == 0
+  if not main:
+    multihost_utils.sync_global_devices("vesperjax: data prepared")
+  data = _prepare_data_here(run.data, workdir, progress and main)
+  if main:
+    multihost_utils.sync_global_devices("vesperjax: data prepared")
+  return data
+
+
+def _prepare_data_here(d: ConfigDict, workdir: str, progress: bool) -> Data:
+  tokenizer = d.tokenizer
+  saved = os.path.join(workdir, "tokenizer.json")
+  if os.path.exists(saved):  # a resumed run keeps its tokenizer: its spec must match
+    config_path = os.path.join(workdir, "config.json")
+    before = (read_json(config_path).get("data", {}).get("tokenizer")
+              if os.path.exists(config_path) else None)
+    if before is not None and before != d.tokenizer:
+      raise RunError(f"{workdir} was trained with data.tokenizer={before!r}, not "
+                     f"{d.tokenizer!r}; use a new --workdir")
+    tokenizer = saved
+  train_cache, val_cache, tok = vdata.prepare_train_val(
+      d.dataset, tokenizer, d.cache_dir or os.path.join(workdir, "data"),
+      val_dataset=d.val_dataset, text_field=d.text_field, val_percent=d.val_percent,
+      progress=progress)
+  return Data(tok, train_cache, val_cache)
+
+
+@dataclasses.dataclass
+class Model:
+  """A model and its compiled steps on one mesh (no data, no state yet)."""
+  mesh: Any
+  config: ModelConfig
+  steps: ShardedSteps  # graphdef, abstract state, shardings, init/train/eval steps
+  lr: Callable[[int], Any]  # the optimizer's schedule (logged for AdamW)
+
+
+def build_model(run: ConfigDict, mesh, *, vocab_size: int, valid_vocab: int | None = None,
+                seq_len: int | None = None, seq_flag: str = "config.data.seq_len") -> Model:
+  """The ModelConfig (`run.model` over its preset, `vocab_size` unless set) and the
+  optimizer and jitted steps of `run.optim` / `run.train` on `mesh`. `valid_vocab`: the
+  tokenizer's size (default the model's; logits beyond it are masked)."""
+  config = model_config(run, vocab_size)
+  seq_len = run.data.seq_len if seq_len is None else seq_len
+  if seq_len > config.max_seq_len:
+    raise RunError(f"{seq_flag}={seq_len} exceeds the model's max_seq_len="
+                   f"{config.max_seq_len}")
+  valid_vocab = config.vocab_size if valid_vocab is None else valid_vocab
+  steps = sharded_steps(config, run, mesh, valid_vocab=valid_vocab)
+  return Model(mesh, config, steps, lr_schedule(run.optim, run.train.max_steps))
+
+
+def check_same_model(workdir: str, config: ModelConfig) -> None:
+  """A workdir holds one model: resuming it with another shape is an error (how it
+  runs, EXECUTION_FIELDS such as remat or scan_layers, may change)."""
+  path = os.path.join(workdir, "model_config.json")
+  if os.path.exists(path):
+    saved = ModelConfig.from_dict(read_json(path))
+    diff = [f"{k}: {v} -> {getattr(config, k)}" for k, v in saved.to_dict().items()
+            if k not in EXECUTION_FIELDS and getattr(config, k) != v]
+    if diff:
+      raise RunError(f"{workdir} holds a different model ({'; '.join(diff)}); "
+                     "use a new --workdir")
+
+
+def write_run_files(workdir: str, run: ConfigDict, config: ModelConfig, tokenizer) -> None:
+  """config.json, model_config.json and tokenizer.json, each replaced atomically."""
+  if jax.process_index() != 0:
+    return
+  files = {"config.json": run.to_json_best_effort(indent=2, sort_keys=True),
+           "model_config.json": config.to_json()}
+  for name, text in files.items():
+    tmp = os.path.join(workdir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+  tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+
+
+def restore_or_init(model: Model, ckpt: Checkpointer, data_iter, *, seed: int,
+                    resume: bool, require_resume: bool, workdir: str,
+                    log: Callable[[str], None]):
+  """The newest readable checkpoint's state (moving `data_iter` to where it was), or a
+  fresh one from `seed`; `require_resume` makes a missing checkpoint an error."""
+  with jax.set_mesh(model.mesh):
+    found = None
+    if resume or require_resume:
+      found = ckpt.restore_newest(model.steps.abstract, data_iter, log)
+    if require_resume and found is None:
+      raise RunError(f"--resume: no checkpoint in {workdir}/{CHECKPOINTS}")
+    if found is None:
+      return model.steps.init(jax.random.key(seed))
+    state, start, kind = found
+    log(f"resumed from step {start}" + (
+        "" if kind == "latest" else " (the best checkpoint: no intact latest one; "
+        "the data order starts over)"))
+    return state
+
+
+@dataclasses.dataclass
+class Run:
+  """A training run ready for its loop; `close()` releases the checkpointer and lock."""
+  run: ConfigDict
+  workdir: str
+  settings: LoopSettings
+  model: Model
+  data: Data
+  ckpt: Checkpointer
+  data_iter: Any  # grain iterator of host batches, checkpointed with the state
+  state: Any  # TrainState
+  lock: Any  # WorkdirLock on process 0, None elsewhere
+
+  def close(self) -> None:
+    _close(self.ckpt, self.lock)
+
+
+def _close(ckpt, lock) -> None:
+  try:
+    if ckpt is not None:
+      ckpt.close()
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def build_run(run: ConfigDict, workdir: str, *, require_resume: bool = False,
+              log: Callable[[str], None] = log_line) -> Run:
+  """Everything a training run needs, in the order that fails cheapest first: the mesh
+  and the model config before the workdir is touched; the workdir lock before anything
+  in it is read or written; the data before the model (the tokenizer sets the vocab)."""
+  settings = LoopSettings.from_run(run)
+  mesh = checked_mesh(run, settings.batch_size)
+  model_config(run)  # a bad model config fails before tokenizing
+  os.makedirs(workdir, exist_ok=True)
+  lock = acquire_for_job(workdir)
+  if lock is not None and lock.previous:
+    log(f"{workdir}: took over the lock of a trainer that is gone "
+        f"({describe_holder(lock.previous)})")
+  ckpt = None
+  try:
+    data = prepare_data(run, workdir, progress=jax.process_index() == 0)
+    vocab = data.tokenizer.vocab_size
+    check_same_model(workdir, model_config(run, vdata.padded_vocab_size(vocab)))
+    model = build_model(run, mesh, vocab_size=vdata.padded_vocab_size(vocab),
+                        valid_vocab=vocab)
+    ckpt = Checkpointer(workdir, keep=run.train.keep_checkpoints, log=log)
+    data_iter = vdata.train_iterator(data.train_cache, settings.seq_len,
+                                     settings.batch_size, seed=settings.seed,
+                                     num_workers=run.data.num_workers)
+    state = restore_or_init(model, ckpt, data_iter, seed=settings.seed,
+                            resume=run.train.resume, require_resume=require_resume,
+                            workdir=workdir, log=log)
+    write_run_files(workdir, run, model.config, data.tokenizer)
+  except BaseException:
+    _close(ckpt, lock)
+    raise
+  return Run(run, workdir, settings, model, data, ckpt, data_iter, state, lock)
+
+
+def load_model(workdir: str, step: int | None = None, *, best: bool = False):
+  """(model in eval mode, tokenizer, run config) of a run, on one device.
+
+  `step=None` takes the latest checkpoint (or the best one with `best=True`). Only the
+  model's variables are read (the `params` and `rest` of the saved train state, restored
+  into an abstract model's shapes and shardings); the optimizer state is never built.
+  """
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from vesperjax.data import Tokenizer
+  from vesperjax.model import VesperLM, trainable_filter
+
+  run = ConfigDict(read_json(os.path.join(workdir, "config.json")))
+  config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
+  tok_path = os.path.join(workdir, "tokenizer.json")
+  if not os.path.exists(tok_path):
+    raise CheckpointError(f"{tok_path} not found: is this a vesperjax run directory?")
+  tokenizer = Tokenizer.from_file(tok_path)
+
+  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {workdir}")
+    if step is None:
+      step = manager.best_step() if best else manager.latest_step()
+    elif step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have "
+                            f"{sorted(steps)}")
+    one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
+    abstract = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, trainable_filter(config), ...)
+    target = {"params": _restore_target(params, one_device),
+              "rest": _restore_target(rest, one_device)}
+    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  model = nnx.merge(graphdef, saved["params"], saved["rest"])
+  model.eval()
+  return model, tokenizer, run
+
+
+def _restore_target(tree, mesh):
+  """ShapeDtypeStructs carrying the rule-given shardings on `mesh`: Orbax reshards."""
+  shardings = sharding.state_shardings(tree, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

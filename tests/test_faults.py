@@ -95,3 +95,43 @@ def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):  # noqa
   resumed = Trainer(tiny_run(corpus, max_steps=8, eval_every=100), str(tmp_path))
   assert int(resumed.state.step) == 3
   resumed.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 KB tmpfs: one checkpoint of the tiny run fits, the next does not."""
+  import subprocess
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
+  yield disk
+  subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_during_save_is_one_line_and_keeps_the_last_checkpoint(
+    corpus, tmp_path, small_disk):  # noqa: F811
+  import subprocess
+  work = small_disk / "run"
+  run = ["--config.train.max_steps=8", "--config.train.save_every=2",
+         "--config.train.log_every=1", "--config.train.eval_every=100",
+         f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  full = cli(*overrides(corpus, small_disk / "run"), *run)
+  assert full.returncode == 2, full.stderr
+  assert "Traceback" not in full.stderr, full.stderr
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint ") and "no space left on device" in last, last
+  assert "the latest checkpoint is step 2; its partial files were removed" in last, last
+  left = os.listdir(work / "checkpoints")
+  assert left == ["2"], left  # no *.orbax-checkpoint-tmp debris
+
+  subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+  resumed = cli(*overrides(corpus, work), *run)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step 2" in resumed.stderr
+  reference = cli(*overrides(corpus, tmp_path / "reference"), *run)
+  assert reference.returncode == 0, reference.stderr
+  want, got = losses(tmp_path / "reference"), losses(work)
+  assert all(got[s] == want[s] for s in range(3, 9)), (got, want)

@@ -36,8 +36,8 @@ from gpu_kernel_checks import (BF16, F32, THRESHOLDS, _err, check_ce, check_era,
                                rel_err, section_kernels)
 VOCAB = 32768
 MEM_FRACTION = 0.95  # XLA's share of the card, children's default: xlarge B=8 on 80 GB
-# preset: (batch, seq_len). Deviceless compile for h100-80gb (jax 0.10.2), arguments +
-# outputs - aliases + temp: small 18.5 GiB, medium 40.5, xlarge 68.1 (at B=16: 111).
+# preset: (batch, seq_len), each fitting an 80 GB card by its deviceless compile
+# (`python -m vesperjax.plan`, docs/gpu.md).
 MODELS = {"small": (32, 2048), "medium": (32, 2048), "xlarge": (8, 2048)}
 REDUCED_HIDDEN = {"small": 64, "medium": 96, "xlarge": 128}  # 2 layers, vocab 512, 2 x 32
 # kernels/bench.py at half its "full" shapes: every operand still >> the 50 MB L2 and each

@@ -7,7 +7,7 @@ def get_config():
   config.optim.lr = 0.001
   config.optim.warmup_steps = 30
   config.train.batch_size = 8
-  config.model.scan_layers = False  # 6 layers: unrolled is ~8% faster on CPU
+  config.model.scan_layers = False  # shallow: unrolled is faster on CPU (docs/benchmarks.md)
   config.train.max_steps = 150
   config.train.eval_every = 50
   config.train.save_every = 50

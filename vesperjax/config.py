@@ -58,9 +58,9 @@ class ModelConfig:
   remat: str = "none"  # per-layer rematerialisation policy, one of REMAT_POLICIES
   # True: the layers run as one `lax.scan` (compile time flat in depth). False: a Python
   # loop over the same stacked parameters; each layer's residuals then stay separate
-  # buffers instead of being stacked into [layers, ...] ones, ~8% faster on XLA:CPU for
-  # tiny (see docs/benchmarks.md). Checkpoints are the same either way; decoding with a
-  # KV cache always scans.
+  # buffers instead of being stacked into [layers, ...] ones, which XLA:CPU runs faster
+  # for shallow models (docs/benchmarks.md, "The measurement behind each CPU choice").
+  # Checkpoints are the same either way; decoding with a KV cache always scans.
   scan_layers: bool = True
   # vesperjax.kernels.attention: None/"auto" (measured choice per backend), "cudnn",
   # "pallas", "xla" (jax.nn.dot_product_attention) or "reference" (einsum + softmax)

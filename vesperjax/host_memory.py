@@ -2,8 +2,8 @@
 
 XLA:CPU allocates each step's temporaries afresh. Under glibc's defaults every large
 buffer is a new mmap that the kernel zero-fills page by page and that free() unmaps
-again: the tiny train step took ~220,000 minor page faults per step, ~15% of its time on
-a 2-core VM. One arena that never returns memory to the system (the MALLOC_ARENA_MAX,
+again, so a CPU train step spends much of its time in minor page faults
+(docs/benchmarks.md, "The measurement behind each CPU choice"). One arena that never returns memory to the system (the MALLOC_ARENA_MAX,
 MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ settings, made with mallopt) brings that to 0.
 The cost is that the process keeps its peak heap. `python -m vesperjax.<command>` applies
 it as the package is first imported, before numpy's and XLA's threads have taken arenas

@@ -57,10 +57,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature=1.0, top_k=0,
 def _filter_top_k_top_p(scaled, top_k, top_p):
   """-inf outside the top-k, then top-p, set of each row.
 
-  No sort: XLA's CPU sort of a 8k vocabulary cost ~5 ms a token, while finding each
-  cut-off by bisection over the float bit patterns (32 masked reductions) costs ~0.3
-  ms and is exact. Tokens tied with the k-th value are all kept (a sort would break
-  the tie by index).
+  No sort: XLA's CPU sort of the vocabulary costs far more a token than finding each
+  cut-off by bisection over the float bit patterns (32 masked reductions), which is
+  exact (docs/benchmarks.md, "Per-op measurements on CPU"). Tokens tied with the k-th
+  value are all kept (a sort would break the tie by index).
   """
   vocab = scaled.shape[-1]
   keys = _ordered_key(scaled)

@@ -21,7 +21,7 @@ from vesperjax.data import errors
 
 EOD = "<|endoftext|>"
 _EOD_ALIASES = (EOD, "</s>", "<eos>", "<|eos|>", "[SEP]")
-BPE_MAX_BYTES = 32 << 20  # ~32 MB of text trains a BPE in well under a minute
+BPE_MAX_BYTES = 32 << 20  # enough text for a stable BPE, little enough to train quickly
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:

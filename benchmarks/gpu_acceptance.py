@@ -95,8 +95,8 @@ def section_bench(ctx, res, save):
 # ---------------------------------------------------------------------- 3. throughput
 
 def model_run(preset, reduced):
-  """(run ConfigDict, batch, seq_len) of one throughput row."""
-  from vesperjax.run_config import default_run_config
+  """(RunConfig, batch, seq_len) of one throughput row."""
+  from vesperjax.run_config import RunConfig, default_run_config
   run, h = default_run_config(preset), REDUCED_HIDDEN[preset]
   batch, seq = (2, 32) if reduced else MODELS[preset]
   run.model.update(dict(hidden_size=h, num_heads=2, ffn_size=2 * h, num_layers=2,
@@ -104,7 +104,7 @@ def model_run(preset, reduced):
   run.data.seq_len, run.train.batch_size, run.train.grad_accum = seq, batch, 1
   run.model.dtype = "auto" if reduced else "bfloat16"  # auto: fp32 on the CPU
   run.optim.name, run.mesh.data = "velvet", 1
-  return run, batch, seq
+  return RunConfig.from_config_dict(run), batch, seq
 
 
 def _peak_flops(kind):
@@ -123,7 +123,10 @@ def throughput_one(ctx, preset):
   config, rng = model_config(run), np.random.default_rng(0)
   warmup, n = (1, 3) if ctx.reduced else (2, 10)
   mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
-  steps = sharded_steps(config, run, mesh, valid_vocab=config.vocab_size)
+  t = run.train
+  steps = sharded_steps(config, mesh, optim=run.optim, max_steps=t.max_steps,
+                        valid_vocab=config.vocab_size, fused_loss=t.fused_loss,
+                        platform=t.platform)
   with jax.set_mesh(mesh):
     state = steps.init(jax.random.key(0))
     batches = [sharding.global_batch_from_host(rng.integers(

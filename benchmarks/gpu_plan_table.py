@@ -46,7 +46,8 @@ def log(msg: str) -> None:
 
 
 def run_config(preset: str, devices: int, seq: int, remat: str = "none"):
-  from vesperjax.run_config import default_run_config
+  """The RunConfig of one cell: default_run_config(preset) with the table's settings."""
+  from vesperjax.run_config import RunConfig, default_run_config
   run = default_run_config(preset)
   run.model.vocab_size = VOCAB
   run.optim.name = "velvet"
@@ -56,7 +57,7 @@ def run_config(preset: str, devices: int, seq: int, remat: str = "none"):
   run.model.dtype = "auto"
   if devices > 1:
     run.mesh.data, run.mesh.fsdp = 1, devices
-  return run
+  return RunConfig.from_config_dict(run)
 
 
 def cells(only=None):
@@ -144,8 +145,7 @@ def same_program_check(preset, devices, seq, h100: dict) -> list[dict]:
   batch = h100["max_batch"]
   if batch not in points:
     return []
-  run = run_config(preset, devices, seq)
-  run.train.batch_size = batch
+  run = run_config(preset, devices, seq).replace(train=dict(batch_size=batch))
   got = plan.plan_step(run, target="h200", devices=devices, mem_fraction=MEM_FRACTION,
                        progress=log)["per_device_bytes"]["total"]
   return [dict(batch=batch, seq=seq, remat="none", h100_bytes=points[batch],
@@ -171,8 +171,7 @@ def original_rows(path: str) -> dict:
     k = f"{preset}|{batch}|{remat}"
     if k in out:
       continue
-    run = run_config(preset, 1, 512, remat)
-    run.train.batch_size = batch
+    run = run_config(preset, 1, 512, remat).replace(train=dict(batch_size=batch))
     p = plan.plan_step(run, target="h100-80gb", mem_fraction=MEM_FRACTION, progress=log)
     out[k] = dict(preset=preset, batch=batch, seq=512, remat=remat, original=words,
                   per_device_bytes=p["per_device_bytes"], params_total=p["params_total"],

@@ -318,12 +318,13 @@ def ours_describe_worker(spec: dict) -> dict:
   import importlib.util
   import numpy as np
   from vesperjax.config import num_params
-  from vesperjax.run_config import model_config
+  from vesperjax.run_config import RunConfig, model_config
   loader = importlib.util.spec_from_file_location("experiment", ROOT / spec["config"])
   mod = importlib.util.module_from_spec(loader)
   loader.loader.exec_module(mod)
-  run = mod.get_config()
-  run.model.vocab_size = VOCAB  # --config.model.vocab_size=8192
+  cd = mod.get_config()
+  cd.model.vocab_size = VOCAB  # --config.model.vocab_size=8192
+  run = RunConfig.from_config_dict(cd)
   c = model_config(run)
   return dict(shape=dict(
       vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_layers, heads=c.num_heads,

@@ -35,15 +35,15 @@ def batches(steps: int, batch: int = BATCH, seq: int = SEQ, vocab: int = 128):
 
 
 def tiny_run(cfg, steps: int, lr: float = 1e-2):
-  """A run config whose model is `cfg`: AdamW at `lr`, BATCH x SEQ tokens per step."""
-  from vesperjax.run_config import default_run_config
+  """A RunConfig whose model is `cfg`: AdamW at `lr`, BATCH x SEQ tokens per step."""
+  from vesperjax.run_config import RunConfig, default_run_config
   run = default_run_config("tiny")
   run.model.update({k: v for k, v in cfg.to_dict().items() if k in run.model})
   run.data.seq_len = SEQ
   run.optim.update(dict(name="adamw", lr=lr, warmup_steps=0))
   run.train.update(dict(batch_size=BATCH, grad_accum=1, max_steps=steps, seed=0,
                         fused_loss=False))
-  return run
+  return RunConfig.from_config_dict(run)
 
 
 def train(cfg, mesh, steps: int = 3, data=None, hlo: bool = False):

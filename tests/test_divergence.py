@@ -7,6 +7,7 @@ import pytest
 
 from tests.test_train import corpus, tiny_run  # noqa: F401
 from vesperjax.divergence import DivergenceGuard
+from vesperjax.run_config import RunConfig
 from vesperjax.train_step import all_finite
 from vesperjax.trainer import RunError, Trainer
 
@@ -34,9 +35,13 @@ def test_guard_rules():
 def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
   """lr=inf (refused by the CLI, forced here): loss and gradient are finite, the update
   is not; the step is skipped and the state is untouched."""
-  run = tiny_run(corpus, max_steps=4)
-  run.optim.update(dict(lr=float("inf"), warmup_steps=0))
-  trainer = Trainer(run, str(tmp_path))
+  cd = tiny_run(corpus, max_steps=4)
+  cd.optim.update(dict(lr=float("inf"), warmup_steps=0))
+  with pytest.raises(ValueError, match="config.optim.lr: must be finite"):
+    Trainer(cd, str(tmp_path))  # a ConfigDict is validated at the door, as by the CLI
+  cd.optim.lr = 1e-3
+  run = RunConfig.from_config_dict(cd).replace(optim=dict(lr=float("inf")))
+  trainer = Trainer(run, str(tmp_path))  # a RunConfig is taken as it is
   before = jax.tree.map(np.asarray, (trainer.state.params, trainer.state.opt_state))
   with jax.set_mesh(trainer.mesh):
     state, metrics = trainer.train_step(trainer.state, trainer._next_batch())  # pylint: disable=protected-access

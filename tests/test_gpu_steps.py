@@ -4,13 +4,15 @@ Lowering tests run anywhere (StableHLO lowered for cuda from the CPU devices); c
 tests run XLA:GPU itself for H100-80GB and H200 targets on 1 and 8 compile-only devices
 (they skip, saying why, without the CUDA plugin wheels).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from tests import gpu_util
 from vesperjax import gpu_targets, kernels, sharding
-from vesperjax.run_config import default_run_config, model_config
+from vesperjax.run_config import RunConfig, default_run_config, model_config
 from vesperjax.train_step import sharded_steps
 
 VOCAB = 2048
@@ -24,13 +26,15 @@ def _run(preset="tiny", platform="cuda", **overrides):
   for key, value in overrides.items():
     section, name = key.split("__")
     run[section][name] = value
-  return run
+  return RunConfig.from_config_dict(run)
 
 
 def _steps(run, devices):
-  mesh = sharding.make_mesh(**run.mesh, devices=list(devices))
-  steps = sharded_steps(model_config(run, VOCAB), run, mesh, valid_vocab=VOCAB - 48)
+  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(devices))
   t = run.train
+  steps = sharded_steps(model_config(run, VOCAB), mesh, optim=run.optim,
+                        max_steps=t.max_steps, valid_vocab=VOCAB - 48,
+                        fused_loss=t.fused_loss, platform=t.platform)
   batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, run.data.seq_len + 1),
                                jnp.int32, sharding=steps.batch_sharding)
   tokens = jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32,

@@ -16,7 +16,7 @@ from tests.gpu_util import needs_gpu_compile
 from vesperjax import gpu_targets, plan
 from vesperjax.config import num_params
 from vesperjax.data import cache as token_cache
-from vesperjax.run_config import default_run_config, model_config
+from vesperjax.run_config import RunConfig, default_run_config, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"params_total", "params_trainable", "per_device_bytes", "device_memory_bytes",
@@ -31,7 +31,7 @@ def _run(**mesh):
   run.train.batch_size = 8
   for k, v in mesh.items():
     run.mesh[k] = v
-  return run
+  return RunConfig.from_config_dict(run)
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,10 @@ def test_max_batch_finds_the_boundary(tiny_plan):
   if b == 8:
     at = tiny_plan  # itself an independent compile at batch 8
   else:
-    run.train.batch_size = b
-    at = plan.plan_step(run, target="h100-80gb", mem_fraction=fraction)
-  run.train.batch_size = b + d
-  above = plan.plan_step(run, target="h100-80gb", mem_fraction=fraction)
+    at = plan.plan_step(run.replace(train=dict(batch_size=b)), target="h100-80gb",
+                        mem_fraction=fraction)
+  above = plan.plan_step(run.replace(train=dict(batch_size=b + d)), target="h100-80gb",
+                         mem_fraction=fraction)
   assert at["per_device_bytes"]["total"] <= total < above["per_device_bytes"]["total"]
   assert at["per_device_bytes"]["total"] == found["per_device_bytes"]
   assert not above["fits"]
@@ -123,7 +123,8 @@ def test_search_on_a_known_curve():
 
 
 def test_chinchilla_hand_derived():
-  run = default_run_config("tiny")  # batch 8 x accum 1 x seq 256, vocab 32768
+  # batch 8 x accum 1 x seq 256, vocab 32768
+  run = RunConfig.from_config_dict(default_run_config("tiny"))
   c = plan.chinchilla(run, 2_000_000_000)
   # medium at vocab 32768 (hidden 768, 12 layers, ffn 3072, FlyLoRA rank 16):
   ffn = 2 * (768 * 3072 + 3072) + 2 * 16 * 3072 + (3072 * 768 + 768)
@@ -134,7 +135,7 @@ def test_chinchilla_hand_derived():
   assert c["params_optimal"] == 1e8 and c["preset"] == "medium"
   assert c["preset_params"] == medium
   assert c["tokens_per_step"] == 8 * 1 * 256 and c["steps"] == 976_563  # ceil(2e9 / 2048)
-  run.train.grad_accum, run.data.seq_len = 4, 2048
+  run = run.replace(train=dict(grad_accum=4), data=dict(seq_len=2048))
   c = plan.chinchilla(run, 26_000_000_000)  # 1.3e9 params: xlarge (1,286,297,600)
   assert c["preset"] == "xlarge" and c["steps"] == -(-26_000_000_000 // (8 * 4 * 2048))
 

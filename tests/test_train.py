@@ -55,6 +55,8 @@ def test_end_to_end_run_writes_everything(corpus, tmp_path):
   assert train(run, str(tmp_path)) == 0
   for name in ("config.json", "model_config.json", "tokenizer.json", "metrics.jsonl"):
     assert (tmp_path / name).exists(), name
+  # the same JSON as the experiment's ConfigDict: sections of keys, None as null
+  assert json.load(open(tmp_path / "config.json")) == json.loads(run.to_json_best_effort())
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
   assert os.listdir(tmp_path / "best")
   recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -168,6 +170,8 @@ def overrides(corpus, workdir):
      "train.batch_size: must be positive"),
     (["--config.model.num_experts=2", "--config.model.moe_capacity_factor=-1"],
      "moe_capacity_factor"),
+    # None is no command-line value: leaving the key out keeps the preset's
+    (["--config.model.moe_capacity_factor=None"], "moe_capacity_factor=None"),
 ])
 def test_cli_bad_input_is_one_line(corpus, tmp_path, extra, message):
   r = cli(*overrides(corpus, tmp_path / "run"), *extra)
@@ -250,8 +254,13 @@ def test_load_model_reads_adamw_and_best_checkpoints(corpus, tmp_path):
   trainer = Trainer(run, str(tmp_path))
   trainer.train()
   trainer.close()
+  # a workdir from before dtype/remat/scan_layers moved to `model` still loads
+  saved = json.load(open(tmp_path / "config.json"))
+  saved["train"].update(dtype="float32", remat="none", scan_layers=True)
+  (tmp_path / "config.json").write_text(json.dumps(saved))
   params = lambda model: jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-  latest, _, _ = load_model(str(tmp_path))
+  latest, _, loaded_run = load_model(str(tmp_path))
+  assert loaded_run.optim.name == "adamw" and loaded_run.train.max_steps == 3
   jax.tree.map(np.testing.assert_array_equal, params(latest),
                jax.tree.map(np.asarray, trainer.state.params))
   best_step = int(sorted(os.listdir(tmp_path / "best"))[-1])

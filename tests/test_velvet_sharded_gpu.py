@@ -5,6 +5,7 @@ the whole parameter bucket onto every device. With the params' shardings it runs
 ``jax.shard_map``, so its operands are each device's shard and the fused step needs no
 more memory than the unfused one.
 """
+import dataclasses
 import re
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from tests import gpu_util
 from vesperjax import sharding
-from vesperjax.run_config import default_run_config, model_config
+from vesperjax.run_config import RunConfig, default_run_config, model_config
 from vesperjax.train_step import sharded_steps
 
 VOCAB = 32768
@@ -22,11 +23,15 @@ TRITON = "__gpu$xla.gpu.triton"
 def _compile(fused: bool):
   # the tiny preset as trained (its activations, not the optimizer, set the peak; in a
   # cut-down model the packed buckets can add ~1 MiB above the unfused step)
-  run = default_run_config("tiny")
-  run.mesh.data, run.mesh.fsdp = 2, 4
-  run.optim.fused = fused
-  mesh = sharding.make_mesh(**run.mesh, devices=gpu_util.target_devices("h200", 8))
-  steps = sharded_steps(model_config(run, VOCAB), run, mesh, valid_vocab=32000)
+  cd = default_run_config("tiny")
+  cd.mesh.data, cd.mesh.fsdp = 2, 4
+  cd.optim.fused = fused
+  run = RunConfig.from_config_dict(cd)
+  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh),
+                            devices=gpu_util.target_devices("h200", 8))
+  steps = sharded_steps(model_config(run, VOCAB), mesh, optim=run.optim,
+                        max_steps=run.train.max_steps, valid_vocab=32000,
+                        fused_loss=run.train.fused_loss, platform=run.train.platform)
   assert steps.platform == "cuda"
   batch = jax.ShapeDtypeStruct((run.train.grad_accum, run.train.batch_size,
                                 run.data.seq_len + 1), jnp.int32,

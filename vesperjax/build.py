@@ -12,28 +12,32 @@ The stages, and the commands that take them:
   `load_model`             the model's variables alone, restored into an  generate
                            abstract model (no optimizer, no steps)
 
-This module is the one place that reads the run config's sections (`run.train`, `run.data`,
-`run.optim`, `run.mesh`; `train_step.sharded_steps` reads the optimizer's), so what the
-loop and the benchmarks get are plain values.
+This module is the one place that reads the run's sections (`run.train`, `run.data`,
+`run.optim`, `run.mesh` of a `RunConfig`), so what the loop and the steps get are plain
+values. `build_run` also takes an experiment's ConfigDict, converted at the door
+(`run_config.as_run_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
-from ml_collections import ConfigDict
 
 from vesperjax import data as vdata
 from vesperjax import sharding
 from vesperjax.checkpoint import (BEST, CHECKPOINTS, Checkpointer, CheckpointError,
                                   _manager, read_json)
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
-from vesperjax.run_config import model_config
+from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
 from vesperjax.train_step import ShardedSteps, lr_schedule, sharded_steps
 from vesperjax.workdir_lock import acquire_for_job, describe_holder
+
+if TYPE_CHECKING:
+  from ml_collections import ConfigDict
 
 RUN_FILES = ("config.json", "model_config.json", "tokenizer.json")
 
@@ -64,7 +68,7 @@ class LoopSettings:
   seed: int
 
   @classmethod
-  def from_run(cls, run: ConfigDict) -> "LoopSettings":
+  def from_run(cls, run: RunConfig) -> "LoopSettings":
     t = run.train
     return cls(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
                save_every=t.save_every, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -77,10 +81,10 @@ class LoopSettings:
     return self.batch_size * self.grad_accum * self.seq_len
 
 
-def checked_mesh(run: ConfigDict, batch_size: int, flag: str = "config.train.batch_size"):
+def checked_mesh(run: RunConfig, batch_size: int, flag: str = "config.train.batch_size"):
   """The run's mesh (`run.mesh`); `batch_size` must split over its batch axes (`flag`
   names the setting in the error)."""
-  mesh = sharding.make_mesh(**run.mesh)
+  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh))
   shards = sharding.batch_divisor(mesh)
   if batch_size % shards:
     raise RunError(f"{flag}={batch_size} must be a multiple of the {shards} batch shards "
@@ -88,7 +92,7 @@ def checked_mesh(run: ConfigDict, batch_size: int, flag: str = "config.train.bat
   return mesh
 
 
-def model_vocab(run: ConfigDict) -> int:
+def model_vocab(run: RunConfig) -> int:
   """The model's vocabulary without reading data: the config's, or the tokenizer spec's."""
   from vesperjax.data.tokenizer import Tokenizer, byte_tokenizer, parse_spec
   if run.model.vocab_size is not None:
@@ -107,7 +111,7 @@ class Data:
   val_cache: Any  # TokenCache, or None when the data has no validation split
 
 
-def prepare_data(run: ConfigDict, workdir: str, *, progress: bool = True) -> Data:
+def prepare_data(run: RunConfig, workdir: str, *, progress: bool = True) -> Data:
   """Tokenizer and caches (in `data.cache_dir` or WORKDIR/data). With several processes,
   process 0 trains the tokenizer and builds the caches first; the others then load them.
   A workdir that holds a tokenizer.json keeps it, and refuses another tokenizer spec."""
@@ -123,7 +127,7 @@ def prepare_data(run: ConfigDict, workdir: str, *, progress: bool = True) -> Dat
   return data
 
 
-def _prepare_data_here(d: ConfigDict, workdir: str, progress: bool) -> Data:
+def _prepare_data_here(d: DataConfig, workdir: str, progress: bool) -> Data:
   tokenizer = d.tokenizer
   saved = os.path.join(workdir, "tokenizer.json")
   if os.path.exists(saved):  # a resumed run keeps its tokenizer: its spec must match
@@ -150,7 +154,7 @@ class Model:
   lr: Callable[[int], Any]  # the optimizer's schedule (logged for AdamW)
 
 
-def build_model(run: ConfigDict, mesh, *, vocab_size: int, valid_vocab: int | None = None,
+def build_model(run: RunConfig, mesh, *, vocab_size: int, valid_vocab: int | None = None,
                 seq_len: int | None = None, seq_flag: str = "config.data.seq_len") -> Model:
   """The ModelConfig (`run.model` over its preset, `vocab_size` unless set) and the
   optimizer and jitted steps of `run.optim` / `run.train` on `mesh`. `valid_vocab`: the
@@ -161,7 +165,9 @@ def build_model(run: ConfigDict, mesh, *, vocab_size: int, valid_vocab: int | No
     raise RunError(f"{seq_flag}={seq_len} exceeds the model's max_seq_len="
                    f"{config.max_seq_len}")
   valid_vocab = config.vocab_size if valid_vocab is None else valid_vocab
-  steps = sharded_steps(config, run, mesh, valid_vocab=valid_vocab)
+  steps = sharded_steps(config, mesh, optim=run.optim, max_steps=run.train.max_steps,
+                        valid_vocab=valid_vocab, fused_loss=run.train.fused_loss,
+                        platform=run.train.platform)
   return Model(mesh, config, steps, lr_schedule(run.optim, run.train.max_steps))
 
 
@@ -178,11 +184,11 @@ def check_same_model(workdir: str, config: ModelConfig) -> None:
                      "use a new --workdir")
 
 
-def write_run_files(workdir: str, run: ConfigDict, config: ModelConfig, tokenizer) -> None:
+def write_run_files(workdir: str, run: RunConfig, config: ModelConfig, tokenizer) -> None:
   """config.json, model_config.json and tokenizer.json, each replaced atomically."""
   if jax.process_index() != 0:
     return
-  files = {"config.json": run.to_json_best_effort(indent=2, sort_keys=True),
+  files = {"config.json": json.dumps(run.to_dict(), indent=2, sort_keys=True),
            "model_config.json": config.to_json()}
   for name, text in files.items():
     tmp = os.path.join(workdir, f".{name}.tmp")
@@ -215,7 +221,7 @@ def restore_or_init(model: Model, ckpt: Checkpointer, data_iter, *, seed: int,
 @dataclasses.dataclass
 class Run:
   """A training run ready for its loop; `close()` releases the checkpointer and lock."""
-  run: ConfigDict
+  run: RunConfig
   workdir: str
   settings: LoopSettings
   model: Model
@@ -238,11 +244,13 @@ def _close(ckpt, lock) -> None:
       lock.release()
 
 
-def build_run(run: ConfigDict, workdir: str, *, require_resume: bool = False,
+def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool = False,
               log: Callable[[str], None] = log_line) -> Run:
   """Everything a training run needs, in the order that fails cheapest first: the mesh
   and the model config before the workdir is touched; the workdir lock before anything
-  in it is read or written; the data before the model (the tokenizer sets the vocab)."""
+  in it is read or written; the data before the model (the tokenizer sets the vocab).
+  `run`: a RunConfig, or an experiment's ConfigDict (converted and validated here)."""
+  run = as_run_config(run)
   settings = LoopSettings.from_run(run)
   mesh = checked_mesh(run, settings.batch_size)
   model_config(run)  # a bad model config fails before tokenizing
@@ -273,7 +281,7 @@ def build_run(run: ConfigDict, workdir: str, *, require_resume: bool = False,
 
 
 def load_model(workdir: str, step: int | None = None, *, best: bool = False):
-  """(model in eval mode, tokenizer, run config) of a run, on one device.
+  """(model in eval mode, tokenizer, RunConfig) of a run, on one device.
 
   `step=None` takes the latest checkpoint (or the best one with `best=True`). Only the
   model's variables are read (the `params` and `rest` of the saved train state, restored
@@ -285,7 +293,9 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   from vesperjax.data import Tokenizer
   from vesperjax.model import VesperLM, trainable_filter
 
-  run = ConfigDict(read_json(os.path.join(workdir, "config.json")))
+  # an older workdir's config.json may hold keys the schema has since dropped
+  run = RunConfig.from_dict(read_json(os.path.join(workdir, "config.json")),
+                            ignore_unknown=True)
   config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
   tok_path = os.path.join(workdir, "tokenizer.json")
   if not os.path.exists(tok_path):

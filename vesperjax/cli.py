@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Callable
@@ -94,7 +95,10 @@ def run_cli(argv: list[str], body: Callable[[], int],
     print(f"error: {_config_file_error(e)}", file=sys.stderr)
     return 2
   except (flags.Error, TypeError, ValueError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    text = _one_line(e)
+    if re.match(r"flag --config\.[\w.]+=None: ", text):  # a None default is no flag value
+      text += "; leave the key out to keep its default (a model key: the preset's value)"
+    print(f"error: {text}", file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001  (the --config file's own code raised)
     print(f"error: cannot load --config: {type(e).__name__}: {_one_line(e)}",
@@ -117,13 +121,13 @@ def run_cli(argv: list[str], body: Callable[[], int],
 
 
 def load_run_config(config_flag):
-  """The parsed `--config` (with overrides applied), validated."""
-  from vesperjax.run_config import validate
+  """The parsed `--config` (with overrides applied) as a validated `RunConfig`: the one
+  place a command turns the experiment's ConfigDict into the typed run."""
+  from vesperjax.run_config import RunConfig
   run = config_flag.value
   if run is None:
     raise ValueError("--config FILE is required, e.g. --config experiments/tiny.py")
   try:  # a config file that failed to load raises on first use
-    validate(run)
+    return RunConfig.from_config_dict(run)
   except (OSError, SyntaxError) as e:
     raise ValueError(_config_file_error(e)) from None
-  return run

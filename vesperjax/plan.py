@@ -39,13 +39,13 @@ from __future__ import annotations
 from vesperjax import gpu_targets  # noqa: F401  first: sets JAX_SKIP_CUDA_CONSTRAINTS_CHECK
 
 import collections
-import copy
+import dataclasses
 import json
 import math
 import re
 import sys
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from absl import flags
 from ml_collections import config_flags
@@ -55,6 +55,9 @@ from vesperjax.plan_search import (DEFAULT_VOCAB, GiB, TOKENS_PER_PARAM,  # noqa
                                    Progress, _log, cache_tokens, chinchilla, parse_tokens,
                                    search_max_batch)
 from vesperjax.plan_search import fmt_bytes as _gib
+
+if TYPE_CHECKING:
+  from vesperjax.run_config import RunConfig
 
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
@@ -77,18 +80,15 @@ def check_target(target: str, devices: int = 1, mem_fraction: float = 0.75) -> N
     raise ValueError(f"deviceless GPU compile unavailable: {problem}")
 
 
-def _prepared(run, remat: str | None = None):
-  """A validated copy of `run` built for CUDA (whatever VESPERJAX_PLATFORM says)."""
-  from vesperjax.run_config import validate
-  run = copy.deepcopy(run)
-  validate(run)
-  run.train.platform = "cuda"
+def _prepared(run: RunConfig, remat: str | None = None) -> RunConfig:
+  """`run` built for CUDA (whatever VESPERJAX_PLATFORM says), with `remat` if given."""
+  run = run.replace(train=dict(platform="cuda"))
   if remat is not None:
     from vesperjax.config import REMAT_POLICIES
     if remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat policy {remat!r}; choose from "
                        f"{', '.join(REMAT_POLICIES)}")
-    run.model.remat = remat
+    run = run.replace(model=dict(remat=remat))
   return run
 
 
@@ -99,7 +99,7 @@ class Program:
   `compile(batch_size)` is the slow part.
   """
 
-  def __init__(self, run, target: str, devices: int = 1):
+  def __init__(self, run: RunConfig, target: str, devices: int = 1):
     import jax
 
     from vesperjax import sharding
@@ -109,7 +109,7 @@ class Program:
       devs = gpu_targets.devices(target, devices)
     except gpu_targets.TargetUnavailable as e:
       raise ValueError(str(e)) from None
-    self.mesh = sharding.make_mesh(**run.mesh, devices=list(devs))
+    self.mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(devs))
     self.divisor = sharding.batch_divisor(self.mesh)
     self.vocab = run.model.vocab_size or DEFAULT_VOCAB
     self.config = model_config(run, self.vocab)
@@ -130,7 +130,10 @@ class Program:
   def steps(self):
     if self._steps is None:
       from vesperjax.train_step import sharded_steps
-      self._steps = sharded_steps(self.config, self.run, self.mesh, valid_vocab=self.vocab)
+      o, t = self.run.optim, self.run.train
+      self._steps = sharded_steps(self.config, self.mesh, optim=o, max_steps=t.max_steps,
+                                  valid_vocab=self.vocab, fused_loss=t.fused_loss,
+                                  platform=t.platform)
     return self._steps
 
   def param_counts(self) -> dict:
@@ -181,7 +184,7 @@ def _budget(target: str, mem_fraction: float) -> int:
 # The API
 
 
-def plan_step(run, *, target: str, devices: int = 1, mem_fraction: float = 0.75,
+def plan_step(run: RunConfig, *, target: str, devices: int = 1, mem_fraction: float = 0.75,
               progress: Progress = None) -> dict:
   """Compile `run`'s train step for `devices` x `target` at its batch size; the plan dict.
 
@@ -215,7 +218,7 @@ def plan_step(run, *, target: str, devices: int = 1, mem_fraction: float = 0.75,
       jax=jax.__version__)
 
 
-def max_batch(run, *, target: str, devices: int = 1, remat: str = "none",
+def max_batch(run: RunConfig, *, target: str, devices: int = 1, remat: str = "none",
               mem_fraction: float = 0.75, seed: Iterable = (), start: int | None = None,
               confirm_above: bool = True, progress: Progress = None) -> dict:
   """The largest global batch (a multiple of the mesh's batch divisor) that fits.

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+  from vesperjax.run_config import RunConfig
 
 DEFAULT_VOCAB = 32768  # no tokenizer in a plan: model.vocab_size, else this
 TOKENS_PER_PARAM = 20  # Chinchilla: compute-optimal tokens per parameter
@@ -149,7 +152,7 @@ def cache_tokens(path: str) -> int:
   return TokenCache.open(path).num_tokens
 
 
-def chinchilla(run, tokens: int) -> dict:
+def chinchilla(run: RunConfig, tokens: int) -> dict:
   """Compute-optimal size for `tokens` (tokens / 20), the nearest preset, and its steps.
 
   Nearest = smallest |log(preset params / optimal)| (a factor of 2 either way is equally

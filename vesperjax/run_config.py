@@ -1,95 +1,231 @@
-"""The run configuration schema (an ml_collections ConfigDict) shared by every experiment.
+"""The run configuration: its schema as typed sections, the ConfigDict experiments edit,
+and the one conversion between them.
 
-`experiments/<preset>.py` files start from `default_run_config(preset)` and change what
-they need; the CLI applies `--config.key=value` overrides on top. Model fields left as
-None come from the preset; `model.vocab_size=None` follows the tokenizer (padded to 128).
+The schema is defined once, here: one frozen dataclass per section (`ModelOverrides`,
+`DataConfig`, `OptimConfig`, `TrainConfig`, `MeshConfig`), held by `RunConfig`.
+`experiments/<preset>.py` files start from `default_run_config(preset)`, an
+ml_collections ConfigDict generated from those dataclasses (each key typed as its field),
+and change what they need; the CLI applies `--config.section.key=value` overrides on top
+and turns the result into a `RunConfig` once (`RunConfig.from_config_dict`, which also
+validates). Library code takes the `RunConfig` and its sections, never the ConfigDict.
+
+Model keys left at None take the preset's value (`model.vocab_size=None` follows the
+tokenizer, padded to 128). None is not a command-line value: to keep the preset's value,
+leave the key out (`--config.model.moe_capacity_factor=None` is refused in one line).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
+from typing import Any, Mapping
 
 from ml_collections import ConfigDict, config_dict
 
 from vesperjax.config import ModelConfig, model_preset
 
-def _field_type(annotation) -> type:
-  """The value type of a ModelConfig field (`float | None` -> float)."""
-  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-    (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-  if annotation not in (int, float, bool, str):
-    raise TypeError(f"ModelConfig field type {annotation!r} has no config key type")
-  return annotation
+# ModelConfig's fields, each optional here: None takes the preset's (or the tokenizer's)
+# value. Derived from ModelConfig so that a new model field is a config key at once.
+ModelOverrides = dataclasses.make_dataclass(
+    "ModelOverrides",
+    [("preset", str, dataclasses.field(default="tiny"))]
+    + [(name, hint | None, dataclasses.field(default=None))
+       for name, hint in typing.get_type_hints(ModelConfig).items()],
+    frozen=True)
+ModelOverrides.__module__ = __name__
+ModelOverrides.__doc__ = """`config.model`: a preset and any `ModelConfig` field over it.
+
+  preset: tiny, small, medium, large, xlarge, tiny-moe, medium-moe, large-moe.
+  Every other field is `ModelConfig`'s, typed as there and None by default: None takes
+  the preset's value (`vocab_size`: the tokenizer's, padded to a multiple of 128).
+  """
 
 
-_MODEL_TYPES = {name: _field_type(t) for name, t in typing.get_type_hints(ModelConfig).items()}
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """`config.data`: what the run trains and evaluates on, and how it is tokenized."""
+  dataset: str = "stdlib"  # a .txt/.jsonl/.json file, a folder, or "stdlib"
+  val_dataset: str | None = None  # default: the dataset's held-out split
+  tokenizer: str = "bpe:8192"  # a tokenizer.json path, "bpe:N" or "byte"
+  seq_len: int = 256  # tokens per training sequence
+  text_field: str = "text"  # the text's key in .jsonl/.json records
+  val_percent: float = 5.0  # the held-out split's share when there is no val_dataset
+  cache_dir: str | None = None  # default: WORKDIR/data
+  num_workers: int = 0  # grain worker processes (0: read in the training process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim`: the optimizer and its learning-rate schedule."""
+  name: str = "velvet"  # "velvet" or "adamw"
+  lr: float = 5e-4  # peak learning rate, reached after warmup_steps
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 1e-3  # decoupled, as AdamW
+  max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+  warmup_steps: int = 100  # linear warmup from 0
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+  entropy_adaptive: bool = True  # Velvet: the LR follows the predictive entropy
+  perplexity_guided: bool = True  # Velvet: beta1 follows the perplexity
+  sparse_aware: bool = True  # Velvet: exactly-zero gradients leave their weights alone
+  fused: bool = False  # Velvet's Pallas kernel (GPU; interpret mode elsewhere)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """`config.train`: the loop's batch, length and cadences, and how the steps run."""
+  batch_size: int = 8  # global sequences per micro-step
+  grad_accum: int = 1  # micro-steps per optimizer step
+  max_steps: int = 1000
+  eval_every: int = 200
+  eval_batches: int = 8  # validation batches per evaluation (0: none)
+  save_every: int = 500
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  seed: int = 0  # model init and data order
+  # the backend the steps are built for: auto (the mesh's devices, or the
+  # VESPERJAX_PLATFORM environment variable), cpu, cuda, rocm or tpu
+  platform: str = "auto"
+  fused_loss: bool = True  # chunked linear cross-entropy (never materialises fp32 logits)
+  resume: bool = True  # continue from WORKDIR's latest checkpoint when there is one
+  # divergence stops the run (non-zero exit, the last good checkpoint kept as latest):
+  max_skipped_steps: int = 5  # this many consecutive non-finite steps (0: never)
+  loss_spike_factor: float = 3.0  # a logged loss over this x the last 10's median (0: never)
+  sample_tokens: int = 64  # tokens sampled at the end of training (0: none)
+  sample_prompt: str = "def "
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """`config.mesh`: devices per mesh axis (docs/scaling.md); -1 takes the rest."""
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A whole run's configuration, typed: what library code takes.
+
+  Made (and validated) from the ConfigDict of an experiment file by
+  `RunConfig.from_config_dict`, which the CLI calls once; copies with changed keys by
+  `replace`. `to_dict` is the JSON saved as WORKDIR/config.json, `from_dict` reads it
+  back.
+  """
+  model: ModelOverrides = dataclasses.field(default_factory=ModelOverrides)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  @classmethod
+  def from_config_dict(cls, cd: ConfigDict) -> "RunConfig":
+    """The typed, validated run of an (overridden) experiment ConfigDict; a ValueError
+    naming `config.section.key` for an unknown key, a wrong type or a bad value."""
+    return validate(cls.from_dict(cd.to_dict()))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
+    """Sections from a dict of dicts (missing keys take their defaults), types checked,
+    values not validated. `ignore_unknown`: skip keys the schema does not have (an older
+    workdir's config.json), instead of refusing them."""
+    sections = {}
+    for name, kind in _SECTIONS.items():
+      values = dict(d.get(name) or {})
+      fields = _fields(kind)
+      unknown = sorted(set(values) - set(fields))
+      if unknown and not ignore_unknown:
+        raise ValueError(f"config.{name}.{unknown[0]}: unknown key")
+      sections[name] = kind(**{k: _typed(values[k], *fields[k], f"{name}.{k}")
+                               for k in fields if k in values})
+    unknown = sorted(set(d) - set(_SECTIONS))
+    if unknown and not ignore_unknown:
+      raise ValueError(f"config.{unknown[0]}: unknown section")
+    return cls(**sections)
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(self)
+
+  def to_config_dict(self) -> ConfigDict:
+    """This run as a ConfigDict typed by the schema (None keys are typed placeholders)."""
+    c = ConfigDict()
+    for name in _SECTIONS:
+      section = getattr(self, name)
+      c[name] = ConfigDict({k: _config_value(getattr(section, k), *typed, f"{name}.{k}")
+                            for k, typed in _fields(type(section)).items()})
+    return c
+
+  def replace(self, **sections: Mapping[str, Any]) -> "RunConfig":
+    """A copy with keys of some sections changed, e.g.
+    `run.replace(optim=dict(lr=1e-3), train=dict(max_steps=50))` (not validated)."""
+    return dataclasses.replace(self, **{
+        name: dataclasses.replace(getattr(self, name), **values)
+        for name, values in sections.items()})
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
+
+
+def _value_type(hint) -> tuple[type, bool]:
+  """(int, float, bool or str; whether None is allowed) of a field's annotation."""
+  args = typing.get_args(hint)
+  optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)
+              and type(None) in args)
+  if optional:
+    (hint,) = [a for a in args if a is not type(None)]
+  if hint not in (int, float, bool, str):
+    raise TypeError(f"config field type {hint!r} has no config key type")
+  return hint, optional
+
+
+def _fields(section: type) -> dict[str, tuple[type, bool]]:
+  return {name: _value_type(hint) for name, hint in typing.get_type_hints(section).items()}
+
+
+def _typed(value, kind: type, optional: bool, key: str):
+  """`value` as the field's type (an int is a float; a bool is not an int)."""
+  if value is None and optional:
+    return None
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if type(value) is kind:  # pylint: disable=unidiomatic-typecheck
+    return value
+  want = kind.__name__ + (" or None" if optional else "")
+  raise ValueError(f"config.{key}: expected {want}, got {value!r}")
+
+
+def _config_value(value, kind: type, optional: bool, key: str):
+  """A ConfigDict leaf typed `kind`: optional keys are FieldReferences (a placeholder when
+  None), so that a None default still takes only `kind` values."""
+  value = _typed(value, kind, optional, key)
+  return config_dict.FieldReference(value, field_type=kind) if optional else value
 
 
 def default_run_config(preset: str = "tiny") -> ConfigDict:
-  c = ConfigDict()
-  c.model = ConfigDict({"preset": preset})
-  for name, kind in _MODEL_TYPES.items():
-    c.model[name] = config_dict.placeholder(kind)
-
-  c.data = ConfigDict(dict(
-      dataset="stdlib",  # a .txt/.jsonl/.json file, a folder, or "stdlib"
-      val_dataset=config_dict.placeholder(str),  # default: the dataset's held-out split
-      tokenizer="bpe:8192",  # a tokenizer.json path, "bpe:N" or "byte"
-      seq_len=256,
-      text_field="text",
-      val_percent=5.0,
-      cache_dir=config_dict.placeholder(str),  # default: WORKDIR/data
-      num_workers=0,  # grain worker processes (0: read in the training process)
-  ))
-  c.optim = ConfigDict(dict(
-      name="velvet",  # "velvet" or "adamw"
-      lr=5e-4,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=1e-3,
-      max_grad_norm=1.0,
-      warmup_steps=100,
-      min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at max_steps
-      entropy_adaptive=True,
-      perplexity_guided=True,
-      sparse_aware=True,
-      fused=False,  # Velvet's Pallas kernel (GPU; interpret mode elsewhere)
-  ))
-  c.train = ConfigDict(dict(
-      batch_size=8,  # global sequences per micro-step
-      grad_accum=1,  # micro-steps per optimizer step
-      max_steps=1000,
-      eval_every=200,
-      eval_batches=8,
-      save_every=500,
-      keep_checkpoints=3,
-      log_every=10,
-      seed=0,
-      # the backend the steps are built for: auto (the mesh's devices, or the
-      # VESPERJAX_PLATFORM environment variable), cpu, cuda, rocm or tpu
-      platform="auto",
-      fused_loss=True,  # chunked linear cross-entropy (never materialises fp32 logits)
-      resume=True,  # continue from WORKDIR's latest checkpoint when there is one
-      # divergence stops the run (non-zero exit, the last good checkpoint kept as latest):
-      max_skipped_steps=5,  # this many consecutive non-finite steps (0: never)
-      loss_spike_factor=3.0,  # a logged loss over this x the median of the last 10 (0: never)
-      sample_tokens=64,  # tokens sampled at the end of training (0: none)
-      sample_prompt="def ",
-  ))
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  """The schema's defaults with `model.preset=preset`, as a locked ConfigDict: what
+  `experiments/*.py` edit and `--config.section.key=value` overrides."""
+  c = RunConfig(model=ModelOverrides(preset=preset)).to_config_dict()
   c.lock()
   return c
 
 
-def model_config(run: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+def as_run_config(run: RunConfig | ConfigDict) -> RunConfig:
+  """`run` itself, or a ConfigDict converted (and validated) by `from_config_dict`: for
+  the entry points that also take an experiment's ConfigDict (Trainer, build_run)."""
+  return run if isinstance(run, RunConfig) else RunConfig.from_config_dict(run)
+
+
+def model_config(run: RunConfig, vocab_size: int | None = None) -> ModelConfig:
   """The ModelConfig a run trains: the preset with the non-None `model.*` keys over it.
 
   How the model runs (`model.dtype`, `model.remat`, `model.scan_layers`, ...) is part of
   the ModelConfig too; a run may resume with other values of those (EXECUTION_FIELDS).
   """
-  overrides = {k: v for k, v in run.model.items() if k != "preset" and v is not None}
+  overrides = {k: v for k, v in dataclasses.asdict(run.model).items()
+               if k != "preset" and v is not None}
   if vocab_size is not None:
     if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
       raise ValueError(f"model.vocab_size={overrides['vocab_size']} is smaller than the "
@@ -98,8 +234,9 @@ def model_config(run: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
   return model_preset(run.model.preset, **overrides)
 
 
-def validate(run: ConfigDict) -> None:
-  """One-line ValueErrors for values no run can use (types are checked by ConfigDict)."""
+def validate(run: RunConfig) -> RunConfig:
+  """`run`, or a one-line ValueError for a value no run can use (the model's own rules
+  are ModelConfig's, checked when it is built)."""
   def need(ok, key, why):
     if not ok:
       raise ValueError(f"config.{key}: {why}")
@@ -107,8 +244,9 @@ def validate(run: ConfigDict) -> None:
   t, d, o = run.train, run.data, run.optim
   need(o.name in ("velvet", "adamw"), "optim.name", f"{o.name!r} is not velvet or adamw")
   for key in ("lr", "b1", "b2", "eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
-    need(math.isfinite(o[key]), f"optim.{key}", f"must be finite, got {o[key]}")
-  for key, value in run.model.items():
+    value = getattr(o, key)
+    need(math.isfinite(value), f"optim.{key}", f"must be finite, got {value}")
+  for key, value in dataclasses.asdict(run.model).items():
     if isinstance(value, float):
       need(math.isfinite(value), f"model.{key}", f"must be finite, got {value}")
   need(o.lr > 0, "optim.lr", "must be positive")
@@ -116,7 +254,7 @@ def validate(run: ConfigDict) -> None:
   need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
   for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every",
               "keep_checkpoints", "log_every"):
-    need(t[key] > 0, f"train.{key}", "must be positive")
+    need(getattr(t, key) > 0, f"train.{key}", "must be positive")
   need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
   need(t.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0 (0: never stop)")
   need(math.isfinite(t.loss_spike_factor) and (t.loss_spike_factor == 0
@@ -130,3 +268,4 @@ def validate(run: ConfigDict) -> None:
       platform.normalize(t.platform)
     except ValueError as e:
       raise ValueError(f"config.train.platform: {e}") from None
+  return run

@@ -22,7 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 
 
 def train(run, workdir: str, require_resume: bool = False) -> int:
-  """Train one run to completion (or to a signal); returns the process exit status."""
+  """Train one run to completion (or to a signal); returns the process exit status.
+
+  `run`: a `RunConfig`, or an experiment's ConfigDict (converted and validated on entry).
+  """
   import jax
 
   from vesperjax import sharding

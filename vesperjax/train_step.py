@@ -8,17 +8,19 @@ the host.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from ml_collections import ConfigDict
 
 from vesperjax.config import ModelConfig
 from vesperjax.model import VesperLM, trainable_filter
 from vesperjax.optim import clip_by_global_norm_with_stats, global_norm, velvet, velvet_stats
+
+if TYPE_CHECKING:
+  from vesperjax.run_config import OptimConfig
 
 
 class TrainState(struct.PyTreeNode):
@@ -30,7 +32,7 @@ class TrainState(struct.PyTreeNode):
   skipped: jax.Array  # int32: non-finite steps skipped
 
 
-def lr_schedule(optim: ConfigDict, max_steps: int) -> optax.Schedule:
+def lr_schedule(optim: OptimConfig, max_steps: int) -> optax.Schedule:
   """Linear warmup to optim.lr, cosine decay to lr * min_lr_ratio at max_steps."""
   warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -38,7 +40,7 @@ def lr_schedule(optim: ConfigDict, max_steps: int) -> optax.Schedule:
       decay_steps=max(max_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
 
 
-def make_optimizer(optim: ConfigDict, max_steps: int, vocab_size: int, *,
+def make_optimizer(optim: OptimConfig, max_steps: int, vocab_size: int, *,
                    param_shardings: Any = None) -> optax.GradientTransformationExtraArgs:
   """Velvet (fed loss and entropy each step) or AdamW with the same clipping.
 
@@ -179,35 +181,39 @@ class ShardedSteps(NamedTuple):
   eval_step: Callable  # (state, tokens) -> (summed loss, token count)
 
 
-def sharded_steps(config: ModelConfig, run: ConfigDict, mesh, *,
-                  valid_vocab: int) -> ShardedSteps:
+def sharded_steps(config: ModelConfig, mesh, *, optim: OptimConfig, max_steps: int,
+                  valid_vocab: int, fused_loss: bool = True,
+                  platform: str = "auto") -> ShardedSteps:
   """Optimizer, state shardings from the logical-axis rules, and the jitted steps.
 
-  `valid_vocab`: the tokenizer's size (Velvet's ln V; logits beyond it are masked).
+  `optim` and `max_steps` (`config.optim`, `config.train.max_steps`) make the optimizer
+  and its schedule; `valid_vocab`: the tokenizer's size (Velvet's ln V; logits beyond it
+  are masked); `fused_loss`: the chunked linear cross-entropy; `platform`: the backend
+  the steps are traced for (`config.train.platform`; "auto": VESPERJAX_PLATFORM, else
+  the mesh's devices).
   """
   from vesperjax import sharding
-  from vesperjax.kernels import platform
-  target = platform.resolve(run.train.get("platform"), mesh.devices.flat)
+  from vesperjax.kernels import platform as platforms
+  target = platforms.resolve(platform, mesh.devices.flat)
   param_sh = None
-  if run.optim.name == "velvet" and run.optim.fused and mesh.size > 1:
+  if optim.name == "velvet" and optim.fused and mesh.size > 1:
     # the fused kernel runs per shard, so the optimizer needs the params' shardings
     # (the same as state_sh.params below, which needs the optimizer to be computed)
     abstract_model = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
     param_sh = sharding.state_shardings(
         nnx.split(abstract_model, trainable_filter(config), ...)[1], mesh)
-  tx = make_optimizer(run.optim, run.train.max_steps, valid_vocab,
-                      param_shardings=param_sh)
+  tx = make_optimizer(optim, max_steps, valid_vocab, param_shardings=param_sh)
   graphdef, init = init_state_fn(config, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh, leading=1)
   eval_sh = sharding.batch_sharding(mesh)
-  fused = run.train.fused_loss
   train_fn = make_train_step(graphdef, config, tx, valid_vocab=valid_vocab,
-                             fused_loss=fused)
-  eval_fn = make_eval_step(graphdef, valid_vocab=valid_vocab, fused_loss=fused)
+                             fused_loss=fused_loss)
+  eval_fn = make_eval_step(graphdef, valid_vocab=valid_vocab, fused_loss=fused_loss)
   # every backend choice made while tracing follows the target, not the host's backend
-  init, train_fn, eval_fn = (platform.traced_for(target, f) for f in (init, train_fn, eval_fn))
+  init, train_fn, eval_fn = (platforms.traced_for(target, f)
+                             for f in (init, train_fn, eval_fn))
   return ShardedSteps(
       graphdef=graphdef, tx=tx, platform=target,
       abstract=jax.tree.map(  # restore targets: Orbax reshards onto this mesh

@@ -10,10 +10,10 @@ steps, so the host never waits on a step it did not need to see.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 from vesperjax import actions as act
 from vesperjax import data as vdata
@@ -24,6 +24,11 @@ from vesperjax.build import RunError, build_run, log_line  # noqa: F401
 from vesperjax.checkpoint import CheckpointSaveError
 from vesperjax.divergence import DivergenceGuard
 from vesperjax.train_step import all_finite, flops_per_token
+
+if TYPE_CHECKING:
+  from ml_collections import ConfigDict
+
+  from vesperjax.run_config import RunConfig
 
 
 @dataclasses.dataclass
@@ -36,12 +41,18 @@ class Outcome:
 
 
 class Trainer:
-  """One training run in WORKDIR: `train()` it, then `close()` (releases the workdir)."""
+  """One training run in WORKDIR: `train()` it, then `close()` (releases the workdir).
 
-  def __init__(self, run: ConfigDict, workdir: str, *, require_resume: bool = False):
-    self.run, self.workdir = run, workdir
+  `run`: a RunConfig, or an experiment's ConfigDict (converted and validated by
+  `build_run`); `self.run` is the RunConfig.
+  """
+
+  def __init__(self, run: RunConfig | ConfigDict, workdir: str, *,
+               require_resume: bool = False):
+    self.workdir = workdir
     self.built = build_run(run, workdir, require_resume=require_resume,
                            log=lambda text: self._log_line(text))
+    self.run: RunConfig = self.built.run
     model, data = self.built.model, self.built.data
     self.settings, self.mesh, self.config = self.built.settings, model.mesh, model.config
     self.tokenizer, self.val_cache = data.tokenizer, data.val_cache

@@ -12,8 +12,12 @@ import json
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # jax-free until a benchmark runs
+  from vesperjax.run_config import RunConfig
 
 OPTIMIZERS = ("velvet", "adamw")
 # Per-step metrics kept in the report (when the optimizer produces them).
@@ -21,13 +25,9 @@ CURVES = ("loss", "entropy", "grad_norm", "learning_rate", "b1", "entropy_scale"
           "perplexity_scale")
 
 
-def _variant(run, name: str, lr: float, steps: int):
+def _variant(run: RunConfig, name: str, lr: float, steps: int) -> RunConfig:
   """The run with optimizer `name` at peak LR `lr`, scheduled over `steps`."""
-  out = run.copy_and_resolve_references()
-  with out.unlocked():
-    out.optim.name, out.optim.lr = name, float(lr)
-    out.train.max_steps = steps
-  return out
+  return run.replace(optim=dict(name=name, lr=float(lr)), train=dict(max_steps=steps))
 
 
 def _run_one(steps, seed_key, batches, eval_data, eval_every, schedule):
@@ -63,8 +63,8 @@ def _evaluate(eval_fn, state, eval_data) -> float:
   return total / count
 
 
-def run_optimizers(run, workdir: str, *, seeds: int, lrs: list[float], steps: int,
-                   optimizers=OPTIMIZERS, log=print) -> dict:
+def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float],
+                   steps: int, optimizers=OPTIMIZERS, log=print) -> dict:
   """The full sweep; returns (and writes) the report."""
   import jax
 
@@ -117,7 +117,7 @@ def run_optimizers(run, workdir: str, *, seeds: int, lrs: list[float], steps: in
 
   config = next(iter(models.values())).config  # one model, several optimizers
   report = dict(
-      command="optimizers", config=json.loads(run.to_json_best_effort()),
+      command="optimizers", config=run.to_dict(),
       model=config.to_dict(), vocab=vocab, steps=steps, seeds=seeds,
       lrs=list(lrs), optimizers=list(optimizers),
       eval_tokens=int(sum(b.size for b in eval_data)) or None,

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vesperjax.bench.yardstick import cpu_seconds, matmul_gflops, peak_memory
 
+if TYPE_CHECKING:  # jax-free until a benchmark runs
+  from vesperjax.run_config import RunConfig
 
-def run_throughput(run, *, batch_size: int | None = None, seq_len: int | None = None,
-                   steps: int = 10, warmup: int = 2) -> dict:
+
+def run_throughput(run: RunConfig, *, batch_size: int | None = None,
+                   seq_len: int | None = None, steps: int = 10, warmup: int = 2) -> dict:
   """Time the trainer's train step on synthetic tokens; a JSON-able result."""
   import jax
 

@@ -34,10 +34,8 @@ def model_run(preset, reduced):
 
 
 def _peak_flops(kind):
-  try:
-    from vesperjax.trainer import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
-  except ImportError:  # it imports grain, absent on the device: its H100/H200 entries
-    PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # pylint: disable=invalid-name
+  # vesperjax.actions, not the trainer: the trainer imports grain, absent on the device
+  from vesperjax.actions import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
   return next((p for k, p in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 

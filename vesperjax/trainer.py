@@ -18,8 +18,8 @@ import numpy as np
 from vesperjax import actions as act
 from vesperjax import data as vdata
 from vesperjax import sharding
-# PEAK_FLOPS and RunError are imported from here too (benchmarks/, tests)
-from vesperjax.actions import PEAK_FLOPS, device_peak_flops  # noqa: F401
+from vesperjax.actions import device_peak_flops
+# RunError is imported from here too (tests)
 from vesperjax.build import RunError, build_run, log_line  # noqa: F401
 from vesperjax.checkpoint import CheckpointSaveError
 from vesperjax.divergence import DivergenceGuard

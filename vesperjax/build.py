@@ -29,8 +29,8 @@ import jax
 
 from vesperjax import data as vdata
 from vesperjax import sharding
-from vesperjax.checkpoint import (BEST, CHECKPOINTS, Checkpointer, CheckpointError,
-                                  _manager, read_json)
+from vesperjax.checkpoint import (CHECKPOINTS, Checkpointer, CheckpointError, read_json,
+                                  read_model_variables)
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
 from vesperjax.train_step import ShardedSteps, lr_schedule, sharded_steps
@@ -287,7 +287,6 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   model's variables are read (the `params` and `rest` of the saved train state, restored
   into an abstract model's shapes and shardings); the optimizer state is never built.
   """
-  import orbax.checkpoint as ocp
   from flax import nnx
 
   from vesperjax.data import Tokenizer
@@ -302,26 +301,12 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
     raise CheckpointError(f"{tok_path} not found: is this a vesperjax run directory?")
   tokenizer = Tokenizer.from_file(tok_path)
 
-  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {workdir}")
-    if step is None:
-      step = manager.best_step() if best else manager.latest_step()
-    elif step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have "
-                            f"{sorted(steps)}")
-    one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
-    abstract = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, trainable_filter(config), ...)
-    target = {"params": _restore_target(params, one_device),
-              "rest": _restore_target(rest, one_device)}
-    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
-  finally:
-    manager.close()
+  one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
+  abstract = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, trainable_filter(config), ...)
+  target = {"params": _restore_target(params, one_device),
+            "rest": _restore_target(rest, one_device)}
+  saved = read_model_variables(workdir, target, step=step, best=best)
   model = nnx.merge(graphdef, saved["params"], saved["rest"])
   model.eval()
   return model, tokenizer, run

@@ -234,3 +234,25 @@ def read_json(path: str) -> dict[str, Any]:
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e.msg})") from None
 
+
+def read_model_variables(workdir: str, target: dict, *, step: int | None = None,
+                         best: bool = False) -> dict:
+  """The model's variables alone from a run's checkpoint: the subtrees of the saved train
+  state named in `target` (e.g. {"params": ..., "rest": ...} of abstract arrays with
+  their shardings; Orbax reshards), never the optimizer state. `step=None`: the latest
+  checkpoint, or the best one with `best=True`."""
+  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {workdir}")
+    if step is None:
+      step = manager.best_step() if best else manager.latest_step()
+    elif step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have "
+                            f"{sorted(steps)}")
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()

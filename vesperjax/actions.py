@@ -14,7 +14,7 @@ actions after it do not run). In the trainer's order:
   PeriodicCheckpoint        the latest checkpoints, never while steps are being skipped
   ThroughputWindow.restart  evaluating and saving do not count as training time
 
-Actions read plain values (`build.LoopSettings`), never the run config.
+Actions take plain values (cadences, callables), never the run config.
 """
 from __future__ import annotations
 

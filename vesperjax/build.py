@@ -2,7 +2,6 @@
 
 The stages, and the commands that take them:
 
-  `LoopSettings.from_run`  the loop's numbers (steps, cadences, batch)   train, benchmarks
   `checked_mesh`           the mesh; the batch must split over it         train, throughput
   `model_vocab`            the vocabulary without reading data            throughput
   `prepare_data`           tokenizer + caches, process 0 first            train, optimizers
@@ -12,9 +11,7 @@ The stages, and the commands that take them:
   `load_model`             the model's variables alone, restored into an  generate
                            abstract model (no optimizer, no steps)
 
-This module is the one place that reads the run's sections (`run.train`, `run.data`,
-`run.optim`, `run.mesh` of a `RunConfig`), so what the loop and the steps get are plain
-values. `build_run` also takes an experiment's ConfigDict, converted at the door
+Everything here takes the typed `RunConfig` (or its sections); `build_run` also takes an experiment's ConfigDict, converted at the door
 (`run_config.as_run_config`).
 """
 from __future__ import annotations
@@ -39,9 +36,6 @@ from vesperjax.workdir_lock import acquire_for_job, describe_holder
 if TYPE_CHECKING:
   from ml_collections import ConfigDict
 
-RUN_FILES = ("config.json", "model_config.json", "tokenizer.json")
-
-
 class RunError(RuntimeError):
   """A run that cannot start or continue as configured (one-line message)."""
 
@@ -50,35 +44,6 @@ def log_line(text: str) -> None:
   """A status line on stderr, from process 0 only."""
   if jax.process_index() == 0:
     print(text, file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSettings:
-  """What the training loop needs to know of the run config, read once."""
-  max_steps: int
-  log_every: int
-  eval_every: int
-  save_every: int
-  batch_size: int  # global, per micro-batch
-  grad_accum: int
-  seq_len: int
-  eval_batches: int
-  max_skipped_steps: int
-  loss_spike_factor: float
-  seed: int
-
-  @classmethod
-  def from_run(cls, run: RunConfig) -> "LoopSettings":
-    t = run.train
-    return cls(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
-               save_every=t.save_every, batch_size=t.batch_size, grad_accum=t.grad_accum,
-               seq_len=run.data.seq_len, eval_batches=t.eval_batches,
-               max_skipped_steps=t.max_skipped_steps,
-               loss_spike_factor=t.loss_spike_factor, seed=t.seed)
-
-  @property
-  def tokens_per_step(self) -> int:
-    return self.batch_size * self.grad_accum * self.seq_len
 
 
 def checked_mesh(run: RunConfig, batch_size: int, flag: str = "config.train.batch_size"):
@@ -223,7 +188,6 @@ class Run:
   """A training run ready for its loop; `close()` releases the checkpointer and lock."""
   run: RunConfig
   workdir: str
-  settings: LoopSettings
   model: Model
   data: Data
   ckpt: Checkpointer
@@ -251,8 +215,8 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
   in it is read or written; the data before the model (the tokenizer sets the vocab).
   `run`: a RunConfig, or an experiment's ConfigDict (converted and validated here)."""
   run = as_run_config(run)
-  settings = LoopSettings.from_run(run)
-  mesh = checked_mesh(run, settings.batch_size)
+  t = run.train
+  mesh = checked_mesh(run, t.batch_size)
   model_config(run)  # a bad model config fails before tokenizing
   os.makedirs(workdir, exist_ok=True)
   lock = acquire_for_job(workdir)
@@ -266,18 +230,17 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
     check_same_model(workdir, model_config(run, vdata.padded_vocab_size(vocab)))
     model = build_model(run, mesh, vocab_size=vdata.padded_vocab_size(vocab),
                         valid_vocab=vocab)
-    ckpt = Checkpointer(workdir, keep=run.train.keep_checkpoints, log=log)
-    data_iter = vdata.train_iterator(data.train_cache, settings.seq_len,
-                                     settings.batch_size, seed=settings.seed,
-                                     num_workers=run.data.num_workers)
-    state = restore_or_init(model, ckpt, data_iter, seed=settings.seed,
-                            resume=run.train.resume, require_resume=require_resume,
+    ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, log=log)
+    data_iter = vdata.train_iterator(data.train_cache, run.data.seq_len, t.batch_size,
+                                     seed=t.seed, num_workers=run.data.num_workers)
+    state = restore_or_init(model, ckpt, data_iter, seed=t.seed,
+                            resume=t.resume, require_resume=require_resume,
                             workdir=workdir, log=log)
     write_run_files(workdir, run, model.config, data.tokenizer)
   except BaseException:
     _close(ckpt, lock)
     raise
-  return Run(run, workdir, settings, model, data, ckpt, data_iter, state, lock)
+  return Run(run, workdir, model, data, ckpt, data_iter, state, lock)
 
 
 def load_model(workdir: str, step: int | None = None, *, best: bool = False):

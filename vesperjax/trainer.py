@@ -54,7 +54,7 @@ class Trainer:
                            log=lambda text: self._log_line(text))
     self.run: RunConfig = self.built.run
     model, data = self.built.model, self.built.data
-    self.settings, self.mesh, self.config = self.built.settings, model.mesh, model.config
+    self.mesh, self.config = model.mesh, model.config
     self.tokenizer, self.val_cache = data.tokenizer, data.val_cache
     self.ckpt, self.data_iter, self.state = (
         self.built.ckpt, self.built.data_iter, self.built.state)
@@ -67,21 +67,21 @@ class Trainer:
 
   # -- batches -------------------------------------------------------------------------
   def _next_batch(self) -> jax.Array:
-    host = np.stack([next(self.data_iter) for _ in range(self.settings.grad_accum)])
+    host = np.stack([next(self.data_iter) for _ in range(self.run.train.grad_accum)])
     return sharding.global_batch_from_host(host.astype(np.int32), self.mesh,
                                            self.batch_sharding)
 
   def evaluate(self, state=None) -> float | None:
     """Mean validation token loss of `state` (default: the current one), or None when
     the run has no validation data or evaluates no batches."""
-    s = self.settings
-    if self.val_cache is None or s.eval_batches == 0:
+    t = self.run.train
+    if self.val_cache is None or t.eval_batches == 0:
       return None
     state = self.state if state is None else state
     total, count = 0.0, 0.0
     with jax.set_mesh(self.mesh):
-      for host in vdata.eval_batches(self.val_cache, s.batch_size, s.seq_len,
-                                     s.eval_batches):
+      for host in vdata.eval_batches(self.val_cache, t.batch_size, self.run.data.seq_len,
+                                     t.eval_batches):
         batch = sharding.global_batch_from_host(host.astype(np.int32), self.mesh,
                                                 self.eval_sharding)
         loss_sum, n = self.eval_step(state, batch)
@@ -91,7 +91,7 @@ class Trainer:
   # -- the loop ------------------------------------------------------------------------
   def train(self, stop_at: int | None = None) -> Outcome:
     """Train to train.max_steps (or to `stop_at`, checkpointing there as at a signal)."""
-    s = self.settings
+    s, seq_len = self.run.train, self.run.data.seq_len
     end = s.max_steps if stop_at is None else min(stop_at, s.max_steps)
     step = int(self.state.step)
     sink = act.MetricsSink(self.workdir, s.max_steps, step)
@@ -100,8 +100,8 @@ class Trainer:
                                 log_every=s.log_every, save_every=s.save_every,
                                 last=s.max_steps)
     log = act.LogMetrics(s.log_every, s.max_steps, sink, window,
-                         tokens_per_step=s.tokens_per_step, lr=self.schedule,
-                         flops_per_token=flops_per_token(self.config, s.seq_len),
+                         tokens_per_step=s.batch_size * s.grad_accum * seq_len, lr=self.schedule,
+                         flops_per_token=flops_per_token(self.config, seq_len),
                          peak=device_peak_flops())
     evaluate = act.EvaluateAndKeepBest(s.eval_every, s.max_steps, self.evaluate,
                                        self.ckpt.save_best, self._finite, sink)

@@ -72,8 +72,8 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   from vesperjax import data as vdata
   from vesperjax import sharding
 
-  t = build.LoopSettings.from_run(run)
-  seq_len = t.seq_len
+  t = run.train
+  seq_len = run.data.seq_len
   os.makedirs(workdir, exist_ok=True)
   data = build.prepare_data(run, workdir, progress=False)
   if data.val_cache is None:

@@ -27,9 +27,9 @@ def run_throughput(run: RunConfig, *, batch_size: int | None = None,
   from vesperjax.actions import device_peak_flops
   from vesperjax.train_step import flops_per_token
 
-  t = build.LoopSettings.from_run(run)
+  t = run.train
   batch_size = batch_size or t.batch_size
-  seq_len = seq_len or t.seq_len
+  seq_len = seq_len or run.data.seq_len
   if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 2:
     raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --seq-len >= 2")
   mesh = build.checked_mesh(run, batch_size, flag="--batch-size")

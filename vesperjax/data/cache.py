@@ -144,18 +144,21 @@ def build_or_load(source: Source, tok: Tokenizer, cache_dir: str,
       return TokenCache.open(path, expect)
     except errors.CacheError as e:
       print(f"rebuilding token cache: {e}", file=sys.stderr)
-  return build(source, tok, path, progress=progress)
+  return build(source, tok, path, progress=progress, fingerprint=expect["sources"])
 
 
-def build(source: Source, tok: Tokenizer, path: str, progress: bool = True) -> TokenCache:
-  """Tokenize `source` into a new cache at `path` (atomically replacing any old one)."""
+def build(source: Source, tok: Tokenizer, path: str, progress: bool = True, *,
+          fingerprint: list | None = None) -> TokenCache:
+  """Tokenize `source` into a new cache at `path` (atomically replacing any old one).
+  `fingerprint`: the source's, when the caller has just taken it (it reads the files)."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   _remove_stale_temps(path)
   tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
-    header = _write(source, tok, tmp, progress)
+    header = _write(source, tok, tmp, progress,
+                    source.fingerprint() if fingerprint is None else fingerprint)
     _atomic_swap(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,10 +166,10 @@ def build(source: Source, tok: Tokenizer, path: str, progress: bool = True) -> T
   return TokenCache(path, header)
 
 
-def _write(source: Source, tok: Tokenizer, out: str, progress: bool) -> dict:
+def _write(source: Source, tok: Tokenizer, out: str, progress: bool,
+           fingerprint: list) -> dict:
   dtype = tok.dtype
   eod = np.array([tok.eod_id], dtype)
-  fingerprint = source.fingerprint()
   n_tokens = n_docs = 0
   t0 = time.perf_counter()
   share = {"all": 1.0, "train": 1 - source.val_percent / 100,

@@ -116,8 +116,9 @@ CHOICES = {
     # attention implementations of "auto", first one that applies (_attention.py)
     "attention": {"cuda": ("cudnn", "xla"), "cpu": ("blocked", "reference"),
                   "*": ("xla",)},
-    # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA: "pallas" once measured
-    "cross_entropy": {"cuda": "chunked", "*": "chunked"},
+    # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA may take "pallas" once
+    # it is measured on a card
+    "cross_entropy": {"*": "chunked"},
     # the chunked forward keeps its logits for the backward: memory is cheap on a host
     "cross_entropy_keep_logits": {"cpu": True, "*": False},
     # MoE row layout of impl="auto" (_grouped_matmul.py): XLA:CPU's ragged_dot does every

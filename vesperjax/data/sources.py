@@ -178,9 +178,9 @@ def _cut_point(text: str, limit: int) -> int:
   newline = text.rfind("\n", 0, limit) + 1
   if newline > limit // 2:
     return newline
-  start = max(limit // 2, limit - 4096)
-  for m in reversed(list(_WORD_START.finditer(text, start, limit + 1))):
-    return m.start() + 1
+  words = list(_WORD_START.finditer(text, max(limit // 2, limit - 4096), limit + 1))
+  if words:
+    return words[-1].start() + 1
   return newline or limit
 
 

@@ -7,20 +7,13 @@ import subprocess
 import sys
 import time
 
-from tests.test_train import ROOT, corpus, losses, overrides  # noqa: F401
+from tests.test_train import ROOT, cli, corpus, losses, overrides  # noqa: F401
 
 
 def _args(corpus, work, cache):  # noqa: F811
   return [*overrides(corpus, work), "--config.train.max_steps=8",
           "--config.train.save_every=1", "--config.train.log_every=1",
           "--config.train.eval_every=100", f"--config.data.cache_dir={cache}"]
-
-
-def _run(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "vesperjax.train", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=240, **kw)
 
 
 def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):  # noqa: F811
@@ -43,11 +36,11 @@ def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(corpus, 
   complete = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
   assert complete, os.listdir(work / "checkpoints")  # (the killed save may just have ended)
 
-  resumed = _run(_args(corpus, work, cache))
+  resumed = cli(*_args(corpus, work, cache))
   assert resumed.returncode == 0, resumed.stderr
   assert f"resumed from step {complete[-1]}" in resumed.stderr
   assert not glob.glob(str(work / "checkpoints" / "*.orbax-checkpoint-tmp"))
-  reference = _run(_args(corpus, tmp_path / "reference", cache))
+  reference = cli(*_args(corpus, tmp_path / "reference", cache))
   assert reference.returncode == 0, reference.stderr
   want, got = losses(tmp_path / "reference"), losses(work)
   assert all(got[s] == want[s] for s in range(complete[-1] + 1, 9)), (got, want)

@@ -58,13 +58,14 @@ def main(argv=None) -> int:
   sub = p.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser("build", help="tokenize a dataset into token caches")
   b.add_argument("--dataset", required=True,
-                 help="file (.txt/.jsonl/.json SQuAD), folder, or stdlib[:train|:val]")
+                 help="file (.txt/.jsonl/.json SQuAD/.parquet/.arrow), folder, glob, "
+                 "comma-separated list, or stdlib; [:train|:val]")
   b.add_argument("--tokenizer", default="bpe:8192",
                  help="tokenizer.json path, bpe:N (train) or byte (default bpe:8192)")
   b.add_argument("--out", required=True, help="cache directory")
   b.add_argument("--split", default="both", choices=["both", "train", "val", "all"])
   b.add_argument("--val-dataset", default=None, help="separate validation dataset")
-  b.add_argument("--text-field", default="text", help="JSONL field holding the text")
+  b.add_argument("--text-field", default="text", help="JSONL field or Parquet/Arrow column holding the text")
   b.add_argument("--val-percent", type=float, default=5.0)
   b.add_argument("--quiet", action="store_true", help="no progress bars")
   b.set_defaults(fn=build)

@@ -174,7 +174,7 @@ def _write(source: Source, tok: Tokenizer, out: str, progress: bool,
   t0 = time.perf_counter()
   share = {"all": 1.0, "train": 1 - source.val_percent / 100,
            "val": source.val_percent / 100}[source.split]  # a progress estimate only
-  bar = tqdm(total=int(share * sum(entry[1] for entry in fingerprint)), unit="B",
+  bar = tqdm(total=int(share * source.text_bytes()), unit="B",
              unit_scale=True,
              desc=f"tokenizing {source.name}:{source.split}", disable=not progress,
              leave=False, file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Text sources: stream documents from .txt / .jsonl / SQuAD .json files, folders, stdlib.
+"""Text sources: stream documents from .txt / .jsonl / SQuAD .json / Parquet / Arrow
+files, folders, globs, lists of those, and stdlib.
 
 Everything streams `(text, ends_document)` pieces so a file larger than RAM never has
 to be held whole: a long document may arrive as several pieces, only the last of which
@@ -11,18 +12,28 @@ Formats (see docs/data.md):
   .jsonl  one JSON object per line; the document is its `text_field` (default "text").
   .json   SQuAD: every paragraph becomes one document: title, context, then
           "Q: ... / A: ..." lines for its questions.
-  folder  every .txt/.jsonl/.json file below it (recursive, sorted by relative path;
-          hidden files and folders skipped).
+  .parquet / .arrow
+          one document per non-null, non-empty row of the `text_field` column, read a
+          row group (record batch) at a time (vesperjax/data/columnar.py).
+  folder  every .txt/.jsonl/.json/.parquet/.arrow file below it (recursive, sorted by
+          relative path; hidden files and folders skipped). A Hugging Face
+          `save_to_disk` folder (a `state.json`) contributes the Arrow files it lists.
+  glob    `/data/fineweb/*.parquet` (`**` recurses): the matching files and folders,
+          keyed relative to the folder the pattern starts in.
+  list    entries separated by commas (`a.parquet,b/,c/*.jsonl`); each is keyed as if it
+          were the whole spec. A string that names an existing path is never split.
   stdlib  the .py files of the running interpreter's standard library (tests,
           site-packages and caches excluded), one document per file.
 
-Splits: each unit (a .txt document, a JSONL line, a SQuAD paragraph, a stdlib file) goes
-to "val" when a hash of its key (relative path + index) falls below `val_percent`
-(default 5 %), else to "train"; "all" keeps everything. So the split is deterministic,
-independent of file order, and stable when other files are added.
+Splits: each unit (a .txt document, a JSONL line, a SQuAD paragraph, a Parquet / Arrow
+row, a stdlib file) goes to "val" when a hash of its key (relative path + index; a
+Parquet / Arrow row's index in its file) falls below `val_percent` (default 5 %), else to
+"train"; "all" keeps everything. So the split is deterministic, independent of file
+order, and stable when other files are added.
 """
 import codecs
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -30,12 +41,13 @@ import re
 import sysconfig
 from typing import Iterator
 
-from vesperjax.data import errors
+from vesperjax.data import columnar, errors
 
 Piece = tuple[str, bool]
 
 SPLITS = ("train", "val", "all")
-SUFFIXES = (".txt", ".jsonl", ".json")
+SUFFIXES = (".txt", ".jsonl", ".json", *columnar.SUFFIX_KINDS)
+_GLOB_MAGIC = re.compile(r"[*?[]")
 READ_BYTES = 4 << 20  # read/emit granularity for .txt; tests shrink it
 # The content part of a file's fingerprint: files up to SAMPLE_WHOLE bytes are hashed
 # whole, larger ones by SAMPLE_BLOCKS evenly spaced blocks (first and last included), so
@@ -67,13 +79,13 @@ def in_split(key: str, split: str, val_percent: float) -> bool:
 class File:
   path: str  # absolute
   rel: str  # relative to the dataset root, '/'-separated: the split/hash key
-  kind: str  # "txt" | "jsonl" | "squad" | "py"
+  kind: str  # "txt" | "jsonl" | "squad" | "py" | "parquet" | "arrow"
 
 
 @dataclasses.dataclass
 class Source:
   """A resolved dataset spec: its files and how to stream one split of them."""
-  spec: str  # canonical: "stdlib" or an absolute path
+  spec: str  # canonical: "stdlib", an absolute path or pattern, or those joined by ","
   name: str  # short, for cache directory names
   files: list[File]
   split: str = "train"
@@ -96,9 +108,20 @@ class Source:
   def total_bytes(self) -> int:
     return sum(os.path.getsize(f.path) for f in self.files)
 
+  def text_bytes(self) -> int:
+    """About how many bytes of text the files hold (a compressed Parquet file holds more
+    than its size): what a progress bar counts towards."""
+    return sum(columnar.text_bytes(f.path, f.kind, self.text_field)
+               if f.kind in columnar.KINDS else os.path.getsize(f.path)
+               for f in self.files)
+
   def pieces(self) -> Iterator[Piece]:
     """Stream the split's (text, ends_document) pieces, file by file, in order; no piece
-    is longer than PIECE_CHARS."""
+    is longer than PIECE_CHARS. Parquet and Arrow files are all checked (metadata,
+    column) before the first piece, so a bad shard fails before any work."""
+    for f in self.files:
+      if f.kind in columnar.KINDS:
+        columnar.check(f.path, f.kind, self.text_field)
     for text, end in self._whole_pieces():
       while len(text) > PIECE_CHARS:
         cut = _cut_point(text, PIECE_CHARS)
@@ -110,6 +133,11 @@ class Source:
     for f in self.files:
       if f.kind == "py":
         yield from self._stdlib_file(f)
+        continue
+      if f.kind in columnar.KINDS:
+        for row, text in columnar.rows(f.path, f.kind, self.text_field):
+          if in_split(f"{f.rel}#{row}", self.split, self.val_percent):
+            yield text, True
         continue
       if os.path.getsize(f.path) == 0:
         if self.explicit_file:
@@ -291,7 +319,7 @@ def squad_text(title: str, para: dict) -> str:
 
 def _kind(path: str) -> str:
   ext = os.path.splitext(path)[1].lower()
-  return {".jsonl": "jsonl", ".json": "squad"}.get(ext, "txt")
+  return {".jsonl": "jsonl", ".json": "squad", **columnar.SUFFIX_KINDS}.get(ext, "txt")
 
 
 def _stdlib_files(root: str) -> list[File]:
@@ -314,33 +342,98 @@ def parse_split(spec: str, split: str | None) -> tuple[str, str]:
   return spec, split or "train"
 
 
-def open_source(spec: str, split: str | None = None, *, text_field: str = "text",
-                val_percent: float = 5.0) -> Source:
-  """Resolve a dataset spec (path, folder, `stdlib`, optionally `:train`/`:val`)."""
-  spec, split = parse_split(str(spec), split)
+def dataset_entries(spec: str) -> list[str]:
+  """The entries of a dataset spec: the spec itself when it names an existing path (or
+  has no comma), else its comma-separated parts."""
+  if "," not in spec or os.path.exists(os.path.expanduser(spec)):
+    return [spec]
+  entries = [e.strip() for e in spec.split(",")]
+  if not all(entries):
+    raise errors.DataError(f"{spec}: empty entry in a comma-separated dataset list")
+  return entries
+
+
+def open_source(spec: str | list[str] | tuple[str, ...], split: str | None = None, *,
+                text_field: str = "text", val_percent: float = 5.0) -> Source:
+  """Resolve a dataset spec: a path, folder, glob, `stdlib`, or a list of those (a list
+  or a comma-separated string), optionally followed by `:train`/`:val`/`:all`."""
+  spec = ",".join(map(str, spec)) if isinstance(spec, (list, tuple)) else str(spec)
+  spec, split = parse_split(spec, split)
   if split not in SPLITS:
     raise errors.DataError(f"unknown split {split!r} (expected one of {SPLITS})")
   kw = dict(split=split, val_percent=val_percent, text_field=text_field)
-  if spec == "stdlib":
+  resolved = [_resolve_entry(entry) for entry in dataset_entries(spec)]
+  if len(resolved) == 1:
+    canonical, name, files = resolved[0]
+    explicit = len(files) == 1 and os.path.isfile(canonical)
+    return Source(canonical, name, files, explicit_file=explicit, **kw)
+  files, seen = [], set()
+  for _, _, entry_files in resolved:
+    for f in entry_files:
+      if f.path not in seen:  # a file named twice (overlapping globs) is read once
+        seen.add(f.path)
+        files.append(f)
+  name = f"{resolved[0][1]}+{len(resolved) - 1}"
+  return Source(",".join(c for c, _, _ in resolved), name, files, **kw)
+
+
+def _resolve_entry(entry: str) -> tuple[str, str, list[File]]:
+  """(canonical spec, short name, files) of one entry: stdlib, a glob, a file, a folder."""
+  if entry == "stdlib":
     root = stdlib_root()
     files = _stdlib_files(root)
     if not files:
       raise errors.EmptySourceError(f"{root}: no standard-library .py files found")
-    return Source("stdlib", "stdlib", files, **kw)
-  path = os.path.realpath(os.path.expanduser(spec))
+    return "stdlib", "stdlib", files
+  expanded = os.path.expanduser(entry)
+  if _GLOB_MAGIC.search(expanded) and not os.path.exists(expanded):
+    return _resolve_glob(entry, os.path.abspath(expanded))
+  path = os.path.realpath(expanded)
   if not os.path.exists(path):
-    raise errors.MissingPathError(f"{spec}: no such file or directory")
+    raise errors.MissingPathError(f"{entry}: no such file or directory")
   name = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "data"
   if os.path.isfile(path):
-    return Source(path, name, [File(path, os.path.basename(path), _kind(path))],
-                  explicit_file=True, **kw)
-  files = []
-  for dirpath, dirnames, filenames in os.walk(path):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    for fn in filenames:
-      if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in SUFFIXES:
-        p = os.path.join(dirpath, fn)
-        files.append(File(p, os.path.relpath(p, path).replace(os.sep, "/"), _kind(p)))
+    return path, name, [File(path, os.path.basename(path), _kind(path))]
+  files = _folder_files(path, path)
   if not files:
-    raise errors.EmptySourceError(f"{spec}: no .txt/.jsonl/.json files in this folder")
-  return Source(path, name, sorted(files, key=lambda f: f.rel), **kw)
+    raise errors.EmptySourceError(
+        f"{entry}: no .txt/.jsonl/.json/.parquet/.arrow files in this folder")
+  return path, name, files
+
+
+def _resolve_glob(entry: str, pattern: str) -> tuple[str, str, list[File]]:
+  """A glob's matches, keyed relative to the folder its pattern starts in (so
+  `d/*.parquet` splits exactly like the folder `d`)."""
+  parts = pattern.split(os.sep)
+  magic = next(i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part))
+  base = os.path.realpath(os.sep.join(parts[:magic]) or os.sep)
+  pattern = os.path.join(base, *parts[magic:])
+  files = []
+  for match in sorted(glob.glob(pattern, recursive=True)):
+    path = os.path.realpath(match)
+    if os.path.isdir(path):
+      files += _folder_files(path, base)
+    elif os.path.isfile(path):
+      files.append(File(path, os.path.relpath(path, base).replace(os.sep, "/"),
+                        _kind(path)))
+  if not files:
+    raise errors.EmptySourceError(f"{entry}: no files match this pattern")
+  name = os.path.basename(base.rstrip(os.sep)) or "data"
+  return pattern, name, sorted(files, key=lambda f: f.rel)
+
+
+def _folder_files(root: str, rel_base: str) -> list[File]:
+  """The dataset files below `root`, sorted, keyed relative to `rel_base`."""
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    listed = columnar.saved_dataset_files(dirpath, filenames)
+    if listed is not None:
+      filenames = listed  # a save_to_disk folder: its Arrow files, not its metadata
+    for fn in filenames:
+      if (fn.startswith(".") or fn == columnar.HF_DATASET_DICT
+          or os.path.splitext(fn)[1].lower() not in SUFFIXES):
+        continue
+      p = os.path.join(dirpath, fn)
+      files.append(File(p, os.path.relpath(p, rel_base).replace(os.sep, "/"), _kind(p)))
+  return sorted(files, key=lambda f: f.rel)

@@ -14,17 +14,25 @@ b*G .. (b+1)*G-1 of that order, and host p reads only its rows p*h .. (p+1)*h-1
 run) is the same whatever the number of processes. Each host yields int32
 `[global_batch // process_count, seq_len + 1]`; use `inputs, targets = x[:, :-1], x[:, 1:]`.
 
+Mixtures (`mixture.Mixture`, several caches with weights) replace the one shuffled
+stream by their mixed one; sharding, batching and state are the same.
+
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()` (and
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume exactly.
 """
+from __future__ import annotations
+
 import hashlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import grain
 import numpy as np
 
 from vesperjax.data import errors
 from vesperjax.data.cache import TokenCache
+
+if TYPE_CHECKING:
+  from vesperjax.data.mixture import Mixture
 
 
 class Windows:
@@ -93,22 +101,44 @@ class _Window:
     return self.windows.window(int(i), int(index) // self.per_epoch)
 
 
-def train_dataset(cache: TokenCache, seq_len: int, global_batch: int, *, seed: int = 0,
-                  process_index: int | None = None, process_count: int | None = None,
-                  num_epochs: int | None = None, num_workers: int = 0,
-                  read_threads: int = 2, prefetch_buffer: int = 4) -> grain.IterDataset:
-  """Infinite (or `num_epochs`) shuffled batches for this host; iterate with iter()."""
-  pi, pc = _shard(process_index, process_count)
-  hb = _host_batch(global_batch, pc)
+def window_stream(cache: TokenCache, seq_len: int, *, seed: int = 0,
+                  num_epochs: int | None = None) -> grain.MapDataset:
+  """One cache's training windows: shuffled with `seed`, reshuffled and shifted every
+  epoch, repeated `num_epochs` times (None: forever). Lazy: reads on access."""
   windows = Windows(cache, seq_len, seed)
-  if len(windows) < global_batch:
-    raise errors.DatasetTooSmallError(
-        f"{cache.path}: {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
-        f"global batch {global_batch}; use more data, a shorter seq_len or a smaller "
-        f"batch")
   stream = grain.MapDataset.range(len(windows)).shuffle(seed=seed)
   stream = stream.repeat(num_epochs, reseed_each_epoch=True)
-  stream = stream.map_with_index(_Window(windows, len(windows)))  # lazy: reads on access
+  return stream.map_with_index(_Window(windows, len(windows)))
+
+
+def ordered_windows(cache: TokenCache, seq_len: int) -> grain.MapDataset:
+  """One cache's non-overlapping windows in order (validation)."""
+  windows = Windows(cache, seq_len)
+  return grain.MapDataset.range(len(windows)).map(windows.window)
+
+
+def train_dataset(cache: TokenCache | Mixture, seq_len: int, global_batch: int, *,
+                  seed: int = 0, process_index: int | None = None,
+                  process_count: int | None = None, num_epochs: int | None = None,
+                  num_workers: int = 0, read_threads: int = 2,
+                  prefetch_buffer: int = 4) -> grain.IterDataset:
+  """Infinite (or `num_epochs`) shuffled batches for this host; iterate with iter().
+
+  `cache`: a `TokenCache`, or a `mixture.Mixture` of several (each source's windows
+  shuffled on its own, then mixed by weight: docs/data.md).
+  """
+  pi, pc = _shard(process_index, process_count)
+  hb = _host_batch(global_batch, pc)
+  if isinstance(cache, TokenCache):
+    windows = Windows(cache, seq_len, seed)
+    if len(windows) < global_batch:
+      raise errors.DatasetTooSmallError(
+          f"{cache.path}: {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
+          f"global batch {global_batch}; use more data, a shorter seq_len or a smaller "
+          f"batch")
+    stream = window_stream(cache, seq_len, seed=seed, num_epochs=num_epochs)
+  else:
+    stream = cache.window_stream(seq_len, seed=seed, num_epochs=num_epochs)
   rows = len(stream) // global_batch * hb
   ds = grain.MapDataset.range(rows).map(_HostRow(stream, global_batch, hb, pi))
   ds = ds.batch(hb, drop_remainder=True, batch_fn=np.stack)
@@ -120,32 +150,37 @@ def train_dataset(cache: TokenCache, seq_len: int, global_batch: int, *, seed: i
   return it
 
 
-def train_iterator(cache: TokenCache, seq_len: int, global_batch: int,
+def train_iterator(cache: TokenCache | Mixture, seq_len: int, global_batch: int,
                    **kw) -> grain.DatasetIterator:
   """`iter(train_dataset(...))`: checkpointable with get_state()/set_state()."""
   return iter(train_dataset(cache, seq_len, global_batch, **kw))
 
 
-def eval_batches(cache: TokenCache, batch_size: int, seq_len: int,
+def eval_batches(cache: TokenCache | Mixture, batch_size: int, seq_len: int,
                  num_batches: int | None = None, *, process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[np.ndarray]:
   """Deterministic validation: windows in order, no shuffle, the same every call.
 
-  `batch_size` is global; each host gets rows [pi*hb, (pi+1)*hb) of every batch.
-  `num_batches=None` covers as many full batches as the cache holds (at least one).
+  `cache`: a `TokenCache`, or a `mixture.Mixture` (each source's windows in order,
+  mixed by its weights). `batch_size` is global; each host gets rows
+  [pi*hb, (pi+1)*hb) of every batch. `num_batches=None` covers as many full batches as
+  the data holds (at least one).
   """
   pi, pc = _shard(process_index, process_count)
   hb = _host_batch(batch_size, pc)
-  windows = Windows(cache, seq_len)
-  available = len(windows) // batch_size
+  if isinstance(cache, TokenCache):
+    stream = ordered_windows(cache, seq_len)
+  else:
+    stream = cache.eval_stream(seq_len)
+  available = len(stream) // batch_size
   if available == 0:
     raise errors.DatasetTooSmallError(
-        f"{cache.path}: {len(windows)} windows of {seq_len + 1} tokens, fewer than one "
+        f"{cache.path}: {len(stream)} windows of {seq_len + 1} tokens, fewer than one "
         f"eval batch of {batch_size}")
   n = available if num_batches is None else min(num_batches, available)
   for b in range(n):
     first = b * batch_size + pi * hb
-    yield np.stack([windows.window(first + r) for r in range(hb)])
+    yield np.stack([stream[first + r] for r in range(hb)])
 
 
 def _mark_absl_flags_parsed():

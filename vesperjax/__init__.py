@@ -10,7 +10,8 @@ from vesperjax import _kernels_mount  # noqa: E402
 _kernels_mount.install()
 
 _EXPORTS = {"ModelConfig": "config", "model_preset": "config", "num_params": "config",
-            "PRESET_NAMES": "config", "VesperLM": "model", "trainable_filter": "model"}
+            "PRESET_NAMES": "config", "VesperLM": "model", "trainable_filter": "model",
+            "load_pretrained": "pretrained"}
 
 
 def __getattr__(name):
@@ -22,4 +23,4 @@ def __getattr__(name):
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "model_preset", "num_params", "VesperLM", "trainable_filter",
-           "PRESET_NAMES"]
+           "PRESET_NAMES", "load_pretrained"]

@@ -1,0 +1,248 @@
+"""An exported model folder (`python -m vesperjax.export`): its layout, and loading it.
+
+DIR/
+  config.json                      {"format": "vesperjax-safetensors", "format_version",
+                                    "model": the ModelConfig, "weights_dtype", "source"}
+  model.safetensors                the tensors, or past the shard size limit:
+  model-00001-of-0000N.safetensors   shards, with
+  model.safetensors.index.json       {"metadata": {"total_size"}, "weight_map": {name: file}}
+  tokenizer.json                   the run's tokenizer (HF `tokenizers`)
+
+Tensor names are the model's variable paths, dotted, with the scanned layer stack split
+per layer: `blocks.attn.qkv_kernel` [L, ...] is stored as `layers.{i}.attn.qkv_kernel`
+(docs/export.md lists every name). Parameters are stored in `weights_dtype`; FlyLoRA's
+frozen down-projections (`lora_a`) and routing biases stay float32: they decide which
+ranks each token uses, and a rounded value could flip that discrete choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FORMAT = "vesperjax-safetensors"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
+WEIGHTS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # flag value -> numpy name
+STACKED_PREFIX, LAYER_PREFIX = "blocks", "layers"
+
+
+class ExportFormatError(ValueError):
+  """A folder that is not a readable vesperjax export (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One stored tensor: its name, the model variable it comes from (`path`, and the
+  layer index into the stacked variable or None), its stored shape, and whether it is a
+  trainable-kind Param (stored in `weights_dtype`) or other state (always float32)."""
+  name: str
+  path: tuple
+  layer: int | None
+  shape: tuple[int, ...]
+  is_param: bool
+
+  def dtype(self, weights_dtype: str) -> np.dtype:
+    import ml_dtypes
+    name = weights_dtype if self.is_param else "float32"
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def abstract_model(config):
+  """The VesperLM of `config` as shapes only (nothing allocated)."""
+  from flax import nnx
+
+  from vesperjax.model import VesperLM
+  return nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+
+
+def layout(config) -> list[Entry]:
+  """Every stored tensor of a model of `config`, in file order (sorted by name within
+  the unstacked variables, then layer by layer)."""
+  from flax import nnx
+  entries = []
+  for path, var in nnx.to_flat_state(nnx.state(abstract_model(config))):
+    path = tuple(str(p) for p in path)
+    is_param = isinstance(var, nnx.Param)
+    shape = tuple(var.shape)
+    if path[0] == STACKED_PREFIX:
+      for i in range(shape[0]):
+        entries.append(Entry(".".join((LAYER_PREFIX, str(i)) + path[1:]), path, i,
+                             shape[1:], is_param))
+    else:
+      entries.append(Entry(".".join(path), path, None, shape, is_param))
+  return sorted(entries, key=lambda e: (e.layer is not None, e.layer or 0, e.name))
+
+
+class Pretrained(NamedTuple):
+  """What `load_pretrained` returns: `model, tokenizer = load_pretrained(DIR)`."""
+  model: Any  # VesperLM in eval mode
+  tokenizer: Any  # vesperjax.data.Tokenizer
+
+
+def read_config(directory: str) -> dict:
+  """config.json of an export, checked to be one (ExportFormatError otherwise)."""
+  path = os.path.join(directory, CONFIG_NAME)
+  if not os.path.isdir(directory):
+    raise ExportFormatError(f"{directory}: no such directory")
+  if not os.path.isfile(path):
+    raise ExportFormatError(f"{directory} is not a vesperjax export: no {CONFIG_NAME}")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ExportFormatError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    raise ExportFormatError(f"{directory} is not a vesperjax export ({CONFIG_NAME} has no "
+                            f'"format": "{FORMAT}")')
+  version = saved.get("format_version")
+  if version != FORMAT_VERSION:
+    raise ExportFormatError(f"{path}: format_version {version!r} is not supported (this "
+                            f"vesperjax reads version {FORMAT_VERSION})")
+  if saved.get("weights_dtype") not in WEIGHTS_DTYPES.values():
+    raise ExportFormatError(f"{path}: weights_dtype {saved.get('weights_dtype')!r} is "
+                            f"not one of {sorted(WEIGHTS_DTYPES.values())}")
+  return saved
+
+
+def model_config(saved: dict, path: str):
+  from vesperjax.config import ModelConfig
+  try:
+    return ModelConfig.from_dict(saved["model"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ExportFormatError(f"{path}: bad \"model\" entry ({e})") from None
+
+
+def weight_files(directory: str) -> dict[str, str]:
+  """{tensor name: file name} from the index, or every tensor of model.safetensors.
+  A missing or unreadable file is an ExportFormatError naming it."""
+  from safetensors import safe_open
+  index = os.path.join(directory, INDEX_NAME)
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+      raise ExportFormatError(f"{index}: not a safetensors index (no weight_map)") from None
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    weight_map, files = None, [WEIGHTS_NAME]
+  else:
+    raise ExportFormatError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+  found = {}
+  for name in files:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      raise ExportFormatError(f"{directory}: shard {name} is missing (listed in "
+                              f"{INDEX_NAME})")
+    try:
+      with safe_open(path, framework="numpy") as f:
+        keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+      raise ExportFormatError(f"{path}: not a readable safetensors file "
+                              f"({' '.join(str(e).split())})") from None
+    found.update((k, name) for k in keys)
+  if weight_map is not None:
+    absent = sorted(k for k, v in weight_map.items() if found.get(k) != v)
+    if absent:
+      raise ExportFormatError(f"{directory}: tensor {absent[0]} is listed in {INDEX_NAME} "
+                              f"but not in {weight_map[absent[0]]}")
+  return found
+
+
+def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
+  """(model, tokenizer) of an export written by `python -m vesperjax.export`.
+
+  Every tensor is checked against the shapes and dtypes that config.json implies before
+  it is placed (ExportFormatError names the first that differs). `dtype`: None keeps the
+  stored parameter dtype; "float32"/"bfloat16" (or a numpy/jax dtype) casts the
+  parameters (FlyLoRA's frozen projections and routing biases stay float32). `mesh`:
+  None places the model on one device (the first); a mesh
+  (`vesperjax.sharding.make_mesh`) shards it by the logical axis rules. The files are
+  memory-mapped and read one variable (all its layers) at a time. The model is in eval
+  mode.
+  """
+  import jax
+  from flax import nnx
+  from safetensors import safe_open
+
+  from vesperjax import sharding
+  from vesperjax.data import Tokenizer
+
+  saved = read_config(directory)
+  config = model_config(saved, os.path.join(directory, CONFIG_NAME))
+  tok_path = os.path.join(directory, TOKENIZER_NAME)
+  if not os.path.isfile(tok_path):
+    raise ExportFormatError(f"{directory}: no {TOKENIZER_NAME}")
+  try:
+    tokenizer = Tokenizer.from_file(tok_path)
+  except Exception as e:  # noqa: BLE001  (tokenizers raises its own Exception)
+    raise ExportFormatError(f"{tok_path}: not a tokenizer ({' '.join(str(e).split())})") \
+        from None
+  files = weight_files(directory)
+  entries = layout(config)
+  expected = {e.name for e in entries}
+  unexpected = sorted(set(files) - expected)
+  if unexpected:
+    raise ExportFormatError(f"{directory}: tensor {unexpected[0]} is not part of the model "
+                            f"that config.json describes")
+  cast = None if dtype is None else _float_dtype(dtype)
+
+  mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+  graphdef, state = nnx.split(abstract_model(config))
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
+  by_path: dict[tuple, list[Entry]] = {}
+  for e in entries:
+    by_path.setdefault(e.path, []).append(e)
+  handles = {}
+  try:
+    for name in sorted(set(files.values())):
+      handles[name] = safe_open(os.path.join(directory, name), framework="numpy")
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+      key = tuple(str(p) for p in path)
+      parts = [_read(handles, files, e, saved["weights_dtype"], directory)
+               for e in by_path[key]]
+      host = parts[0] if by_path[key][0].layer is None else np.stack(parts)
+      if cast is not None and isinstance(var, nnx.Param):
+        host = host.astype(cast)
+      placed = jax.make_array_from_callback(host.shape, shardings[path].get_value(),
+                                            lambda idx, h=host: h[idx])
+      flat.append((path, var.replace(placed)))
+      del host, parts
+  finally:
+    handles.clear()  # safe_open handles close when released
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model.eval()
+  return Pretrained(model, tokenizer)
+
+
+def _float_dtype(dtype) -> np.dtype:
+  import jax.numpy as jnp
+  try:
+    dt = jnp.dtype(WEIGHTS_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"load_pretrained: dtype {dtype!r} is not a floating-point dtype "
+                     "(float32, bfloat16, ...)")
+  return dt
+
+
+def _read(handles, files, entry: Entry, weights_dtype: str, directory: str) -> np.ndarray:
+  if entry.name not in files:
+    raise ExportFormatError(f"{directory}: tensor {entry.name} is missing")
+  tensor = handles[files[entry.name]].get_tensor(entry.name)
+  want = entry.dtype(weights_dtype)
+  if tuple(tensor.shape) != entry.shape or tensor.dtype != want:
+    raise ExportFormatError(
+        f"{directory}: tensor {entry.name} is {tensor.dtype.name} {list(tensor.shape)}, but "
+        f"config.json implies {want.name} {list(entry.shape)}")
+  return tensor

@@ -36,7 +36,8 @@ KEEP_LOGITS_MAX_BYTES = 256 << 20
 MIN_BLOCK = 16  # the Pallas kernel's blocks: powers of two >= tl.dot's 16-wide tiles
 
 
-def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=None):
+def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=None,
+                                   return_top1=False):
   """Naive: materialises the fp32 [N, V] logits."""
   z = jnp.dot(h, w.T, precision=precision, preferred_element_type=jnp.float32)
   v = w.shape[0]
@@ -47,6 +48,8 @@ def linear_cross_entropy_reference(h, w, labels, *, valid_vocab=None, precision=
   ez = jnp.sum(p * jnp.where(valid, z, 0.0), axis=-1)  # finite everywhere: no NaN grads
   zl = jnp.take_along_axis(z, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
   loss = jnp.where(labels >= 0, lse - zl, 0.0)
+  if return_top1:
+    return loss, lse - ez, lax.stop_gradient(jnp.max(z, axis=-1) - lse)
   return loss, lse - ez
 
 
@@ -74,7 +77,7 @@ def _chunk_stats(hc, wc, lc, v0, nvalid, precision):
 
 
 def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits=False):
-  """Returns per-token (lse, E_p[z], z_label) over padded tokens, and with keep_logits
+  """Returns per-token (lse, E_p[z], z_label, max z) over padded tokens, and with keep_logits
   the fp32 logits tiles [token chunks, vocab chunks, bn, bv] for the backward."""
   n, d = h.shape
   hp = _pad_to(h, bn).reshape(-1, bn, d)
@@ -99,10 +102,11 @@ def _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits=False):
 
     init = (jnp.full((bn,), _NEG_INF), jnp.zeros((bn,)), jnp.zeros((bn,)), jnp.zeros((bn,)))
     (m, s, a, zl), z = lax.scan(vocab_step, init, (wp, starts))
-    return m + jnp.log(s), a / s, zl, z
+    return m + jnp.log(s), a / s, zl, m, z
 
-  lse, ez, zl, z = lax.map(token_chunk, (hp, lp))
-  return lse.reshape(-1)[:n], ez.reshape(-1)[:n], zl.reshape(-1)[:n], z
+  lse, ez, zl, zmax, z = lax.map(token_chunk, (hp, lp))
+  return (lse.reshape(-1)[:n], ez.reshape(-1)[:n], zl.reshape(-1)[:n],
+          zmax.reshape(-1)[:n], z)
 
 
 def _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision,
@@ -155,17 +159,18 @@ def _lce(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_lo
 def _lce_fwd(h, w, labels, nvalid, bn, bv, precision, use_pallas, interpret, keep_logits):
   z = None
   if use_pallas:
-    lse, ez, zl = _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret)
+    lse, ez, zl, zmax = _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret)
   else:
-    lse, ez, zl, z = _fwd_chunked(h, w, labels, nvalid, bn, bv, precision, keep_logits)
+    lse, ez, zl, zmax, z = _fwd_chunked(h, w, labels, nvalid, bn, bv, precision,
+                                        keep_logits)
   loss = jnp.where(labels >= 0, lse - zl, 0.0)
-  return (loss, lse - ez), (h, w, labels, lse, ez, z)
+  return (loss, lse - ez, zmax - lse), (h, w, labels, lse, ez, z)
 
 
 def _lce_bwd(nvalid, bn, bv, precision, use_pallas, interpret, keep_logits, res, cts):
   del use_pallas, interpret, keep_logits
   h, w, labels, lse, ez, z = res
-  dloss, dent = cts
+  dloss, dent, _ = cts  # top-1 log-prob: stop_gradient'ed by linear_cross_entropy
   dh, dw = _bwd_chunked(h, w, labels, lse, ez, dloss, dent, nvalid, bn, bv, precision, z)
   return dh, dw, np.zeros(labels.shape, jax.dtypes.float0)
 
@@ -175,8 +180,12 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 
 def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
                          block_vocab=None, precision=None, impl=None, interpret=None,
-                         keep_logits=None):
+                         keep_logits=None, return_top1=False):
   """Per-token ``(loss [N], entropy [N])`` (fp32, nats) of ``softmax(h @ w.T)``.
+
+  ``return_top1``: also return ``max_j log softmax(z)_j`` [N] (the log-probability of
+  the top-1 guess, from the running max the online logsumexp keeps anyway), without
+  gradient. ``loss <= -top1`` exactly when the label's logit is the largest.
 
   h: [N, D]; w: [V, D] (e.g. the tied embedding); labels: [N] int (< 0: ignored).
   Block sizes trade memory for speed: each step holds an fp32 [block_tokens,
@@ -194,7 +203,7 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
   impl = _dispatch.get_default_impl() if impl is None else impl
   if impl == "reference":
     return linear_cross_entropy_reference(h, w, labels, valid_vocab=valid_vocab,
-                                          precision=precision)
+                                          precision=precision, return_top1=return_top1)
   if impl == "auto" and not interpret:
     # CUDA stays on "chunked" (cuBLAS tiles with an XLA-fused epilogue; the Pallas
     # forward re-streams w per token block) until kernels/bench.py has measured both
@@ -218,8 +227,9 @@ def linear_cross_entropy(h, w, labels, *, valid_vocab=None, block_tokens=None,
     keep_logits = (platform.choice("cross_entropy_keep_logits")
                    and padded * 4 <= KEEP_LOGITS_MAX_BYTES)
   keep_logits = bool(keep_logits) and not use_pallas
-  return _lce(h, w, labels.astype(jnp.int32), nvalid, bn, bv, precision, use_pallas,
-              interpret, keep_logits)
+  loss, entropy, top1 = _lce(h, w, labels.astype(jnp.int32), nvalid, bn, bv, precision,
+                             use_pallas, interpret, keep_logits)
+  return (loss, entropy, lax.stop_gradient(top1)) if return_top1 else (loss, entropy)
 
 
 def _ceil_pow2(x):
@@ -266,7 +276,7 @@ def _check_triton_tiles(bn, bv, d, dtype):
 # ---------------------------------------------------------------- Pallas forward kernel
 
 
-def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk, nv, nk,
+def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, zmax_ref, *, nvalid, bv, bk, nv, nk,
                 precision):
   """One token block: loop over vocab blocks (and D blocks for the logits tile)."""
   bn = h_ref.shape[0]
@@ -300,6 +310,7 @@ def _fwd_kernel(h_ref, w_ref, l_ref, lse_ref, ez_ref, zl_ref, *, nvalid, bv, bk,
   lse_ref[...] = m + jnp.log(s)
   ez_ref[...] = a / s
   zl_ref[...] = zl
+  zmax_ref[...] = m
 
 
 def _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret):
@@ -325,8 +336,8 @@ def _fwd_pallas(h, w, labels, nvalid, bn, bv, precision, interpret):
       grid=(npad // bn,),
       in_specs=[pl.BlockSpec((bn, dpad), lambda i: (i, 0)),
                 pl.BlockSpec(wp.shape, lambda i: (0, 0)), tok],
-      out_specs=[tok, tok, tok],
-      out_shape=[jax.ShapeDtypeStruct((npad,), jnp.float32)] * 3,
+      out_specs=[tok, tok, tok, tok],
+      out_shape=[jax.ShapeDtypeStruct((npad,), jnp.float32)] * 4,
       interpret=interpret,
       name="linear_cross_entropy_fwd",
       **kwargs,

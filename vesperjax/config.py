@@ -52,6 +52,14 @@ class ModelConfig:
   # one device (of the whole batch without a mesh); assignments beyond it are dropped
   # (counted in aux "dropped_tokens"). None = dropless.
   moe_capacity_factor: float | None = None
+  # Metacognition head (vesperjax/model/meta_head.py, docs/metacognition.md): per
+  # position, P(the model's top-1 next-token guess is right) and P(the document ends
+  # next), trained by a binary cross-entropy added to the loss with weight meta_weight.
+  # meta_trunk_grad: let that loss train the trunk too (off: the head reads the hidden
+  # states through a stop_gradient, so the trunk's gradient is the language model's).
+  meta_head: bool = False
+  meta_weight: float = 0.1
+  meta_trunk_grad: bool = False
   # Numerics and memory
   dtype: str = "auto"  # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
   # (the target platform, vesperjax.kernels.platform)
@@ -146,6 +154,13 @@ def _validate(c: ModelConfig) -> None:
         isinstance(c.moe_capacity_factor, (int, float))
         and not isinstance(c.moe_capacity_factor, bool) and c.moe_capacity_factor > 0),
          "moe_capacity_factor", "must be None (dropless) or a positive number")
+  need(isinstance(c.meta_head, bool), "meta_head", "must be True or False")
+  need(isinstance(c.meta_trunk_grad, bool), "meta_trunk_grad", "must be True or False")
+  need(isinstance(c.meta_weight, (int, float)) and not isinstance(c.meta_weight, bool)
+       and c.meta_weight >= 0 and c.meta_weight < float("inf"), "meta_weight",
+       "must be a finite number >= 0")
+  need(c.meta_head or not c.meta_trunk_grad, "meta_trunk_grad",
+       "needs the head (meta_head=True)")
   need(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
   need(c.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
   need(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
@@ -188,12 +203,16 @@ def num_params(config: ModelConfig) -> int:
   """
   d, f, r, h = config.hidden_size, config.ffn_size, config.lora_rank, config.num_heads
   lora_b = 2 * r * f  # gate and up each carry a [r, f] B
+  meta = 0
+  if config.meta_head:
+    from vesperjax.model.meta_head import meta_head_params  # pylint: disable=g-import-not-at-top
+    meta = meta_head_params(d)
   if config.freeze_base:
-    return config.num_layers * lora_b * max(config.num_experts, 1)
+    return config.num_layers * lora_b * max(config.num_experts, 1) + meta
   ffn = 2 * (d * f + f) + lora_b + (f * d + d)  # gate, up (+ B), down
   if config.is_moe:
     ffn = d * config.num_experts + config.num_experts * ffn  # router + experts
   head_dim = d // h
   attention = d * 3 * h * head_dim + 3 * h * head_dim + h * head_dim * d + d
   block = 2 * d + attention + 2 * d + ffn  # two LayerNorms (scale + bias)
-  return config.vocab_size * d + config.num_layers * block + 2 * d
+  return config.vocab_size * d + config.num_layers * block + 2 * d + meta

@@ -8,6 +8,7 @@ from flax import nnx
 from vesperjax.config import ModelConfig
 from vesperjax.model.attention import Attention, KVCache, LayerCacheView
 from vesperjax.model.layers import FeedForward, LayerNorm, RoutingBias, param
+from vesperjax.model.meta_head import MetaHead
 from vesperjax.model.moe import MoE
 from vesperjax.sharding import constrain
 
@@ -79,6 +80,8 @@ class VesperLM(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = LayerNorm(config.hidden_size, config.norm_eps, rngs)
+    if config.meta_head:  # absent otherwise: checkpoints without it keep their tree
+      self.meta_head = MetaHead(config, rngs)
 
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
     hidden, aux, _ = self.hidden_states(tokens)
@@ -137,6 +140,16 @@ class VesperLM(nnx.Module):
     logits = jnp.einsum("bsd,vd->bsv", hidden, w, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
 
+  def meta_logits(self, hidden: jax.Array, top1_logprob: jax.Array,
+                  entropy: jax.Array) -> jax.Array:
+    """The metacognition head's event logits [..., 2] (`config.meta_head`): see
+    `vesperjax.model.meta_head`. The logit statistics never carry gradient; the hidden
+    states do only with `config.meta_trunk_grad`."""
+    if not self.config.meta_trunk_grad:
+      hidden = jax.lax.stop_gradient(hidden)
+    return self.meta_head(hidden, jax.lax.stop_gradient(top1_logprob),
+                          jax.lax.stop_gradient(entropy))
+
   def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
     """An empty KV cache for all layers: arrays [L, B, max_len, H, Dh]."""
     c = self.config
@@ -147,7 +160,11 @@ class VesperLM(nnx.Module):
 
 
 def trainable_filter(config: ModelConfig):
-  """The nnx filter of what trains: every Param, or only FlyLoRA's B with freeze_base."""
+  """The nnx filter of what trains: every Param, or with freeze_base only FlyLoRA's B
+  (and the metacognition head, which has no base to keep)."""
   if config.freeze_base:
+    if config.meta_head:
+      return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("lora_b"),
+                                        nnx.PathContains("meta_head")))
     return nnx.All(nnx.Param, nnx.PathContains("lora_b"))
   return nnx.Param

@@ -87,12 +87,13 @@ class ThroughputWindow:
 
 
 class MetricsSink:
-  """Scalars to TensorBoard (WORKDIR/tb) and WORKDIR/metrics.jsonl, and the progress bar;
-  process 0 only (elsewhere every method does nothing)."""
+  """Scalars to TensorBoard (WORKDIR/tb), WORKDIR/metrics.jsonl and, when given, a
+  tracker (`wandb_tracking.WandbRun`: `log(step, scalars)`, `finish(exit_code)`), and
+  the progress bar; process 0 only (elsewhere every method does nothing)."""
 
-  def __init__(self, workdir: str, max_steps: int, step: int):
+  def __init__(self, workdir: str, max_steps: int, step: int, tracker: Any = None):
     self.workdir = workdir
-    self.writer = self.bar = None
+    self.writer = self.bar = self.tracker = None
     if jax.process_index() != 0:
       return
     from tensorboardX import SummaryWriter
@@ -100,6 +101,7 @@ class MetricsSink:
     self.writer = SummaryWriter(os.path.join(workdir, "tb"))
     self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)
+    self.tracker = tracker
 
   def advance(self, info: StepInfo) -> None:
     if self.bar is not None:
@@ -112,17 +114,21 @@ class MetricsSink:
       self.writer.add_scalar(k, v, step)
     with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
+    if self.tracker is not None:
+      self.tracker.log(step, scalars)
 
   def postfix(self, **values) -> None:
     if self.bar is not None:
       self.bar.set_postfix(refresh=False, **values)
 
-  def close(self) -> None:
-    """Idempotent."""
+  def close(self, exit_code: int = 0) -> None:
+    """Idempotent; the tracker's run ends with `exit_code` (the process's exit status)."""
     for thing in (self.writer, self.bar):
       if thing is not None:
         thing.close()
-    self.writer = self.bar = None
+    tracker, self.writer, self.bar, self.tracker = self.tracker, None, None, None
+    if tracker is not None:
+      tracker.finish(exit_code)
 
 
 def step_scalars(host: dict, step: int, lr: Callable[[int], Any], tokens_per_s,
@@ -148,8 +154,10 @@ class LogMetrics:
   """Every `every` steps and at `last`: fetch, compute and write the step's scalars."""
 
   def __init__(self, every: int, last: int, sink: MetricsSink, window: ThroughputWindow,
-               *, tokens_per_step: int, lr, flops_per_token: float, peak: float | None):
+               *, tokens_per_step: int, lr, flops_per_token: float, peak: float | None,
+               data_shares: Callable[[int], dict] | None = None):
     self.every, self.last, self.sink, self.window = every, last, sink, window
+    self.data_shares = data_shares  # step -> `data/share/NAME` scalars (a mixture's)
     self.tokens_per_step, self.lr = tokens_per_step, lr
     self.flops, self.peak = flops_per_token, peak
     self.last_loss = None
@@ -161,6 +169,8 @@ class LogMetrics:
     rate = self.window.steps_per_s()
     tps = None if rate is None else rate * self.tokens_per_step
     scalars = step_scalars(host, info.step, self.lr, tps, self.flops, self.peak)
+    if self.data_shares is not None:
+      scalars.update(self.data_shares(info.step))
     self.sink.write(info.step, scalars)
     self.sink.postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps or 0:,.0f}")
     self.window.reset()
@@ -189,13 +199,15 @@ class GuardDivergence:
 
 class EvaluateAndKeepBest:
   """Every `every` steps and at `last`: the validation loss, logged, and the state kept
-  as the best checkpoint when it beats every earlier one (and is finite)."""
+  as the best checkpoint when it beats every earlier one (and is finite).
+  `extra_metrics()`: more numbers of the same evaluation, logged beside it."""
 
   def __init__(self, every: int, last: int, evaluate: Callable[[Any], float | None],
                save_best: Callable[[int, Any, float], Any], finite: Callable[[Any], bool],
-               sink: MetricsSink):
+               sink: MetricsSink, extra_metrics: Callable[[], dict] | None = None):
     self.every, self.last, self.evaluate = every, last, evaluate
     self.save_best, self.finite, self.sink = save_best, finite, sink
+    self.extra_metrics = extra_metrics
     self.eval_loss = None
 
   def __call__(self, info: StepInfo) -> None:
@@ -205,7 +217,8 @@ class EvaluateAndKeepBest:
     if self.eval_loss is None:
       return
     self.sink.write(info.step, {"eval_loss": self.eval_loss,
-                                "eval_perplexity": math.exp(min(self.eval_loss, 50))})
+                                "eval_perplexity": math.exp(min(self.eval_loss, 50)),
+                                **(self.extra_metrics() if self.extra_metrics else {})})
     if self.finite(info.state):
       self.save_best(info.step, info.state, self.eval_loss)
 

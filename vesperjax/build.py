@@ -29,6 +29,8 @@ from vesperjax import sharding
 from vesperjax.checkpoint import (CHECKPOINTS, Checkpointer, CheckpointError, read_json,
                                   read_model_variables)
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
+from vesperjax.data.mixture import parse_mixture
+from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
 from vesperjax.train_step import ShardedSteps, lr_schedule, sharded_steps
 from vesperjax.workdir_lock import acquire_for_job, describe_holder
@@ -71,9 +73,17 @@ def model_vocab(run: RunConfig) -> int:
 
 @dataclasses.dataclass
 class Data:
+  """The run's tokenizer and token caches; with `data.mixture`, each cache is a
+  `mixture.Mixture` (the pipeline's functions take either)."""
   tokenizer: Any  # vesperjax.data.Tokenizer
-  train_cache: Any  # TokenCache
-  val_cache: Any  # TokenCache, or None when the data has no validation split
+  train_cache: Any  # TokenCache or Mixture
+  val_cache: Any  # TokenCache, Mixture, or None when the data has no validation split
+
+  def share_scalars(self, rows: int) -> dict[str, float]:
+    """`data/share/NAME`: each mixture source's share of the tokens in the first `rows`
+    windows of the global training stream ({} without a mixture)."""
+    share = getattr(self.train_cache, "share_scalars", None)
+    return {} if share is None else share(rows)
 
 
 def prepare_data(run: RunConfig, workdir: str, *, progress: bool = True) -> Data:
@@ -103,10 +113,15 @@ def _prepare_data_here(d: DataConfig, workdir: str, progress: bool) -> Data:
       raise RunError(f"{workdir} was trained with data.tokenizer={before!r}, not "
                      f"{d.tokenizer!r}; use a new --workdir")
     tokenizer = saved
-  train_cache, val_cache, tok = vdata.prepare_train_val(
-      d.dataset, tokenizer, d.cache_dir or os.path.join(workdir, "data"),
-      val_dataset=d.val_dataset, text_field=d.text_field, val_percent=d.val_percent,
-      progress=progress)
+  cache_dir = d.cache_dir or os.path.join(workdir, "data")
+  kw = dict(val_dataset=d.val_dataset, text_field=d.text_field, val_percent=d.val_percent,
+            progress=progress)
+  if d.mixture is not None:
+    train_cache, val_cache, tok = prepare_mixture(parse_mixture(d.mixture), tokenizer,
+                                                  cache_dir, **kw)
+  else:
+    train_cache, val_cache, tok = vdata.prepare_train_val(d.dataset, tokenizer, cache_dir,
+                                                          **kw)
   return Data(tok, train_cache, val_cache)
 
 
@@ -120,10 +135,12 @@ class Model:
 
 
 def build_model(run: RunConfig, mesh, *, vocab_size: int, valid_vocab: int | None = None,
-                seq_len: int | None = None, seq_flag: str = "config.data.seq_len") -> Model:
+                seq_len: int | None = None, seq_flag: str = "config.data.seq_len",
+                eod_id: int = -1) -> Model:
   """The ModelConfig (`run.model` over its preset, `vocab_size` unless set) and the
   optimizer and jitted steps of `run.optim` / `run.train` on `mesh`. `valid_vocab`: the
-  tokenizer's size (default the model's; logits beyond it are masked)."""
+  tokenizer's size (default the model's; logits beyond it are masked); `eod_id`: its
+  end-of-document id (the metacognition head's "end" target; < 0: none)."""
   config = model_config(run, vocab_size)
   seq_len = run.data.seq_len if seq_len is None else seq_len
   if seq_len > config.max_seq_len:
@@ -132,7 +149,7 @@ def build_model(run: RunConfig, mesh, *, vocab_size: int, valid_vocab: int | Non
   valid_vocab = config.vocab_size if valid_vocab is None else valid_vocab
   steps = sharded_steps(config, mesh, optim=run.optim, max_steps=run.train.max_steps,
                         valid_vocab=valid_vocab, fused_loss=run.train.fused_loss,
-                        platform=run.train.platform)
+                        platform=run.train.platform, eod_id=eod_id)
   return Model(mesh, config, steps, lr_schedule(run.optim, run.train.max_steps))
 
 
@@ -229,7 +246,7 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
     vocab = data.tokenizer.vocab_size
     check_same_model(workdir, model_config(run, vdata.padded_vocab_size(vocab)))
     model = build_model(run, mesh, vocab_size=vdata.padded_vocab_size(vocab),
-                        valid_vocab=vocab)
+                        valid_vocab=vocab, eod_id=data.tokenizer.eod_id)
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, log=log)
     data_iter = vdata.train_iterator(data.train_cache, run.data.seq_len, t.batch_size,
                                      seed=t.seed, num_workers=run.data.num_workers)

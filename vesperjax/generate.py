@@ -1,6 +1,7 @@
 """`python -m vesperjax.generate --workdir RUN --prompt "def " [--max-tokens 100] ...`.
 
-Loads a run's model, tokenizer and checkpoint (latest, `--step N`, or `--best`) and
+Loads a run's model, tokenizer and checkpoint (latest, `--step N`, or `--best`), or an
+exported model (`--model DIR`, written by `python -m vesperjax.export`), and
 streams the continuation of each prompt to stdout as it is sampled, stopping at the
 tokenizer's end-of-document token or after --max-tokens. A prompt too long for the
 model keeps its newest tokens (truncated from the left, with a note on stderr). Bad
@@ -21,6 +22,8 @@ from vesperjax.cli import _one_line, run_cli, use_compilation_cache, user_errors
 FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by vesperjax.train.",
                                flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", None, "Folder written by `python -m vesperjax.export` "
+                             "(instead of --workdir).", flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
                              flag_values=FLAGS)
 _BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest eval loss.",
@@ -38,6 +41,32 @@ _TOP_K = flags.DEFINE_integer("top-k", 0, "Keep the k most likely tokens (0: all
 _TOP_P = flags.DEFINE_float("top-p", 0.95, "Nucleus sampling mass (1: off).",
                             flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_SHOW_CONFIDENCE = flags.DEFINE_bool(
+    "show-confidence", False, "After each continuation, print a table of its tokens "
+    "with the metacognition head's P(top-1 guess correct), P(end of document) and the "
+    "max softmax probability, to stderr (needs a model trained with model.meta_head).",
+    flag_values=FLAGS)
+_STOP_WHEN_CONFIDENT = flags.DEFINE_float(
+    "stop-when-confident", None, "End a continuation at the first position where the "
+    "metacognition head's P(end of document) exceeds this probability in (0, 1) "
+    "(docs/metacognition.md).", flag_values=FLAGS)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", None, ["int8", "int4"], "Weight-only, per-channel quantization of the "
+    "attention and FFN weights with qwix (vesperjax.quantize; needs "
+    "'vesperjax[quantize]').", flag_values=FLAGS)
+_REPETITION_PENALTY = flags.DEFINE_float(
+    "repetition-penalty", 1.0, "Divide the logit of every token already in the prompt "
+    "or the output by this if positive, multiply it if negative (> 0; 1: off). Off by "
+    "default so output follows the model's own distribution: the rule depends on a "
+    "logit's sign, which softmax ignores, and it hits every prompt token, whitespace and "
+    "punctuation included. The original VesperLM generate.py uses 1.1.",
+    flag_values=FLAGS)
+_FREQUENCY_PENALTY = flags.DEFINE_float(
+    "frequency-penalty", 0.0, "Subtract this times the number of times a token was "
+    "generated so far from its logit (OpenAI's definition; 0: off).", flag_values=FLAGS)
+_PRESENCE_PENALTY = flags.DEFINE_float(
+    "presence-penalty", 0.0, "Subtract this from the logit of every token generated so "
+    "far (OpenAI's definition; 0: off).", flag_values=FLAGS)
 
 
 class TextStream:
@@ -94,10 +123,20 @@ def _prompts() -> list[str]:
 
 
 def _load(workdir: str, step: int | None, best: bool):
+  """(model, tokenizer, RunConfig or None) from --workdir, or from --model (an export)."""
   from vesperjax.build import load_model
   from vesperjax.checkpoint import CheckpointError
+  if _MODEL.value is not None:
+    from vesperjax.pretrained import load_pretrained
+    if workdir:
+      raise ValueError("give --model DIR or --workdir RUN, not both")
+    if step is not None or best:
+      raise ValueError("--step and --best choose a checkpoint of --workdir; an export "
+                       "(--model) holds one")
+    return (*load_pretrained(_MODEL.value), None)
   if not workdir:
-    raise ValueError("--workdir RUN is required (a directory written by vesperjax.train)")
+    raise ValueError("--workdir RUN (a directory written by vesperjax.train) or --model "
+                     "DIR (one written by vesperjax.export) is required")
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir}: no such directory")
   if step is not None and step < 0:
@@ -119,6 +158,27 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> list[in
   return ids[-room:]
 
 
+def _check_penalty_flags() -> None:
+  import math
+  rep = _REPETITION_PENALTY.value
+  if not (math.isfinite(rep) and rep > 0):
+    raise ValueError(f"--repetition-penalty {rep}: must be a finite number > 0 (1: off)")
+  for flag in (_FREQUENCY_PENALTY, _PRESENCE_PENALTY):
+    if not math.isfinite(flag.value):
+      raise ValueError(f"--{flag.name} {flag.value}: must be a finite number (0: off)")
+
+
+def print_confidence(rows, tokenizer, out=None) -> None:
+  """One line per generated token: its text and the TokenConfidence it was sampled with
+  (`vesperjax.sampling.TokenConfidence`: the head's P(correct), P(end), max softmax)."""
+  out = out or sys.stderr
+  out.write(f"\n{'#':>4}  {'token':<16} {'P(correct)':>10} {'P(end)':>8} {'max p':>7}\n")
+  for i, (tok, correct, end, top1) in enumerate(rows):
+    text = repr(tokenizer.decode([tok], skip_special_tokens=False))[:16]
+    out.write(f"{i:>4}  {text:<16} {correct:>10.3f} {end:>8.3f} {top1:>7.3f}\n")
+  out.flush()
+
+
 def run() -> int:
   from vesperjax.sampling import generate
 
@@ -131,8 +191,23 @@ def run() -> int:
     raise ValueError(f"--top-k {_TOP_K.value}: must be >= 0 (0: off)")
   if not 0 < _TOP_P.value <= 1:
     raise ValueError(f"--top-p {_TOP_P.value}: must be in (0, 1]")
+  _check_penalty_flags()
+  stop_p = _STOP_WHEN_CONFIDENT.value
+  if stop_p is not None and not 0 < stop_p < 1:
+    raise ValueError(f"--stop-when-confident {stop_p}: must be a probability in (0, 1)")
   use_compilation_cache()
+  if _QUANTIZE.value:  # before loading: a missing qwix is one error line, at once
+    from vesperjax.quantize import require_qwix
+    require_qwix()
   model, tokenizer, _ = _load(_WORKDIR.value, _STEP.value, _BEST.value)
+  if _QUANTIZE.value:
+    from vesperjax.quantize import quantize_for_inference
+    model = quantize_for_inference(model, _QUANTIZE.value)
+  confidence = _SHOW_CONFIDENCE.value or stop_p is not None
+  if confidence and not model.config.meta_head:
+    flag = "--show-confidence" if _SHOW_CONFIDENCE.value else "--stop-when-confident"
+    raise ValueError(f"{flag} needs a model with the metacognition head; this one was "
+                     "trained without it (--config.model.meta_head=True)")
   max_len = model.config.max_seq_len
   for i, text in enumerate(prompts):
     ids = tokenizer.encode(text) or [tokenizer.eod_id]
@@ -147,15 +222,27 @@ def run() -> int:
     stream = TextStream(tokenizer)
     times = []
 
-    def on_token(t):
+    token_confidence = []
+
+    def on_token(t, conf=None):
       times.append(time.perf_counter())
       stream.push(t[0])
+      if conf is not None:
+        token_confidence.append((int(t[0]), *(float(x[0]) for x in conf)))
 
     start = time.perf_counter()
     out = generate(model, [fitted], max_new_tokens=_MAX_TOKENS.value,
                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                   seed=_SEED.value + i, eos_id=tokenizer.eod_id, on_token=on_token)
+                   seed=_SEED.value + i, eos_id=tokenizer.eod_id, on_token=on_token,
+                   repetition_penalty=_REPETITION_PENALTY.value,
+                   frequency_penalty=_FREQUENCY_PENALTY.value,
+                   presence_penalty=_PRESENCE_PENALTY.value,
+                   with_confidence=_SHOW_CONFIDENCE.value, stop_when_confident=stop_p)
+    if _SHOW_CONFIDENCE.value:
+      out = out[0]
     stream.finish()
+    if _SHOW_CONFIDENCE.value:
+      print_confidence(token_confidence, tokenizer)
     n = out.shape[1]
     rate = f", then {(n - 1) / (times[-1] - times[0]):.1f} tokens/s" if n > 1 else ""
     print(f"\n[{n} tokens; first after {times[0] - start:.2f} s (prefill, compile on "

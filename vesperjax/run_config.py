@@ -45,11 +45,15 @@ ModelOverrides.__doc__ = """`config.model`: a preset and any `ModelConfig` field
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """`config.data`: what the run trains and evaluates on, and how it is tokenized."""
-  dataset: str = "stdlib"  # a .txt/.jsonl/.json file, a folder, or "stdlib"
+  # a .txt/.jsonl/.json/.parquet/.arrow file, a folder, a glob, "stdlib", or a
+  # comma-separated list of those (docs/data.md)
+  dataset: str = "stdlib"
+  # several datasets with weights, "NAME=PATH:WEIGHT,..." (docs/data.md); replaces dataset
+  mixture: str | None = None
   val_dataset: str | None = None  # default: the dataset's held-out split
   tokenizer: str = "bpe:8192"  # a tokenizer.json path, "bpe:N" or "byte"
   seq_len: int = 256  # tokens per training sequence
-  text_field: str = "text"  # the text's key in .jsonl/.json records
+  text_field: str = "text"  # the text's key in .jsonl records, or Parquet/Arrow column
   val_percent: float = 5.0  # the held-out split's share when there is no val_dataset
   cache_dir: str | None = None  # default: WORKDIR/data
   num_workers: int = 0  # grain worker processes (0: read in the training process)
@@ -95,6 +99,12 @@ class TrainConfig:
   loss_spike_factor: float = 3.0  # a logged loss over this x the last 10's median (0: never)
   sample_tokens: int = 64  # tokens sampled at the end of training (0: none)
   sample_prompt: str = "def "
+  # Weights & Biases (the `wandb` extra; the mode is W&B's own, e.g. WANDB_MODE=offline):
+  wandb: bool = False  # also log the metrics and the config to W&B (from process 0)
+  wandb_project: str = "vesperjax"
+  wandb_entity: str | None = None  # default: the W&B account's default entity
+  wandb_name: str | None = None  # the W&B run's name; default: the workdir's base name
+  wandb_tags: str = ""  # comma-separated, e.g. "fineweb,baseline"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +270,19 @@ def validate(run: RunConfig) -> RunConfig:
   need(math.isfinite(t.loss_spike_factor) and (t.loss_spike_factor == 0
                                                or t.loss_spike_factor > 1),
        "train.loss_spike_factor", "must be 0 (off) or a finite number > 1")
+  need(t.wandb_project.strip() != "", "train.wandb_project", "must not be empty")
+  for tag in t.wandb_tags.split(","):  # W&B's rule: at most 64 characters
+    need(len(tag.strip()) <= 64, "train.wandb_tags", f"{tag.strip()!r} is over 64 characters")
   need(d.seq_len > 1, "data.seq_len", "must be > 1")
   need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+  if d.mixture is not None:
+    need(d.dataset == DataConfig.dataset, "data.mixture",
+         f"set data.mixture or data.dataset, not both (data.dataset={d.dataset!r})")
+    from vesperjax.data import mixture  # pylint: disable=g-import-not-at-top
+    try:
+      mixture.parse_mixture(d.mixture)
+    except ValueError as e:
+      raise ValueError(f"config.data.mixture: {e}") from None
   if t.platform != "auto":
     from vesperjax.kernels import platform  # pylint: disable=g-import-not-at-top
     try:

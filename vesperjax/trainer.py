@@ -10,19 +10,24 @@ steps, so the host never waits on a step it did not need to see.
 from __future__ import annotations
 
 import dataclasses
+import math
+import signal
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from vesperjax import actions as act
+from vesperjax import calibration
 from vesperjax import data as vdata
 from vesperjax import sharding
+from vesperjax import wandb_tracking
 from vesperjax.actions import device_peak_flops
 # RunError is imported from here too (tests)
 from vesperjax.build import RunError, build_run, log_line  # noqa: F401
 from vesperjax.checkpoint import CheckpointSaveError
 from vesperjax.divergence import DivergenceGuard
+from vesperjax.run_config import as_run_config
 from vesperjax.train_step import all_finite, flops_per_token
 
 if TYPE_CHECKING:
@@ -50,6 +55,9 @@ class Trainer:
   def __init__(self, run: RunConfig | ConfigDict, workdir: str, *,
                require_resume: bool = False):
     self.workdir = workdir
+    run = as_run_config(run)
+    if run.train.wandb and jax.process_index() == 0:  # fail before any data or compile
+      wandb_tracking.require_wandb()
     self.built = build_run(run, workdir, require_resume=require_resume,
                            log=lambda text: self._log_line(text))
     self.run: RunConfig = self.built.run
@@ -62,6 +70,8 @@ class Trainer:
     self.graphdef = steps.graphdef
     self.batch_sharding, self.eval_sharding = steps.batch_sharding, steps.eval_sharding
     self.train_step, self.eval_step = steps.train_step, steps.eval_step
+    self.eval_calibration = steps.eval_calibration  # None without the meta head
+    self.eval_extras: dict[str, float] = {}  # the last evaluation's calibration numbers
     self.schedule = model.lr
     self.all_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
 
@@ -78,14 +88,20 @@ class Trainer:
     if self.val_cache is None or t.eval_batches == 0:
       return None
     state = self.state if state is None else state
-    total, count = 0.0, 0.0
+    total, count, stats = 0.0, 0.0, {}
     with jax.set_mesh(self.mesh):
       for host in vdata.eval_batches(self.val_cache, t.batch_size, self.run.data.seq_len,
                                      t.eval_batches):
         batch = sharding.global_batch_from_host(host.astype(np.int32), self.mesh,
                                                 self.eval_sharding)
-        loss_sum, n = self.eval_step(state, batch)
+        if self.eval_calibration is None:
+          loss_sum, n = self.eval_step(state, batch)
+        else:  # the meta head: the same loss, and its calibration sums
+          loss_sum, n, batch_stats = self.eval_calibration(state, batch)
+          stats = {k: calibration.add_stats(stats.get(k), v)
+                   for k, v in jax.device_get(batch_stats).items()}
         total, count = total + float(loss_sum), count + float(n)
+    self.eval_extras = calibration.eval_metrics(stats) if stats else {}
     return total / count
 
   # -- the loop ------------------------------------------------------------------------
@@ -94,7 +110,8 @@ class Trainer:
     s, seq_len = self.run.train, self.run.data.seq_len
     end = s.max_steps if stop_at is None else min(stop_at, s.max_steps)
     step = int(self.state.step)
-    sink = act.MetricsSink(self.workdir, s.max_steps, step)
+    tracker = self._start_tracker(step) if step < end else None  # no steps, no W&B run
+    sink = act.MetricsSink(self.workdir, s.max_steps, step, tracker)
     window = act.ThroughputWindow(step + 1, s.eval_every, s.save_every)
     guard = act.GuardDivergence(DivergenceGuard(s.max_skipped_steps, s.loss_spike_factor),
                                 log_every=s.log_every, save_every=s.save_every,
@@ -102,9 +119,12 @@ class Trainer:
     log = act.LogMetrics(s.log_every, s.max_steps, sink, window,
                          tokens_per_step=s.batch_size * s.grad_accum * seq_len, lr=self.schedule,
                          flops_per_token=flops_per_token(self.config, seq_len),
-                         peak=device_peak_flops())
+                         peak=device_peak_flops(),
+                         data_shares=lambda step: self.built.data.share_scalars(
+                             step * s.batch_size * s.grad_accum))
     evaluate = act.EvaluateAndKeepBest(s.eval_every, s.max_steps, self.evaluate,
-                                       self.ckpt.save_best, self._finite, sink)
+                                       self.ckpt.save_best, self._finite, sink,
+                                       extra_metrics=lambda: self.eval_extras)
     # under the ambient mesh the model pins activations and the MoE goes expert-parallel
     with act.Signals() as signals, jax.set_mesh(self.mesh):
       actions = [window.count, sink.advance, log, guard, evaluate,
@@ -113,6 +133,7 @@ class Trainer:
                                         self._log_line),
                  window.restart]
       loop = StepLoop(self.train_step, self._next_batch, actions, self.state, step)
+      exit_code = 1  # the tracker's, until the run ends as planned
       try:
         try:
           stop = loop.run(end)
@@ -120,19 +141,34 @@ class Trainer:
           raise  # saving is what failed: another try would only fail again
         except Exception:
           self.state = loop.state
-          sink.close()  # the progress bar ends before the lines that follow
+          sink.close(exit_code)  # the progress bar ends before the lines that follow
           self._save_before_failing(loop.step)
           raise
         self.state, step = loop.state, loop.step
         if not guard.diverged:  # a diverged state is not saved: the last good one stays
           self._save(step, force=True)
         self.ckpt.wait()
+        exit_code = exit_status(stop, guard.diverged)
       finally:
-        sink.close()  # before the error line, if any
+        sink.close(exit_code)  # before the error line, if any
     if guard.diverged:
       raise RunError(f"the run diverged at {guard.diverged}; the latest checkpoint is step "
                      f"{self.ckpt.latest_step()}")
     return Outcome(step, log.last_loss, evaluate.eval_loss, int(self.state.skipped), stop)
+
+  def _start_tracker(self, step: int):
+    """The W&B run of `train.wandb` (process 0), resumed when training resumes."""
+    t = self.run.train
+    if not t.wandb or jax.process_index() != 0:
+      return None
+    abstract = self.built.model.steps.abstract
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    config = {**self.run.to_dict(), "model_config": self.config.to_dict(),
+              "params_trainable": count(abstract.params),
+              "params_frozen": count(abstract.rest)}
+    return wandb_tracking.WandbRun.start(
+        self.workdir, project=t.wandb_project, entity=t.wandb_entity, name=t.wandb_name,
+        tags=t.wandb_tags, config=config, resumed=step > 0)
 
   # -- saving --------------------------------------------------------------------------
   def _finite(self, state=None) -> bool:
@@ -166,6 +202,16 @@ class Trainer:
   def close(self):
     """Close the checkpointer and release the workdir (idempotent)."""
     self.built.close()
+
+
+def exit_status(stop: str | None, diverged: str | None) -> int:
+  """The training command's exit status for how the loop ended: 0 (done), 2 (diverged,
+  a RunError), 128 + the signal number (stopped by SIGTERM or SIGINT)."""
+  if diverged:
+    return 2
+  if stop in ("SIGTERM", "SIGINT"):
+    return 128 + signal.Signals[stop].value
+  return 0
 
 
 class StepLoop:

@@ -231,21 +231,7 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["--side-original"]:  # the original's side, started by run_original
     print(json.dumps(original_side(json.loads(argv[1]))))
     return 0
-  try:
-    args = parse_args(argv)
-    report = run(args, argv)
-  except vs.Refused as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except vs.SideFailed as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(format_report(report))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
-    print(f"report: {args.json}")
-  return 0
+  return vs.report_main(argv, parse_args, run, format_report)
 
 
 if __name__ == "__main__":

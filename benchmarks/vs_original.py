@@ -328,6 +328,12 @@ def run(args, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  return report_main(argv, parse_args, run, format_report)
+
+
+def report_main(argv, parse_args, run, format_report) -> int:
+  """A side-by-side command: parse, run, print the report (and its --json); a refused
+  setting is one `error:` line and status 2, a failed side status 1."""
   try:
     args = parse_args(argv)
     report = run(args, argv)

@@ -18,11 +18,13 @@ def toy(**kw):
   return vj.VesperLM(vj.ModelConfig(**cfg), rngs=nnx.Rngs(3))
 
 
-def greedy_by_recompute(model, prompt, n):
+def greedy_by_recompute(model, prompt, n, adjust=None):
   """The slow reference: the whole sequence through the model for every new token.
 
   The sequence lives in a fixed [B, P + n] buffer (one compile): causal attention
   keeps the not-yet-written zeros from affecting the logits read at position t.
+  `adjust(logits [V], seq [P + n], t)`, if given, changes each row's last logits (in
+  numpy) before the argmax.
   """
   model.eval()
   fwd = nnx.jit(lambda m, x: m(x)[0])
@@ -30,7 +32,10 @@ def greedy_by_recompute(model, prompt, n):
   seq = np.zeros((b, p + n), np.int32)
   seq[:, :p] = prompt
   for t in range(p, p + n):
-    seq[:, t] = np.argmax(np.asarray(fwd(model, jnp.asarray(seq)))[:, t - 1], -1)
+    logits = np.asarray(fwd(model, jnp.asarray(seq)))[:, t - 1]
+    if adjust is not None:
+      logits = np.stack([adjust(logits[row], seq[row], t) for row in range(b)])
+    seq[:, t] = np.argmax(logits, -1)
   return seq[:, p:]
 
 

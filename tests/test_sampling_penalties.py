@@ -12,6 +12,8 @@ from vesperjax import sampling
 from vesperjax.penalties import Penalties, TokenHistory, apply_penalties
 from vesperjax.sampling import generate
 
+from tests.test_generate import greedy_by_recompute
+
 VOCAB = 97
 
 
@@ -75,19 +77,12 @@ def test_prompt_padding_is_not_history():
 
 
 def greedy_penalised_by_recompute(model, prompt, n, **penalties):
-  """The slow reference: the whole sequence through the model for each new token, the
-  penalties applied in numpy to the last position's logits, then argmax."""
-  model.eval()
-  fwd = nnx.jit(lambda m, x: m(x)[0])
-  b, p = prompt.shape
-  seq = np.zeros((b, p + n), np.int32)
-  seq[:, :p] = prompt
-  for t in range(p, p + n):
-    logits = np.asarray(fwd(model, jnp.asarray(seq)))[:, t - 1]
-    for row in range(b):
-      pen = penalised_np(logits[row], seq[row, :p], seq[row, p:t], **penalties)
-      seq[row, t] = np.argmax(pen)
-  return seq[:, p:]
+  """The slow reference: test_generate's full recompute per token, the penalties applied
+  in numpy to the last position's logits before the argmax."""
+  p = prompt.shape[1]
+  return greedy_by_recompute(
+      model, prompt, n,
+      adjust=lambda logits, seq, t: penalised_np(logits, seq[:p], seq[p:t], **penalties))
 
 
 @pytest.mark.parametrize("penalties", [

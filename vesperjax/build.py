@@ -284,15 +284,15 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
   abstract = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, trainable_filter(config), ...)
-  target = {"params": _restore_target(params, one_device),
-            "rest": _restore_target(rest, one_device)}
+  target = {"params": restore_target(params, one_device),
+            "rest": restore_target(rest, one_device)}
   saved = read_model_variables(workdir, target, step=step, best=best)
   model = nnx.merge(graphdef, saved["params"], saved["rest"])
   model.eval()
   return model, tokenizer, run
 
 
-def _restore_target(tree, mesh):
+def restore_target(tree, mesh):
   """ShapeDtypeStructs carrying the rule-given shardings on `mesh`: Orbax reshards."""
   shardings = sharding.state_shardings(tree, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -131,12 +131,12 @@ def restore_variables(workdir: str, config, step: int, best: bool, mesh) -> dict
   rules (`build.load_model`'s restore, onto every device instead of one)."""
   from flax import nnx
 
-  from vesperjax.build import _restore_target
+  from vesperjax.build import restore_target
   from vesperjax.checkpoint import CheckpointError, read_model_variables
   from vesperjax.model import trainable_filter
 
   _, params, rest = nnx.split(fmt.abstract_model(config), trainable_filter(config), ...)
-  target = {"params": _restore_target(params, mesh), "rest": _restore_target(rest, mesh)}
+  target = {"params": restore_target(params, mesh), "rest": restore_target(rest, mesh)}
   try:
     saved = read_model_variables(workdir, target, step=step, best=best)
   except user_errors():

@@ -160,6 +160,15 @@ def test_unknown_mode_and_none():
     qz.quantize_for_inference(model, "int2")
 
 
+def test_a_quantized_model_is_kept_in_its_mode_and_refused_in_the_other():
+  model = toy("dense")
+  int8 = qz.quantize_for_inference(model, "int8")
+  assert qz.quantization_mode(model) is None and qz.quantization_mode(int8) == "int8"
+  assert qz.quantize_for_inference(int8, "int8") is int8
+  with pytest.raises(ValueError, match="already quantized to int8"):
+    qz.quantize_for_inference(int8, "int4")
+
+
 def test_missing_qwix_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
   from vesperjax import generate as cli
   monkeypatch.setitem(__import__("sys").modules, "qwix", None)  # import qwix fails

@@ -1,4 +1,5 @@
-"""`python -m vesperjax.export --workdir RUN [--step N | --best] [--dtype fp32|bf16] --out DIR`.
+"""`python -m vesperjax.export --workdir RUN [--step N | --best] [--dtype fp32|bf16]
+[--quantize int8|int4] --out DIR`.
 
 Writes a run's model as safetensors beside its config.json and tokenizer.json (the
 layout and names: `vesperjax.pretrained`, docs/export.md), for `vesperjax.load_pretrained`,
@@ -9,8 +10,10 @@ tensors are split over `model-0000i-of-0000N.safetensors` files with a
 The checkpoint is restored sharded over every device (FSDP), and each tensor (one layer of
 a stacked variable) is gathered on its own and written straight to its file: no host
 holds more than one tensor beyond its share of the model. With several processes all of
-them gather; process 0 writes. Everything is written into a temporary folder beside
---out and renamed into place at the end, so a failure never leaves half an export.
+them gather; process 0 writes. With --quantize, each weight that `vesperjax.quantize`
+quantizes is quantized one layer at a time by the qwix call `quantize_for_inference`
+makes and stored as its codes and scales. Everything is written into a temporary folder
+beside --out and renamed into place at the end, so a failure never leaves half an export.
 Bad input ends with one `error:` line on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from vesperjax import pretrained as fmt
 from vesperjax.cli import _one_line, run_cli, user_errors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's save_pretrained default
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
 
 FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by vesperjax.train.",
@@ -43,6 +46,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "fp32", sorted(fmt.WEIGHTS_DTYPES),
                            "and routing biases stay fp32).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Folder to write (must not exist or be empty, "
                            "unless --overwrite).", flag_values=FLAGS)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", None, list(fmt.QUANTIZATION_MODES), "Store the attention and FFN weights "
+    "quantized (weight-only, per output channel, qwix; the same weights and scales as "
+    "generate --quantize; needs 'vesperjax[quantize]').", flag_values=FLAGS)
 _MAX_SHARD_SIZE = flags.DEFINE_string(
     "max-shard-size", DEFAULT_MAX_SHARD_SIZE, "Largest safetensors file before splitting "
     "into shards: bytes, or a number with KB/MB/GB (powers of 1000) or KiB/MiB/GiB.",
@@ -161,7 +168,36 @@ def _host_value(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _write_shard(path: str | None, entries: list[fmt.Entry], values: dict,
+class _Tensors:
+  """The host value of each stored tensor, gathered one at a time. A quantized weight's
+  layer is quantized once for its codes and scales (adjacent entries) and then dropped."""
+
+  def __init__(self, values: dict, weights_dtype: str, config, quantization: str | None):
+    from vesperjax.quantize import quantized_tensors
+    self.values, self.weights_dtype, self.quantization = values, weights_dtype, quantization
+    self.contracted = {t.module + (t.name,): t.contracted for t in quantized_tensors(config)}
+    self.last = None  # ((path, layer), QArray) of the latest quantized layer
+
+  def __call__(self, e: fmt.Entry):
+    x = self.values[e.path]
+    x = x if e.layer is None else x[e.layer]
+    if e.part is None:
+      return _host_value(x.astype(e.dtype(self.weights_dtype)))
+    import jax.numpy as jnp
+
+    from vesperjax.quantize import quantize_array
+    if self.last is None or self.last[0] != (e.path, e.layer):
+      self.last = None  # drop the previous layer's before quantizing this one
+      self.last = ((e.path, e.layer), quantize_array(x, self.quantization,
+                                                     self.contracted[e.path]))
+    qarray = self.last[1]
+    if e.part == "scale":
+      return _host_value(qarray.scale)
+    codes = _host_value(qarray.qvalue.astype(jnp.int8))
+    return fmt.pack_int4(codes) if self.quantization == "int4" else codes
+
+
+def _write_shard(path: str | None, entries: list[fmt.Entry], tensors: _Tensors,
                  weights_dtype: str) -> None:
   """One safetensors file, tensor by tensor (path None: gather only, another process
   writes)."""
@@ -171,9 +207,8 @@ def _write_shard(path: str | None, entries: list[fmt.Entry], values: dict,
     if f:
       f.write(safetensors_header(entries, weights_dtype))
     for e in entries:
-      x = values[e.path]
-      x = x if e.layer is None else x[e.layer]
-      host = _host_value(x.astype(e.dtype(weights_dtype)))
+      host = tensors(e)
+      assert host.shape == e.shape and host.dtype == e.dtype(weights_dtype), e.name
       if f:
         f.write(np.ascontiguousarray(host).tobytes())  # jax hosts are little-endian
       del host
@@ -195,12 +230,16 @@ def _check_out(out: str, workdir: str, overwrite: bool) -> None:
 
 
 def export(workdir: str, out: str, *, step: int | None = None, best: bool = False,
-           dtype: str = "fp32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-           overwrite: bool = False, mesh=None,
+           dtype: str = "fp32", quantize: str | None = None,
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+           mesh=None,
            log: Callable[[str], None] = lambda line: None) -> dict:
   """Export a run's checkpoint (latest, `step`, or `best`) to the folder `out`.
 
-  `dtype`: "fp32" or "bf16" for the parameters. `mesh`: where the checkpoint is restored
+  `dtype`: "fp32" or "bf16" for the parameters. `quantize`: None, or "int8" / "int4" to
+  store the weights `vesperjax.quantize.quantized_tensors` names as the codes and fp32
+  scales that `quantize_for_inference` gives them (quantized from the checkpoint's fp32
+  values, whatever `dtype`). `mesh`: where the checkpoint is restored
   (default: FSDP over every device). Returns config.json's content plus "files" (the
   safetensors files written) and "total_size" (their tensor bytes).
   """
@@ -213,6 +252,12 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   if dtype not in fmt.WEIGHTS_DTYPES:
     raise ValueError(f"--dtype {dtype}: choose from {', '.join(sorted(fmt.WEIGHTS_DTYPES))}")
   weights_dtype = fmt.WEIGHTS_DTYPES[dtype]
+  if quantize is not None:
+    if quantize not in fmt.QUANTIZATION_MODES:
+      raise ValueError(f"--quantize {quantize}: choose from "
+                       f"{', '.join(fmt.QUANTIZATION_MODES)}")
+    from vesperjax.quantize import require_qwix
+    require_qwix()  # before the checkpoint is read: one error line, at once
   limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir}: no such directory")
@@ -227,12 +272,13 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   mesh = mesh or sharding.make_mesh(fsdp=-1)
   values = restore_variables(workdir, config, step, best, mesh)
 
-  entries = fmt.layout(config)
+  entries = fmt.layout(config, quantize)
+  tensors = _Tensors(values, weights_dtype, config, quantize)
   shards = plan_shards(entries, weights_dtype, limit)
   names = shard_file_names(len(shards))
   saved = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
            "model": config.to_dict(), "weights_dtype": weights_dtype,
-           "source": {"step": step, "checkpoint": kind}}
+           "source": {"step": step, "checkpoint": kind}, "quantization": quantize}
   main = jax.process_index() == 0
   out = os.path.abspath(out)
   tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp-{os.getpid()}")
@@ -241,7 +287,7 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   try:
     for name, group in zip(names, shards):
       log(f"writing {name} ({len(group)} tensors)")
-      _write_shard(os.path.join(tmp, name) if main else None, group, values, weights_dtype)
+      _write_shard(os.path.join(tmp, name) if main else None, group, tensors, weights_dtype)
     total = sum(_nbytes(e, weights_dtype) for e in entries)
     if main:
       if len(names) > 1:
@@ -296,11 +342,14 @@ def run() -> int:
   from vesperjax.sharding import maybe_initialize_distributed
   maybe_initialize_distributed()
   result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, best=_BEST.value,
-                  dtype=_DTYPE.value, max_shard_size=limit, overwrite=_OVERWRITE.value)
+                  dtype=_DTYPE.value, quantize=_QUANTIZE.value, max_shard_size=limit,
+                  overwrite=_OVERWRITE.value)
   if jax.process_index() == 0:
     print(f"exported step {result['source']['step']} of {_WORKDIR.value} to {_OUT.value}: "
           f"{len(result['files'])} safetensors file(s), {result['total_size'] / 1e6:.1f} MB "
-          f"of tensors ({result['weights_dtype']} parameters)", file=sys.stderr)
+          f"of tensors ({result['weights_dtype']} parameters"
+          f"{', ' + result['quantization'] + ' weights' if result['quantization'] else ''})",
+          file=sys.stderr)
   return 0
 
 

@@ -2,7 +2,8 @@
 
 DIR/
   config.json                      {"format": "vesperjax-safetensors", "format_version",
-                                    "model": the ModelConfig, "weights_dtype", "source"}
+                                    "model": the ModelConfig, "weights_dtype", "source",
+                                    "quantization": null | "int8" | "int4"}
   model.safetensors                the tensors, or past the shard size limit:
   model-00001-of-0000N.safetensors   shards, with
   model.safetensors.index.json       {"metadata": {"total_size"}, "weight_map": {name: file}}
@@ -13,6 +14,13 @@ per layer: `blocks.attn.qkv_kernel` [L, ...] is stored as `layers.{i}.attn.qkv_k
 (docs/export.md lists every name). Parameters are stored in `weights_dtype`; FlyLoRA's
 frozen down-projections (`lora_a`) and routing biases stay float32: they decide which
 ranks each token uses, and a rounded value could flip that discrete choice.
+
+A quantized export (`--quantize int8|int4`) stores each weight that
+`vesperjax.quantize.quantized_tensors` names as its qwix codes and scales instead:
+`layers.{i}.<name>.qvalue` (int8: I8 codes of the weight's shape; int4: `pack_int4`'s
+U8 bytes) and `layers.{i}.<name>.scale` (F32, the weight's shape with 1 on the
+contracted axes). `load_pretrained` rebuilds the `QuantizedWeight`s that
+`quantize_for_inference` makes, bit for bit.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
 WEIGHTS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # flag value -> numpy name
+QUANTIZATION_MODES = ("int8", "int4")
+_QVALUE_DTYPES = {"int8": "int8", "int4": "uint8"}  # stored dtype of the codes
 STACKED_PREFIX, LAYER_PREFIX = "blocks", "layers"
 
 
@@ -47,28 +57,84 @@ class Entry:
   layer: int | None
   shape: tuple[int, ...]
   is_param: bool
+  part: str | None = None  # "qvalue" or "scale" of a quantized weight
+  stored: str | None = None  # the fixed stored dtype of a quantized weight's part
 
   def dtype(self, weights_dtype: str) -> np.dtype:
     import ml_dtypes
+    if self.stored:
+      return np.dtype(self.stored)
     name = weights_dtype if self.is_param else "float32"
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def abstract_model(config):
-  """The VesperLM of `config` as shapes only (nothing allocated)."""
+def abstract_model(config, quantization: str | None = None):
+  """The VesperLM of `config` as shapes only (nothing allocated), quantized as
+  `quantize_for_inference(model, quantization)` quantizes it."""
   from flax import nnx
 
   from vesperjax.model import VesperLM
-  return nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+
+  def create():
+    model = VesperLM(config, rngs=nnx.Rngs(0))
+    if quantization is None:
+      return model
+    from vesperjax.quantize import quantize_for_inference
+    return quantize_for_inference(model, quantization)
+  return nnx.eval_shape(create)
 
 
-def layout(config) -> list[Entry]:
-  """Every stored tensor of a model of `config`, in file order (sorted by name within
-  the unstacked variables, then layer by layer)."""
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+  """int4 codes (integers in [-8, 7], any integer dtype) as uint8, two per byte along the
+  last axis: byte j holds code 2j in its low nibble and code 2j+1 in its high nibble,
+  each as 4-bit two's complement; an odd last axis is padded with a zero code."""
+  codes = np.asarray(codes).astype(np.int16)
+  if codes.shape[-1] % 2:
+    codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.int16)], -1)
+  nibbles = (codes & 0xF).astype(np.uint8)
+  return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray, size: int) -> np.ndarray:
+  """The int8 codes that `pack_int4` stored in `packed`, `size` of them on the last
+  axis."""
+  packed = np.asarray(packed, np.uint8)
+  nibbles = np.stack([packed & 0xF, packed >> 4], -1).reshape(packed.shape[:-1] + (-1,))
+  codes = nibbles[..., :size].astype(np.int8)
+  return np.where(codes > 7, codes - 16, codes).astype(np.int8)
+
+
+def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  return shape[:-1] + ((shape[-1] + 1) // 2,)
+
+
+def _quantized_entries(name: str, path: tuple, layer: int | None, qarray,
+                       quantization: str) -> list[Entry]:
+  strip = slice(0 if layer is None else 1, None)
+  qshape = tuple(qarray.qvalue.shape)[strip]
+  if quantization == "int4":
+    qshape = _packed_shape(qshape)
+  return [Entry(f"{name}.qvalue", path, layer, qshape, False, "qvalue",
+                _QVALUE_DTYPES[quantization]),
+          Entry(f"{name}.scale", path, layer, tuple(qarray.scale.shape)[strip], False,
+                "scale", "float32")]
+
+
+def layout(config, quantization: str | None = None) -> list[Entry]:
+  """Every stored tensor of a model of `config` (quantized to `quantization`, or not),
+  in file order (sorted by name within the unstacked variables, then layer by layer)."""
   from flax import nnx
+
+  from vesperjax.quantize import QuantizedWeight
   entries = []
-  for path, var in nnx.to_flat_state(nnx.state(abstract_model(config))):
+  for path, var in nnx.to_flat_state(nnx.state(abstract_model(config, quantization))):
     path = tuple(str(p) for p in path)
+    if isinstance(var, QuantizedWeight):
+      stacked = path[0] == STACKED_PREFIX
+      for i in range(var.get_raw_value().shape[0]) if stacked else [None]:
+        name = ".".join(((LAYER_PREFIX, str(i)) + path[1:]) if stacked else path)
+        entries += _quantized_entries(name, path, i, var.get_raw_value(), quantization)
+      continue
     is_param = isinstance(var, nnx.Param)
     shape = tuple(var.shape)
     if path[0] == STACKED_PREFIX:
@@ -108,6 +174,9 @@ def read_config(directory: str) -> dict:
   if saved.get("weights_dtype") not in WEIGHTS_DTYPES.values():
     raise ExportFormatError(f"{path}: weights_dtype {saved.get('weights_dtype')!r} is "
                             f"not one of {sorted(WEIGHTS_DTYPES.values())}")
+  if saved.get("quantization") not in (None,) + QUANTIZATION_MODES:
+    raise ExportFormatError(f"{path}: quantization {saved.get('quantization')!r} is not "
+                            f"one of null, {', '.join(QUANTIZATION_MODES)}")
   return saved
 
 
@@ -167,7 +236,9 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
   None places the model on one device (the first); a mesh
   (`vesperjax.sharding.make_mesh`) shards it by the logical axis rules. The files are
   memory-mapped and read one variable (all its layers) at a time. The model is in eval
-  mode.
+  mode. A quantized export (config.json "quantization") loads as the model
+  `vesperjax.quantize.quantize_for_inference` makes, bit for bit; it needs qwix, and
+  `dtype` casts only the unquantized parameters.
   """
   import jax
   from flax import nnx
@@ -186,8 +257,12 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
   except Exception as e:  # noqa: BLE001  (tokenizers raises its own Exception)
     raise ExportFormatError(f"{tok_path}: not a tokenizer ({' '.join(str(e).split())})") \
         from None
+  quantization = saved.get("quantization")
+  if quantization:
+    from vesperjax.quantize import require_qwix
+    require_qwix()
   files = weight_files(directory)
-  entries = layout(config)
+  entries = layout(config, quantization)
   expected = {e.name for e in entries}
   unexpected = sorted(set(files) - expected)
   if unexpected:
@@ -196,8 +271,9 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
   cast = None if dtype is None else _float_dtype(dtype)
 
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-  graphdef, state = nnx.split(abstract_model(config))
-  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
+  graphdef, state = nnx.split(abstract_model(config, quantization))
+  shardings = dict(nnx.to_flat_state(  # a quantized weight's codes: as the weight's
+      sharding.state_shardings(nnx.state(abstract_model(config)), mesh)))
   by_path: dict[tuple, list[Entry]] = {}
   for e in entries:
     by_path.setdefault(e.path, []).append(e)
@@ -208,20 +284,53 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
     flat = []
     for path, var in nnx.to_flat_state(state):
       key = tuple(str(p) for p in path)
-      parts = [_read(handles, files, e, saved["weights_dtype"], directory)
-               for e in by_path[key]]
-      host = parts[0] if by_path[key][0].layer is None else np.stack(parts)
-      if cast is not None and isinstance(var, nnx.Param):
-        host = host.astype(cast)
-      placed = jax.make_array_from_callback(host.shape, shardings[path].get_value(),
-                                            lambda idx, h=host: h[idx])
-      flat.append((path, var.replace(placed)))
-      del host, parts
+      read = lambda part: _read_variable(  # noqa: E731
+          handles, files, [e for e in by_path[key] if e.part == part],
+          saved["weights_dtype"], directory)
+      target = shardings[path].get_value()
+      if by_path[key][0].part:
+        value = _quantized_weight(var.get_raw_value(), read("qvalue"), read("scale"),
+                                  target)
+      else:
+        host = read(None)
+        if cast is not None and isinstance(var, nnx.Param):
+          host = host.astype(cast)
+        value = _place(host, target)
+        del host
+      flat.append((path, var.replace(value)))
   finally:
     handles.clear()  # safe_open handles close when released
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
   model.eval()
   return Pretrained(model, tokenizer)
+
+
+def _place(host: np.ndarray, target):
+  import jax
+  return jax.make_array_from_callback(host.shape, target, lambda idx: host[idx])
+
+
+def _read_variable(handles, files, entries: list[Entry], weights_dtype: str,
+                   directory: str) -> np.ndarray:
+  """One variable's stored tensors (every layer of a stacked one, stacked), checked."""
+  parts = [_read(handles, files, e, weights_dtype, directory) for e in entries]
+  return parts[0] if entries[0].layer is None else np.stack(parts)
+
+
+def _quantized_weight(abstract, qvalue: np.ndarray, scale: np.ndarray, target):
+  """The qwix QArray of one quantized weight, shaped like `abstract` (its
+  `abstract_model` value), codes placed as the weight is, scales replicated along their
+  size-1 axes."""
+  import qwix
+  from jax.sharding import NamedSharding, PartitionSpec
+  spec = tuple(target.spec) + (None,) * (scale.ndim - len(target.spec))
+  scale_target = NamedSharding(target.mesh, PartitionSpec(
+      *(None if n == 1 else s for n, s in zip(scale.shape, spec))))
+  if qvalue.dtype == np.uint8:  # int4, packed
+    qvalue = unpack_int4(qvalue, abstract.qvalue.shape[-1])
+  codes = _place(qvalue.astype(np.int8), target).astype(abstract.qvalue.dtype)
+  return qwix.QArray(qvalue=codes, scale=_place(scale, scale_target), zero_point=None,
+                     qtype=abstract.qtype)
 
 
 def _float_dtype(dtype) -> np.dtype:

@@ -92,6 +92,31 @@ def require_qwix():
   return qwix
 
 
+def quantize_array(weight, mode: str, contracted):
+  """The qwix `QArray` of `weight` in `mode` ("int8" | "int4"): symmetric absmax, one
+  fp32 scale per index of every axis not in `contracted` (axes of `weight` itself).
+  The one quantizer behind `quantize_for_inference` and `vesperjax.export --quantize`;
+  scales depend only on their own channel, so quantizing one layer of a stack gives that
+  layer's slice of the stack's result."""
+  qwix = require_qwix()
+  channels = tuple(a for a in range(weight.ndim) if a not in set(contracted))
+  return qwix.quantize(weight.astype(jnp.float32), _QTYPES[mode],
+                       channelwise_axes=channels, calibration_method="absmax")
+
+
+def quantization_mode(model) -> str | None:
+  """"int8" or "int4" if `model`'s weights are already quantized, else None."""
+  t = quantized_tensors(model.config)[0]
+  module = model
+  for attr in t.module:
+    module = getattr(module, attr)
+  weight = getattr(module, t.name)
+  if not isinstance(weight, QuantizedWeight):
+    return None
+  qtype = jnp.dtype(weight.get_raw_value().qtype)
+  return next(m for m, q in _QTYPES.items() if jnp.dtype(q) == qtype)
+
+
 def quantize_for_inference(model, mode: str | None):
   """`model` with its attention and FFN / expert matmul weights quantized to `mode`.
 
@@ -99,23 +124,30 @@ def quantize_for_inference(model, mode: str | None):
   None (the model itself, unchanged). Returns a new model; `model` is left as it was.
   The result runs under `vesperjax.sampling.generate` and `model(tokens)` like the
   original, in the config's compute dtype, and is for inference only (its quantized
-  weights are not `nnx.Param`s). Raises ValueError for another mode or without qwix.
+  weights are not `nnx.Param`s). A model already quantized to `mode` (a quantized
+  export) is returned as it is; one quantized to the other mode raises ValueError, since
+  re-quantizing its codes would compound two roundings. Raises ValueError for another
+  mode or without qwix.
   """
   if mode is None:
     return model
   if mode not in MODES:
     raise ValueError(f"quantization mode must be one of {', '.join(MODES)}; got {mode!r}")
-  qwix = require_qwix()
+  require_qwix()
+  current = quantization_mode(model)
+  if current == mode:
+    return model
+  if current is not None:
+    raise ValueError(f"this model is already quantized to {current}; re-quantizing it to "
+                     f"{mode} would round twice: quantize the unquantized model (the run "
+                     f"directory, or an export without --quantize) to {mode} instead")
   quantized = nnx.clone(model)
   for t in quantized_tensors(model.config):
     module = quantized
     for attr in t.module:
       module = getattr(module, attr)
     weight = getattr(module, t.name)[...]  # stacked: [layers, *one layer's shape]
-    contracted = {a + 1 for a in t.contracted}
-    channels = tuple(a for a in range(weight.ndim) if a not in contracted)
-    qarray = qwix.quantize(weight.astype(jnp.float32), _QTYPES[mode],
-                           channelwise_axes=channels, calibration_method="absmax")
+    qarray = quantize_array(weight, mode, [a + 1 for a in t.contracted])
     setattr(module, t.name, QuantizedWeight(qarray))
   return quantized
 

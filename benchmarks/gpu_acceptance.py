@@ -6,7 +6,8 @@ last; docs/gpu-acceptance.md says what is measured and the thresholds.
 
 1. Here, once: fetch what the device lacks (of grain, tensorboardX and ml_collections, the
    import chain of vesperjax.train_step / run_config needs only ml_collections, pure
-   Python; its absl-py and PyYAML are there) into a git-ignored folder, check the chain
+   Python; its absl-py and PyYAML are there; and tokamax with its needs, for the
+   tokamax candidates) into a git-ignored folder, check the chain
    against it, and precompute the deviceless memory plans where vesperjax.plan works:
 
      .venv/bin/python benchmarks/gpu_acceptance.py --prepare build/gpu_acceptance_deps
@@ -226,6 +227,11 @@ def markdown(report):
                    + ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows])
 
 
+# GPU-only packages of the acceptance run, missing from the device's image
+DEVICE_EXTRAS = ("tokamax", "qwix", "typeguard", "immutabledict", "einshape", "pydantic",
+                 "pydantic-core", "annotated-types", "typing-inspection")
+
+
 def prepare(dest):
   """Unpacked wheels of what the device lacks in DEST/site; plans in DEST/plans.json."""
   import importlib.metadata
@@ -233,6 +239,15 @@ def prepare(dest):
   subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary"
                   "=:all:", "-d", str(dest / "wheels"),
                   f"ml_collections=={importlib.metadata.version('ml_collections')}"], check=True)
+  # tokamax (the attention and ragged_dot candidates) and what it needs that the device's
+  # image lacks, at this host's versions; pydantic-core is compiled: the device's Python
+  # and platform (device/README.md: CPython 3.12, manylinux x86_64)
+  platform_flags = ["--python-version", "3.12", "--implementation", "cp"] + [
+      a for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+      for a in ("--platform", tag)]
+  subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary"
+                  "=:all:", *platform_flags, "-d", str(dest / "wheels")]
+                 + [f"{n}=={importlib.metadata.version(n)}" for n in DEVICE_EXTRAS], check=True)
   for whl in (dest / "wheels").glob("*.whl"):
     zipfile.ZipFile(whl).extractall(dest / "site")
   probe = ("import sys, importlib.abc as a, importlib.machinery as m\nsite = sys.argv[1]\n"

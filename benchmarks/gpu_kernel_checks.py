@@ -47,7 +47,9 @@ def _run_pair(make, kern, ref, rng):
   """Fresh random inputs (numpy: no compiles), the kernel on them, and the reference in
   fp32 on their upcasts with fp32 matmuls at full precision (the truth)."""
   args = make(rng)
-  got = jax.jit(kern)(*jax.device_put(args))
+  # blocking: an interpreted Mosaic GPU kernel's host callbacks run JAX ops that would
+  # wait behind the reference, dispatched meanwhile (a deadlock on CPU)
+  got = jax.block_until_ready(jax.jit(kern)(*jax.device_put(args)))
   up = jax.tree.map(lambda x: np.asarray(x, F32) if x.dtype == BF16 else x, args)
   with jax.default_matmul_precision("highest"):
     return got, jax.jit(ref)(*jax.device_put(up))
@@ -59,8 +61,28 @@ def _fwd_bwd(fn, primals, cot):
   return (*(out if isinstance(out, tuple) else (out,)), *vjp(cot))
 
 
-def check_velvet(ctx, rng, skip):
+def _median_s(fn, args, n=10):
+  """Median seconds of `fn(*args)` (compiled first), blocking on its outputs."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def check_velvet(ctx, rng, arg):
+  """`arg` is (kernel, skip_zero_grads), kernel "triton" | "mosaic" (impl= of
+  velvet_update). On a GPU each entry also holds the kernel's median step time and
+  that of XLA's per-leaf update (the reference, jitted): what settles
+  platform.CHOICES["velvet_kernel"]."""
   from vesperjax.kernels import _velvet_update as vu
+  kernel, skip = arg
+  name = f"velvet_update kernel={kernel} skip_zero_grads={skip}"
+  if ctx.gpu and not vu.kernel_applies(kernel):
+    return [dict(name=name, passed=None, skipped=True,
+                 note=f"{kernel} does not run on this GPU (Mosaic GPU needs sm_90)")]
   d, f, v = (1024, 2752, 8000) if ctx.big else (32, 48, 100)
   shapes = {"embed": ((v, d), F32), "w_in": ((d, f), BF16), "bias": ((f,), F32),
             "odd": ((37, 129), BF16), "ln": ((d,), BF16), "w_out": ((f, d), F32)}
@@ -79,11 +101,17 @@ def check_velvet(ctx, rng, skip):
       return [[jnp.concatenate([o[n].astype(F32).ravel() for n, (_, t) in shapes.items()
                                 if t == dt]) for o in out] for dt in (F32, BF16)]
     return run
-  got, want = _run_pair(make, split(lambda *a, **k: vu.velvet_update(
-      *a, **k, impl="pallas", interpret=ctx.interpret)),
-                        split(vu.velvet_update_reference_jnp), rng)
-  return [_entry(f"velvet_update {k} params skip_zero_grads={skip}",
-                 dict(zip(("update", "mu", "nu"), o)), w, [k, "float32", "float32"], dtype=k)
+  kern = split(lambda *a, **k: vu.velvet_update(*a, **k, impl=kernel,
+                                                interpret=ctx.interpret))
+  got, want = _run_pair(make, kern, split(vu.velvet_update_reference_jnp), rng)
+  timing = {}
+  if ctx.gpu:
+    args = jax.device_put(make(rng))
+    timing = dict(kernel_s=_median_s(jax.jit(kern), args),
+                  xla_s=_median_s(jax.jit(split(vu.velvet_update_reference_jnp)), args),
+                  elements=sum(math.prod(s) for s, _ in shapes.values()))
+  return [_entry(f"{name} {k} params", dict(zip(("update", "mu", "nu"), o)), w,
+                 [k, "float32", "float32"], dtype=k, kernel=kernel, **timing)
           for k, o, w in zip(("float32", "bfloat16"), got, want)]
 
 
@@ -127,12 +155,18 @@ def check_ce(ctx, rng, dt):
 
 
 def check_attention(ctx, rng, impl):
+  """`impl` is an attention implementation, or "tokamax:<kernel>" for one of tokamax's
+  own (mosaic, triton) on its own, so each kernel that tokamax may pick is checked."""
   from vesperjax.kernels import _attention as att
   shape = (2, 1024, 8, 128) if ctx.big else (1, 64, 2, 32)
   name = f"attention impl={impl} bf16 causal fwd+bwd S={shape[1]} D={shape[3]}"
-  if impl == "cudnn" and not ctx.gpu:
-    return [dict(name=name, passed=None, skipped=True, note="cuDNN needs a CUDA GPU")]
-  extra = {"interpret": ctx.interpret} if impl == "pallas" else {}
+  impl, _, kernel = impl.partition(":")
+  if (impl == "cudnn" or kernel) and not ctx.gpu:
+    return [dict(name=name, passed=None, skipped=True,
+                 note=f"{kernel or impl} needs a CUDA GPU")]
+  if impl == "tokamax" and not att.tokamax_available():
+    return [dict(name=name, passed=None, skipped=True, note="tokamax is not installed")]
+  extra = {"tokamax_order": (kernel,)} if kernel else {}
   got, want = _run_pair(
       lambda rng: tuple(rng.standard_normal(shape, F32).astype(BF16) for _ in range(4)),
       lambda q, k, v, c: _fwd_bwd(lambda *a: att.attention(*a, True, impl, **extra),
@@ -145,11 +179,60 @@ def check_attention(ctx, rng, impl):
                  dtype="bfloat16", **meta)]
 
 
+def check_grouped_matmul(ctx, rng, impl):
+  """The MoE grouped matmul, fwd+bwd, bf16, uneven groups (one empty) and rows in no
+  group: `impl` is a `moe_matmul` choice, or "tokamax:<kernel>" for one of tokamax's
+  own (mosaic, triton) on its own. On a GPU each entry also holds its median fwd+bwd
+  time: what settles platform.CHOICES["grouped_matmul"] on CUDA."""
+  from vesperjax.kernels import _grouped_matmul as gm
+  g, d, f, m = (8, 1024, 2816, 16384) if ctx.big else (4, 32, 48, 100)
+  name = f"grouped_matmul impl={impl} bf16 fwd+bwd M={m} D={d} F={f} G={g}"
+  impl, _, kernel = impl.partition(":")
+  if kernel and not ctx.gpu:
+    return [dict(name=name, passed=None, skipped=True, note=f"{kernel} needs a CUDA GPU")]
+  if impl == "tokamax" and not gm._tokamax_installed():  # pylint: disable=protected-access
+    return [dict(name=name, passed=None, skipped=True, note="tokamax is not installed")]
+
+  def make(rng):  # x, w, group sizes (group 1 empty, m // 16 rows in none), cotangent
+    p = rng.dirichlet(np.ones(g))
+    p[1] = 0
+    sizes = rng.multinomial(m - m // 16, p / p.sum()).astype(np.int32)
+    return (rng.standard_normal((m, d), F32).astype(BF16),
+            (rng.standard_normal((g, d, f), F32) / math.sqrt(d)).astype(BF16), sizes,
+            rng.standard_normal((m, f), F32))
+
+  def tokamax_kernel(x, w, sizes):  # as GroupLayout runs it: rows in no group zeroed
+    grouped = (jnp.arange(m) < sizes.sum())[:, None]
+    y = gm.tokamax_ragged_dot(jnp.where(grouped, x, 0), w, sizes, implementation=kernel)
+    return jnp.where(grouped, y, 0)
+
+  def loop_over_experts(x, w, sizes):
+    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")
+    return sum(jnp.where((group == e)[:, None], x @ w[e], 0) for e in range(g))
+
+  matmul = tokamax_kernel if kernel else (
+      lambda x, w, sizes: gm.grouped_matmul(x, w, sizes, impl=impl))
+  def fwd_bwd(fn):
+    return lambda x, w, s, c: _fwd_bwd(lambda x, w: fn(x, w, s), (x, w), c)
+  kern, ref = fwd_bwd(matmul), fwd_bwd(loop_over_experts)
+  got, want = _run_pair(make, kern, ref, rng)
+  meta = {"resolves_to": gm.resolve(impl)} if impl == "auto" else {}
+  if ctx.gpu:
+    meta.update(kernel_s=_median_s(jax.jit(kern), jax.device_put(make(rng))),
+                flops=3 * 2 * (m - m // 16) * d * f)
+  return [_entry(name, dict(zip(("y", "dx", "dw"), got)), want, ["bfloat16"] * 3,
+                 dtype="bfloat16", **meta)]
+
+
 def section_kernels(ctx, res, save):
   from vesperjax.kernels import _attention as att
-  checks = [(check_velvet, s) for s in ((False, True) if ctx.big else (True,))]
+  checks = [(check_velvet, (k, s)) for k in ("triton", "mosaic")
+            for s in ((False, True) if ctx.big else (True,))]
   checks += [(c, dt) for c in (check_era, check_ce) for dt in (F32, BF16)]
   checks += [(check_attention, i) for i in att.IMPLEMENTATIONS if i != "reference"]
+  checks += [(check_attention, f"tokamax:{k}") for k in ("mosaic", "triton")]
+  checks += [(check_grouped_matmul, i) for i in ("auto", "blocked", "ragged_dot", "tokamax",
+                                                 "tokamax:mosaic", "tokamax:triton")]
   seed = int(time.time())  # fresh inputs every run
   res.update(checks=[], interpret=ctx.interpret, thresholds=THRESHOLDS, seed=seed)
   for i, (fn, arg) in enumerate(checks):

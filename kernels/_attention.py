@@ -4,51 +4,85 @@
 
 * ``"cudnn"``: cuDNN flash attention via ``jax.nn.dot_product_attention``; CUDA GPU,
   fp16/bf16, head_dim a multiple of 8 and <= 128 (fused fwd+bwd, no [S, S] in memory).
-* ``"pallas"``: the Pallas-Triton flash kernel that ships with JAX
-  (``jax.experimental.pallas.ops.gpu.attention.mha``, custom_vjp fwd+bwd); needs equal
-  S, a multiple of 16; its blocks shrink until their shared memory fits
-  ``SMEM_LIMIT_BYTES`` (ValueError when none do); interpret mode on CPU (tests only).
+* ``"tokamax"``: ``tokamax.dot_product_attention`` (the ``gpu`` extra), which runs the
+  first of ``TOKAMAX_ORDER`` that accepts the inputs: its Mosaic GPU flash kernel
+  (Hopper and Blackwell, fp16/bf16), its Pallas-Triton flash kernel (Ampere and later,
+  fp32 too), cuDNN, then XLA (any backend: the CPU path the tests check). Traced for
+  CUDA on a host without a GPU (a deviceless compile), tokamax's hardware checks are off
+  (``cross_compile``) so its Triton kernel lowers; its Mosaic kernel asks the host's
+  device for sm_90 and is skipped there.
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` (any backend).
 * ``"blocked"``: causal attention by query blocks, each against only the keys it may
   see (about half the work of the full [S, S] at many blocks); einsum + softmax, for CPU.
 * ``"reference"``: naive softmax(q k^T / sqrt(D)) v in fp32, for tests.
 
+``query_lengths`` / ``key_lengths`` ([B] ints, optional) make a batch ragged: keys at or
+past a row's key length are masked, and outputs at or past its query length are zero.
+
 ``None`` / ``"auto"`` follows ``_choose`` and its row of ``platform.CHOICES``: cuDNN
-where it applies on a CUDA GPU, blocked for causal self-attention on CPU, XLA otherwise;
-Pallas (process default) only where ``pallas_supported``. The GPU entries are defaults
-to be measured with ``kernels/bench.py`` on H100/H200.
-The process default (``set_default_impl`` / ``VESPERJAX_KERNELS``) maps ``reference`` ->
-"reference" and ``pallas`` -> "pallas".
+where it applies on a CUDA GPU, then tokamax where it is installed, blocked for causal
+self-attention on CPU, XLA otherwise. The GPU entries are defaults to be measured with
+``benchmarks/gpu_acceptance.py`` on H100/H200. The process default
+(``set_default_impl`` / ``VESPERJAX_KERNELS``) maps ``reference`` -> "reference" and
+``pallas`` (run the kernels) -> "tokamax" where it is installed.
 """
-import math
+import importlib.util
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from . import _dispatch
 from . import platform
 
-IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "blocked", "reference")
-# Shared memory per block the Pallas kernel may use (the compile target is unknown while
-# tracing: sm_90's limit, see _dispatch).
-SMEM_LIMIT_BYTES = _dispatch.SMEM_LIMIT_BYTES
-_PALLAS_BLOCKS = (128, 64, 32, 16)
-_PALLAS_BWD_MAX_BLOCK = 32  # mma.sync sizes, where pallas_bwd_smem_bytes holds
+IMPLEMENTATIONS = ("auto", "cudnn", "tokamax", "xla", "blocked", "reference")
+# tokamax's candidates in order; it runs the first that does not raise NotImplementedError
+TOKAMAX_ORDER = ("mosaic", "triton", "cudnn", "xla")
 
 
-def attention_reference(q, k, v, causal=True, scale=None):
-  """Naive attention with fp32 softmax; [B, S, H, D] in, q's dtype out."""
+def _length_mask(b, sq, sk, query_lengths, key_lengths):
+  """[B, 1, Sq, Sk] True where a query row and key column lie within their lengths."""
+  q_ok = (jnp.ones((b, sq), bool) if query_lengths is None
+          else jnp.arange(sq)[None, :] < jnp.asarray(query_lengths)[:, None])
+  k_ok = (jnp.ones((b, sk), bool) if key_lengths is None
+          else jnp.arange(sk)[None, :] < jnp.asarray(key_lengths)[:, None])
+  return (q_ok[:, :, None] & k_ok[:, None, :])[:, None]
+
+
+def _int32(lengths):
+  return None if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+
+def _zero_past_query_lengths(out, query_lengths):
+  """Outputs at or past each row's query length set to zero (their gradient too)."""
+  if query_lengths is None:
+    return out
+  keep = jnp.arange(out.shape[1])[None, :] < jnp.asarray(query_lengths)[:, None]
+  return jnp.where(keep[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def attention_reference(q, k, v, causal=True, scale=None, *, query_lengths=None,
+                        key_lengths=None):
+  """Naive attention with fp32 softmax; [B, S, H, D] in, q's dtype out.
+
+  ``query_lengths`` / ``key_lengths``: see the module docstring (rows with no key left
+  come out as zero).
+  """
   d = q.shape[-1]
   scale = d ** -0.5 if scale is None else scale
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  sq, sk = q.shape[1], k.shape[1]
+  mask = jnp.ones((1, 1, sq, sk), bool)
   if causal:
-    sq, sk = q.shape[1], k.shape[1]
-    mask = jnp.arange(sq)[:, None] + (sk - sq) >= jnp.arange(sk)[None, :]
-    s = jnp.where(mask, s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
-                    preferred_element_type=jnp.float32).astype(q.dtype)
+    mask = mask & (jnp.arange(sq)[:, None] + (sk - sq) >= jnp.arange(sk)[None, :])
+  if query_lengths is not None or key_lengths is not None:
+    mask = mask & _length_mask(q.shape[0], sq, sk, query_lengths, key_lengths)
+  # a finite floor, not -inf: a row with no key left must not turn into NaNs (its
+  # output is zeroed below)
+  p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
+  p = jnp.where(jnp.any(mask, axis=-1, keepdims=True), p, 0.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+  return _zero_past_query_lengths(out, query_lengths)
 
 
 def attention_blocked(q, k, v, scale=None, block=None):
@@ -83,113 +117,122 @@ def cudnn_supported(q, k, v):
           and d % 8 == 0 and d <= 128 and k.shape[-1] == v.shape[-1] == d)
 
 
-def pallas_smem_bytes(block_q, block_k, head_dim, dtype):
-  """Upper bound on the shared memory of JAX's Pallas flash forward (``mha``, 2 stages).
 
-  The q tile [block_q, D'] (D' = head_dim padded to a power of two), the K and V tiles
-  [block_k, D'] double-buffered plus, on sm_90, one more each for the async wgmma, and a
-  [block_q, block_k] tile staged for the second matmul on sm_80. Checked against XLA:GPU
-  compiles for H200 and A100 (tests/test_kernels_gpu.py).
-  """
-  dp, size = pl.next_power_of_2(head_dim), jnp.dtype(dtype).itemsize
-  return (block_q + 4 * block_k) * dp * size + block_q * block_k * size
+def tokamax_available():
+  """Whether tokamax (the ``gpu`` extra) is installed; nothing is imported."""
+  return importlib.util.find_spec("tokamax") is not None
 
 
-def pallas_bwd_smem_bytes(block, head_dim, dtype):
-  """Upper bound on the fused backward kernel's shared memory, all four of its blocks
-  equal to `block` (<= 32: larger ones take wgmma paths this does not bound): four
-  [block, D'] tiles, a [block, block] tile and scratch; checked like the forward."""
-  dp, size = pl.next_power_of_2(head_dim), jnp.dtype(dtype).itemsize
-  return (4 * block * dp + block * block) * size + 8 * block
-
-
-def pallas_block_sizes(seq_len, head_dim, dtype, limit=None):
-  """``mha`` blocks for this S / head_dim / dtype whose estimates fit `limit` bytes
-  (default ``SMEM_LIMIT_BYTES``).
-
-  Forward: among 128/64/32/16 dividing S, the largest block_q x block_k tile, then the
-  squarest, then the tallest; backward: the largest block <= 32. ValueError (one line)
-  when S is not a multiple of 16 or nothing fits.
-  """
-  from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # pylint: disable=g-import-not-at-top
-  limit = SMEM_LIMIT_BYTES if limit is None else limit
-  sizes = [b for b in _PALLAS_BLOCKS if seq_len % b == 0]
-  if not sizes:
-    raise ValueError(f"pallas attention needs S divisible by 16, got {seq_len}")
-  fwd = [(bq, bk) for bq in sizes for bk in sizes
-         if pallas_smem_bytes(bq, bk, head_dim, dtype) <= limit]
-  bwd = [b for b in sizes
-         if b <= _PALLAS_BWD_MAX_BLOCK and pallas_bwd_smem_bytes(b, head_dim, dtype) <= limit]
-  if not fwd or not bwd:
-    raise ValueError(f"pallas attention: head_dim {head_dim} ({jnp.dtype(dtype).name}) needs "
-                     f"more than {limit} B of shared memory per block even with "
-                     f"{sizes[-1]}-wide blocks; use implementation='xla'")
-  bq, bk = min(fwd, key=lambda b: (-b[0] * b[1], abs(math.log2(b[0] / b[1])), -b[0]))
-  return pallas_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bwd[0],
-                                     block_kv_dkv=bwd[0], block_q_dq=bwd[0],
-                                     block_kv_dq=bwd[0])
-
-
-def _pallas_blocks(q, k, v, interpret):
-  """The Pallas kernel's blocks for these inputs (no shared-memory limit in interpret
-  mode); ValueError where it cannot run them."""
-  sq, d = q.shape[1], q.shape[-1]
-  if k.shape[1] != sq or k.shape[-1] != d or v.shape[-1] != d:
-    raise ValueError(f"pallas attention needs equal S and head_dim, got q{q.shape} "
-                     f"k{k.shape} v{v.shape}")
-  return pallas_block_sizes(sq, d, q.dtype, math.inf if interpret else None)
-
-
-def pallas_supported(q, k, v, interpret=None):
-  """Whether the Pallas kernel can run (and, compiled, fit) these inputs."""
+def _import_tokamax():
   try:
-    _pallas_blocks(q, k, v, _dispatch.resolve("pallas", interpret)[1])
-  except ValueError:
-    return False
-  return True
+    import tokamax  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a ValueError: the CLIs report bad input as one `error:` line
+    raise ValueError("attention implementation 'tokamax' needs tokamax: "
+                     "pip install 'vesperjax[gpu]'") from None
+  return tokamax
+
+
+def _host_has_gpu():
+  return jax.devices()[0].platform == "gpu"
+
+
+def _cross_compiled(tokamax, fn):
+  """`fn(q, k, v, *lengths)` with tokamax's hardware checks off while its forward and
+  its backward are traced: tokamax checks the host's device again when jax traces the
+  backward, after the forward has returned, so the backward is traced here too (the
+  checks stay on for every other trace, tokamax's other ops included)."""
+  checks_off = lambda: tokamax.config.cross_compile(True)
+
+  @jax.custom_vjp
+  def run(q, k, v, *lengths):
+    with checks_off():
+      return fn(q, k, v, *lengths)
+
+  def run_fwd(q, k, v, *lengths):
+    with checks_off():
+      return jax.vjp(lambda q, k, v: fn(q, k, v, *lengths), q, k, v)
+
+  def run_bwd(backward, d_out):
+    with checks_off():
+      return (*backward(d_out), None, None)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run
+
+
+def attention_tokamax(q, k, v, causal=True, scale=None, *, query_lengths=None,
+                      key_lengths=None, order=TOKAMAX_ORDER):
+  """``tokamax.dot_product_attention`` trying the implementations of `order` in turn.
+
+  Traced for CUDA on a host without a GPU, tokamax's hardware checks are turned off so
+  that its Triton kernel (not XLA) lowers into the program.
+  """
+  tokamax = _import_tokamax()
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # tokamax parses sys.argv (a CLI's or pytest's) otherwise
+
+  def fn(q, k, v, q_lengths, k_lengths):
+    return tokamax.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, query_seq_lengths=q_lengths,
+        key_value_seq_lengths=k_lengths, implementation=tuple(order))
+
+  if platform.current() == "cuda" and not _host_has_gpu():
+    fn = _cross_compiled(tokamax, fn)
+  out = fn(q, k, v, _int32(query_lengths), _int32(key_lengths))
+  return _zero_past_query_lengths(out, query_lengths)
 
 
 def _applies(impl, q, k, v):
-  """Whether "auto" may pick `impl` for these inputs: cuDNN within its limits, blocked
-  for self-attention longer than one block (shorter ones have nothing to skip)."""
+  """Whether "auto" may pick `impl` for these inputs: cuDNN within its limits, tokamax
+  where installed, blocked for self-attention longer than one block (shorter ones have
+  nothing to skip)."""
   if impl == "cudnn":
     return cudnn_supported(q, k, v)
+  if impl == "tokamax":
+    return tokamax_available()
   if impl == "blocked":
     return q.shape[1] == k.shape[1] and q.shape[1] > 64
   return True
 
 
-def _choose(q, k, v, interpret):
-  """What "auto" runs: the process default's kernel where it can, else the first
-  implementation of ``platform.CHOICES["attention"]`` that applies."""
+def _choose(q, k, v, interpret=None):
+  """What "auto" runs: "reference" or tokamax for those process defaults, else the first
+  implementation of ``platform.CHOICES["attention"]`` that applies. (`interpret` is
+  accepted for the other kernels' signature; no attention path interprets.)"""
+  del interpret
   default = _dispatch.get_default_impl()
   if default == "reference":
     return "reference"
-  if (default == "pallas" or interpret) and pallas_supported(q, k, v, interpret):
-    return "pallas"
+  if default == "pallas" and tokamax_available():
+    return "tokamax"
   return next(impl for impl in platform.choice("attention") if _applies(impl, q, k, v))
 
 
-def attention(q, k, v, causal=True, implementation=None, *, scale=None, interpret=None):
-  """softmax(q k^T * scale [+ causal mask]) v for [B, S, H, D] inputs."""
+def attention(q, k, v, causal=True, implementation=None, *, scale=None, query_lengths=None,
+              key_lengths=None, tokamax_order=TOKAMAX_ORDER):
+  """softmax(q k^T * scale [+ causal mask]) v for [B, S, H, D] inputs.
+
+  ``implementation``: one of IMPLEMENTATIONS (None: "auto"). ``query_lengths`` /
+  ``key_lengths``: [B] valid lengths (module docstring). ``tokamax_order``: the
+  implementations tokamax tries, first that applies (default ``TOKAMAX_ORDER``).
+  """
   impl = implementation or "auto"
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
   if impl == "auto":
-    impl = _choose(q, k, v, interpret)
-  if impl == "blocked" and not causal:
-    impl = "reference"  # nothing to skip
+    impl = _choose(q, k, v)
+  ragged = query_lengths is not None or key_lengths is not None
+  if impl == "blocked" and (not causal or ragged):
+    impl = "reference"  # nothing to skip / no lengths
+  lengths = dict(query_lengths=query_lengths, key_lengths=key_lengths)
   if impl == "blocked":
     return attention_blocked(q, k, v, scale=scale)
   if impl == "reference":
-    return attention_reference(q, k, v, causal=causal, scale=scale)
-  if impl in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        implementation=impl)
-  # pallas
-  from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # pylint: disable=g-import-not-at-top
-  _, interpret = _dispatch.resolve("pallas", interpret)
-  blocks = _pallas_blocks(q, k, v, interpret)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return pallas_attention.mha(q, k, v, None, sm_scale=scale, causal=causal,
-                              block_sizes=blocks, interpret=interpret)
+    return attention_reference(q, k, v, causal=causal, scale=scale, **lengths)
+  if impl == "tokamax":
+    return attention_tokamax(q, k, v, causal, scale, order=tokamax_order, **lengths)
+  out = jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=causal, query_seq_lengths=_int32(query_lengths),
+      key_value_seq_lengths=_int32(key_lengths), implementation=impl)
+  return _zero_past_query_lengths(out, query_lengths)

@@ -13,7 +13,9 @@ process-wide default) and ``interpret: bool | None``:
   target platform is CUDA), the reference elsewhere.
 
 The process-wide default comes from ``set_default_impl(...)`` or, failing that, the
-``VESPERJAX_KERNELS`` environment variable (``auto`` when unset).
+``VESPERJAX_KERNELS`` environment variable (``auto`` when unset). Attention has no Pallas
+kernel of its own: there ``pallas`` means tokamax's kernels where tokamax is installed
+(the platform's choice otherwise), ``reference`` the naive attention (``_attention``).
 """
 import numbers
 import os

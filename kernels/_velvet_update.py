@@ -22,6 +22,11 @@ gather every leaf onto every device. Given the params' shardings (``shardings=``
 ``velvet_update`` runs pack -> kernel -> unpack under ``jax.shard_map`` instead: each
 device packs and updates only its own shards.
 
+Backends (``impl=``): ``"triton"`` is this module's Pallas Triton kernel;
+``"mosaic"`` the Pallas Mosaic GPU kernel of ``_velvet_mosaic.py`` (sm_90+; same buckets,
+scalars and element math); ``"pallas"`` and ``"auto"`` take the first that applies of
+``platform.CHOICES["velvet_kernel"]`` (``choose_kernel``).
+
 Cost note: packing into buckets and splitting back each add a pass over the data.
 Whether the kernel beats XLA's per-leaf fusion of ``optax.adamw`` is for
 ``kernels/bench.py`` to measure on a GPU.
@@ -35,7 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vesperjax.optim.velvet import bias_corrections, velvet_element, velvet_update_reference
 
-from . import _dispatch
+from . import _dispatch, platform
+
+KERNELS = ("triton", "mosaic")
+IMPLS = _dispatch.IMPLS + KERNELS
 
 _NUM_SCALARS = 8  # padded to a power of two (Triton block shapes)
 _GPU_BLOCK = 4096
@@ -70,11 +78,13 @@ def _kernel(s_ref, p_ref, g_ref, m_ref, v_ref, u_ref, mo_ref, vo_ref, *, skip_ze
   vo_ref[...] = v1
 
 
-def default_block_size(n, interpret):
-  """Large blocks in interpret mode (each grid step costs a pass), 4096 on GPU."""
+def default_block_size(n, interpret, kernel="triton"):
+  """Large blocks in interpret mode (each grid step costs a pass), 4096 on GPU; Mosaic
+  GPU's blocks stay within its TMA limit (``_velvet_mosaic.MAX_BLOCK_SIZE``)."""
   if interpret:
-    return min(pl.next_power_of_2(max(n, 128)), _INTERPRET_MAX_BLOCK)
-  return _GPU_BLOCK
+    size = min(pl.next_power_of_2(max(n, 128)), _INTERPRET_MAX_BLOCK)
+    return min(size, _velvet_mosaic().MAX_BLOCK_SIZE) if kernel == "mosaic" else size
+  return _velvet_mosaic().DEFAULT_BLOCK_SIZE if kernel == "mosaic" else _GPU_BLOCK
 
 
 def check_block_size(block_size, *, compiled):
@@ -174,18 +184,75 @@ def _shard_specs(shardings, treedef):
   return mesh, [s.spec for s in leaves]
 
 
+def kernel_applies(kernel):
+  """Whether ``kernel`` ("triton" | "mosaic") can run here: Triton while jax ships
+  Pallas's Triton backend; Mosaic GPU on compute capability >= 9.0 (a local GPU's; when
+  tracing for CUDA without one, sm_90 is assumed, as Pallas itself does)."""
+  try:
+    if kernel == "triton":
+      from jax.experimental.pallas import triton as _  # pylint: disable=g-import-not-at-top
+      return True
+    from jax.experimental.pallas import mosaic_gpu as _  # pylint: disable=g-import-not-at-top,reimported
+  except ImportError:
+    return False
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or capability is None:
+    return True
+  return float(capability) >= 9.0
+
+
+def choose_kernel(impl=None, interpret=None):
+  """Returns ``(kernel, interpret)``: kernel is "triton", "mosaic" or None (the pure-JAX
+  path). ``impl`` is one of IMPLS (None: the process default, ``_dispatch``); "pallas"
+  and "auto" take the first of ``platform.CHOICES["velvet_kernel"]`` that applies."""
+  impl = _dispatch.get_default_impl() if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f"velvet_update: impl must be one of {IMPLS}, got {impl!r}")
+  if impl in KERNELS:
+    interpret = _dispatch.resolve("pallas", interpret)[1]
+    if not interpret and not kernel_applies(impl):
+      raise ValueError(f"velvet_update: impl={impl!r} does not run on this jax / GPU "
+                       "(Mosaic GPU needs compute capability 9.0)")
+    return impl, interpret
+  use_kernel, interpret = _dispatch.resolve(impl, interpret)
+  if not use_kernel:
+    return None, interpret
+  options = platform.choice("velvet_kernel")
+  kernel = next((k for k in options if kernel_applies(k)), None)
+  if kernel is None and impl == "pallas":
+    raise ValueError(f"velvet_update: none of the kernels {options} runs on this "
+                     "jax / GPU; use impl='reference'")
+  return kernel, interpret
+
+
+def _check_block_size(kernel, block_size, *, compiled):
+  if kernel == "mosaic":
+    _velvet_mosaic().check_block_size(block_size, compiled=compiled)
+  else:
+    check_block_size(block_size, compiled=compiled)
+
+
+def _velvet_mosaic():
+  from . import _velvet_mosaic  # pylint: disable=g-import-not-at-top
+  return _velvet_mosaic
+
+
 def _update_leaves(p_leaves, g_leaves, m_leaves, v_leaves, s, *, skip_zero_grads,
-                   block_size, interpret, max_chunk):
+                   block_size, interpret, max_chunk, kernel="triton"):
   """pack -> one kernel call per bucket -> unpack, on lists of leaves."""
   chunks, layout = chunk_layout([p.size for p in p_leaves], max_chunk)
   leaves = (p_leaves, g_leaves, m_leaves, v_leaves)
+  flat = velvet_update_flat
+  if kernel == "mosaic":
+    flat = _velvet_mosaic().velvet_update_flat
   out = []
   for idx in chunks:
     n = sum(p_leaves[i].size for i in idx)
-    bs = block_size or default_block_size(n + 1, interpret)
+    bs = block_size or default_block_size(n + 1, interpret, kernel)
     buckets = pack(leaves, idx, -(-(n + 1) // bs) * bs)  # >= 1 padding: the link
-    out.append(velvet_update_flat(*buckets, s, skip_zero_grads=skip_zero_grads,
-                                  block_size=bs, interpret=interpret))
+    out.append(flat(*buckets, s, skip_zero_grads=skip_zero_grads, block_size=bs,
+                    interpret=interpret))
   shapes = [p.shape for p in p_leaves]
   u, m1, v1 = (unpack([y[r] for y in out], layout, shapes) for r in range(3))
   return [x.astype(p.dtype) for x, p in zip(u, p_leaves)], m1, v1
@@ -199,19 +266,21 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
   ``grads`` are already clipped; ``lr``/``b1`` are the step's effective (possibly traced)
   scalars; ``count`` is the incremented int32 step (t >= 1). Updates follow optax's sign
   convention (add them to params) and have each param's dtype; moments are fp32.
-  ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``).
-  ``block_size``: elements per grid step, a power of two >= 128 (<= 2^20 compiled for a
-  GPU); default: ``default_block_size``. ``max_chunk``: elements per bucket (one kernel
-  call each; None: one bucket), see the module docstring.
+  ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``) | "triton" | "mosaic"
+  (a kernel by name; "pallas" and "auto" pick one with ``choose_kernel``).
+  ``block_size``: elements per grid step, a power of two >= 128 (compiled for a GPU:
+  <= 2^20 for Triton, <= 256 * 128 for Mosaic GPU); default: ``default_block_size``.
+  ``max_chunk``: elements per bucket (one kernel call each; None: one bucket), see the
+  module docstring.
   ``shardings``: optional pytree like ``params`` of ``NamedSharding`` (one mesh; grads
   and moments are taken to be sharded like their param). On a mesh of more than one
   device the kernel then runs per shard under ``jax.shard_map`` (each device packs its
   own shards; the outputs keep these shardings) instead of on whole gathered leaves.
   """
-  use_pallas, interpret = _dispatch.resolve(impl, interpret)
+  kernel, interpret = choose_kernel(impl, interpret)
   if block_size is not None:
-    check_block_size(block_size, compiled=use_pallas and not interpret)
-  if not use_pallas:  # moments in fp32, as the kernel's
+    _check_block_size(kernel, block_size, compiled=kernel is not None and not interpret)
+  if kernel is None:  # moments in fp32, as the kernel's
     mu, nu = (jax.tree.map(lambda x: x.astype(jnp.float32), t) for t in (mu, nu))
     return velvet_update_reference(
         params, grads, mu, nu, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
@@ -223,7 +292,7 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
   s = _scalars(lr, b1, b2, eps, weight_decay, count)
   body = functools.partial(_update_leaves, skip_zero_grads=skip_zero_grads,
                            block_size=block_size, interpret=interpret,
-                           max_chunk=max_chunk)
+                           max_chunk=max_chunk, kernel=kernel)
   sharded = _shard_specs(shardings, treedef)
   if sharded is not None:
     mesh, specs = sharded

@@ -166,12 +166,16 @@ def main(argv=None):
   q, k_, v_ = (jax.random.normal(kk, (b, s, nh, hd), jnp.bfloat16)
                for kk in jax.random.split(key, 3))
   fl = 4 * b * nh * s * s * hd * 3.5 / 2  # causal: half the square; bwd ~2.5x fwd
-  for impl in ("reference", "xla", "cudnn", "pallas"):
-    if impl == "cudnn" and not gpu:
-      continue
-    f = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(att.attention(
-        q, k, v, True, impl).astype(jnp.float32)), argnums=(0, 1, 2)))
-    tab.add(f"attention fwd+bwd S={s} D={hd} impl={impl}", f, (q, k_, v_), flops=fl,
+  # "tokamax:<kernel>": one of tokamax's own kernels alone, to see which it should try first
+  candidates = ["reference", "xla"] + ["cudnn"] * gpu
+  if att.tokamax_available():
+    candidates += ["tokamax"] + ["tokamax:mosaic", "tokamax:triton"] * gpu
+  for name in candidates:
+    impl, _, kernel = name.partition(":")
+    order = (kernel,) if kernel else att.TOKAMAX_ORDER
+    f = jax.jit(jax.grad(lambda q, k, v, impl=impl, order=order: jnp.sum(att.attention(
+        q, k, v, True, impl, tokamax_order=order).astype(jnp.float32)), argnums=(0, 1, 2)))
+    tab.add(f"attention fwd+bwd S={s} D={hd} impl={name}", f, (q, k_, v_), flops=fl,
             mem=True, reps=reps)
 
   tab.print()

@@ -113,19 +113,29 @@ CHOICES = {
     "compute_dtype": {"cpu": "float32", "*": "bfloat16"},
     # whether impl="auto" runs the Pallas kernels (_dispatch.resolve): compiled for CUDA
     "pallas": {"cuda": True, "*": False},
-    # attention implementations of "auto", first one that applies (_attention.py)
-    "attention": {"cuda": ("cudnn", "xla"), "cpu": ("blocked", "reference"),
+    # attention implementations of "auto", first one that applies (_attention.py): cuDNN
+    # where it takes the inputs, tokamax (when installed) for the rest (fp32, head_dim
+    # > 128) rather than XLA's [S, S] scores
+    "attention": {"cuda": ("cudnn", "tokamax", "xla"), "cpu": ("blocked", "reference"),
                   "*": ("xla",)},
     # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA may take "pallas" once
     # it is measured on a card
     "cross_entropy": {"*": "chunked"},
     # the chunked forward keeps its logits for the backward: memory is cheap on a host
     "cross_entropy_keep_logits": {"cpu": True, "*": False},
-    # MoE row layout of impl="auto" (_grouped_matmul.py): XLA:CPU's ragged_dot does every
-    # group's matmul over all rows
-    "grouped_matmul": {"cpu": "blocked", "*": "ragged_dot"},
+    # MoE grouped matmul of impl="auto", first one installed (_grouped_matmul.py):
+    # XLA:CPU's and XLA:GPU's ragged_dot do every group's matmul over all rows, while
+    # blocked wastes at most one block per group and tokamax runs grouped GEMM kernels
+    "grouped_matmul": {"cpu": "blocked", "cuda": ("tokamax", "blocked"),
+                       "*": "ragged_dot"},
+    # tokamax.ragged_dot's implementations, first one it supports on the device
+    "tokamax_ragged_dot": {"cuda": ("mosaic", "triton", "xla"), "*": ("xla",)},
     # rows_matmul's weight gradient (_rows_matmul.py): XLA:CPU's fast dot wants x.T copied
     "rows_matmul_grad": {"cpu": "transpose_first", "*": "plain"},
+    # the fused Velvet kernel's Pallas backend (_velvet_update.py), first one that applies:
+    # Triton while jax ships it (sm80 and sm90); Mosaic GPU needs sm90 (TMA). The GPU
+    # acceptance script times both; Hopper moves to Mosaic first if it wins there
+    "velvet_kernel": {"*": ("triton", "mosaic")},
 }
 
 

@@ -1,12 +1,142 @@
-"""MoE kernels: the CPU grouped matmul (padded row blocks) against jax.lax.ragged_dot,
-and the partitionable top-k against jax.lax.top_k."""
+"""MoE kernels: every grouped-matmul implementation (padded row blocks, jax.lax.ragged_dot,
+tokamax.ragged_dot through its XLA path) against a loop over experts, in the MoE layer
+too (expert-parallel included), and the partitionable top-k against jax.lax.top_k."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from vesperjax.kernels import GroupLayout, grouped_matmul, partitionable_top_k
+import vesperjax as vj
+from vesperjax import sharding as sh
+from vesperjax.config import MOE_MATMULS
+from vesperjax.kernels import GroupLayout, grouped_matmul, partitionable_top_k, platform
+from vesperjax.kernels import _grouped_matmul
 from vesperjax.model.layers import rank_topk_mask
+from vesperjax.model.moe import MoE
+
+CHOICES = ("blocked", "ragged_dot", "tokamax")
+
+
+def _loop_over_experts(x, w, sizes, cot):
+  """numpy: y = x[rows of g] @ w[g] per group, and the gradients of sum(y * cot)."""
+  x, w, cot = (np.asarray(a, np.float64) for a in (x, w, cot))
+  y, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros_like(x), np.zeros_like(w)
+  start = 0
+  for g, size in enumerate(sizes):
+    rows = slice(start, start + size)
+    y[rows] = x[rows] @ w[g]
+    dx[rows] = cot[rows] @ w[g].T
+    dw[g] = x[rows].T @ cot[rows]
+    start += size
+  return y, dx, dw
+
+
+@pytest.mark.parametrize("impl", CHOICES)
+@pytest.mark.parametrize("sizes,rows", [
+    ([13, 0, 30, 7], 50),     # an empty group, 50 = all rows grouped
+    ([0, 41, 0, 0], 60),      # one group has every row; 19 padding rows
+])
+def test_each_choice_equals_a_loop_over_experts(impl, sizes, rows):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(rows, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(len(sizes), 12, 5)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(rows, 5)), jnp.float32)
+  want_y, want_dx, want_dw = _loop_over_experts(x, w, sizes, cot)
+  fn = lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl,
+                                   block_rows=8)
+  np.testing.assert_allclose(jax.jit(fn)(x, w), want_y, rtol=1e-5, atol=1e-5)
+  dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) * cot), (0, 1)))(x, w)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_tokamax_padding_for_gpu_kernels_keeps_the_numbers():
+  """Traced for CUDA, tokamax's operands are zero-padded to whole kernel blocks and the
+  result sliced back (run here through tokamax's XLA path)."""
+  sizes = [13, 0, 30, 7]
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(53, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 12, 5)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(53, 5)), jnp.float32)
+  want_y, want_dx, want_dw = _loop_over_experts(x, w, sizes, cot)
+  fn = lambda x, w: _grouped_matmul.tokamax_ragged_dot(
+      x, w, jnp.asarray(sizes, jnp.int32), implementation="xla")
+  with platform.use("cuda"):
+    assert "pad" in str(jax.make_jaxpr(fn)(x, w))
+    grads = jax.grad(lambda x, w: jnp.sum(fn(x, w) * cot), (0, 1))(x, w)
+    y = fn(x, w)
+  for got, want in zip((y, *grads), (want_y, want_dx, want_dw)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_the_platform_row_and_skips_a_missing_tokamax(monkeypatch):
+  assert MOE_MATMULS == _grouped_matmul.IMPLEMENTATIONS
+  with platform.use("cpu"):
+    assert _grouped_matmul.resolve("auto") == "blocked"
+  with platform.use("cuda"):
+    assert _grouped_matmul.resolve("auto") == "tokamax"  # installed in the test env
+    monkeypatch.setattr(_grouped_matmul, "_tokamax_installed", lambda: False)
+    assert _grouped_matmul.resolve("auto") == "blocked"
+    assert _grouped_matmul.resolve("ragged_dot") == "ragged_dot"  # explicit: as asked
+
+
+def test_missing_tokamax_is_one_error_naming_the_gpu_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tokamax", None)  # import tokamax -> ImportError
+  with pytest.raises(ValueError, match=r"pip install 'vesperjax\[gpu\]'"):
+    grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.asarray([2, 2]),
+                   impl="tokamax")
+
+
+def test_moe_matmul_config_key_is_validated():
+  with pytest.raises(ValueError, match="moe_matmul"):
+    vj.ModelConfig(num_experts=4, moe_matmul="megablocks")
+  assert "moe_matmul" in vj.config.EXECUTION_FIELDS
+
+
+def _moe(impl, cf=None):
+  cfg = vj.ModelConfig(hidden_size=32, num_heads=2, num_layers=1, ffn_size=64,
+                       vocab_size=128, lora_rank=4, lora_topk=2, num_experts=4, top_k=2,
+                       moe_capacity_factor=cf, moe_matmul=impl)
+  moe = MoE(cfg, nnx.Rngs(0))
+  for i, lin in enumerate((moe.gate, moe.up)):  # give the adapters something to do
+    lin.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), lin.lora_b.shape)
+  return nnx.split(moe)
+
+
+def _layer_and_grads(graphdef, state, x):
+  def loss(state, x):
+    y, aux = nnx.merge(graphdef, state)(x)
+    return jnp.sum(y ** 2) + aux["load_balance_loss"], y
+  (_, y), (dstate, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(state, x)
+  return jax.tree.map(np.asarray, (y, dx, nnx.to_pure_dict(dstate)))
+
+
+X = jax.random.normal(jax.random.key(2), (8, 12, 32))
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tokamax"])
+@pytest.mark.parametrize("cf", [None, 0.75], ids=["dropless", "capacity"])
+def test_moe_layer_with_each_choice_equals_blocked(impl, cf):
+  """Values and gradients (inputs and every weight), dropped rows included, on one
+  device and expert-parallel over 8 simulated devices."""
+  want = _layer_and_grads(*_moe("blocked", cf), X)
+  graphdef, state = _moe(impl, cf)
+  got = _layer_and_grads(graphdef, state, X)
+  check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(check, got, want)
+  if cf is not None:
+    return  # per-device capacity drops differently: test_sharding_moe covers it
+  mesh = sh.make_mesh(data=2, expert=4)
+  with jax.set_mesh(mesh):
+    placed = jax.device_put(state, sh.state_shardings(state, mesh))
+    x = jax.device_put(X, sh.batch_sharding(mesh, ndim=3))
+    jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(placed, x))
+    got = _layer_and_grads(graphdef, placed, x)
+  assert "all_to_all" in jaxpr and "ragged_dot" in jaxpr  # expert-parallel, no blocks
+  jax.tree.map(check, got, want)
 
 
 @pytest.mark.parametrize("sizes,rows", [
@@ -50,7 +180,7 @@ def test_blocked_layout_groups_rows_and_marks_padding():
     GroupLayout(sizes, 10, impl="megablocks")
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+@pytest.mark.parametrize("impl", CHOICES)
 def test_per_row_values_and_grads(impl):
   """Each grouped row gets its group's value; the gradient is the per-group sum of the
   grouped rows' cotangents (padding rows' values are ignored, so they are masked)."""

@@ -1,11 +1,18 @@
-"""Attention dispatch: XLA and the Pallas flash kernel (interpret) vs naive attention."""
+"""Attention dispatch: XLA, blocked and tokamax (its XLA path on CPU) vs naive attention."""
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vesperjax.kernels import _attention as att
+from vesperjax.kernels import _dispatch
 from vesperjax.kernels import platform
+
+needs_tokamax = pytest.mark.skipif(not att.tokamax_available(),
+                                   reason="tokamax not installed (the gpu extra)")
 
 
 def _qkv(shape, dtype=jnp.float32):
@@ -13,19 +20,82 @@ def _qkv(shape, dtype=jnp.float32):
   return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in ks]
 
 
+def _value_and_grads(fn, q, k, v, cot):
+  """fn's output and the gradients (dq, dk, dv) of sum(output * cot), all as fp32."""
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+  out = jax.jit(fn)(q, k, v)
+  return [np.asarray(x, np.float32)
+          for x in (out, *jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v))]
+
+
+def _numpy_attention(q, k, v, causal):
+  """Float64 numpy softmax(q k^T / sqrt(D)) v for one [S, H, D] example."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+  if causal:
+    sq, sk = q.shape[0], k.shape[0]
+    s = np.where(np.arange(sq)[:, None] + (sk - sq) >= np.arange(sk)[None, :], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_xla_and_auto_match_reference(causal):
   q, k, v = _qkv((2, 24, 3, 16))
   ref = att.attention_reference(q, k, v, causal=causal)
+  np.testing.assert_allclose(ref[1], _numpy_attention(q[1], k[1], v[1], causal),
+                             rtol=1e-5, atol=1e-5)
   for impl in (None, "xla"):
     np.testing.assert_allclose(att.attention(q, k, v, causal, impl), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_pallas_flash_interpret_forward():
-  """Forward only: the backward is JAX's own (tested upstream) and slow to interpret."""
-  q, k, v = _qkv((1, 32, 2, 16))
-  out = att.attention(q, k, v, True, "pallas", interpret=True)
-  np.testing.assert_allclose(out, att.attention_reference(q, k, v), rtol=1e-4, atol=1e-4)
+# fp32: the same fp32 math in another order (CPU dots are exact fp32), so a few ulps.
+# bf16: both round the probabilities to bf16 before the PV matmul and the output to bf16;
+# outputs and gradients here reach magnitude ~4, where one bf16 ulp is 2^-6 ~ 0.016: an
+# element rounded the other way differs by one such ulp; the tolerances allow about two
+# (atol) plus 1% (rtol, ~2.5 bf16 ulps of 2^-8 relative).
+TOLERANCES = {jnp.float32: dict(rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-5),
+              jnp.bfloat16: dict(rtol=1e-2, atol=2e-2, grad_rtol=1e-2, grad_atol=2e-2)}
+
+
+@needs_tokamax
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_tokamax_matches_reference_values_and_grads(causal, dtype):
+  """tokamax on CPU (its XLA path) against the naive reference: output, dq, dk, dv."""
+  q, k, v = _qkv((2, 32, 2, 16), dtype)
+  cot = jax.random.normal(jax.random.key(7), q.shape)
+  tol = TOLERANCES[dtype]
+  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, causal, "tokamax"), q, k, v, cot)
+  want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, causal), q, k, v, cot)
+  np.testing.assert_allclose(got[0], want[0], rtol=tol["rtol"], atol=tol["atol"])
+  for name, a, b in zip(("dq", "dk", "dv"), got[1:], want[1:]):
+    np.testing.assert_allclose(a, b, rtol=tol["grad_rtol"], atol=tol["grad_atol"], err_msg=name)
+  assert np.abs(want[1]).max() > 0.1  # the gradients compared are not all ~0
+
+
+@pytest.mark.parametrize("causal,q_len,k_len", [(True, [32, 19], [32, 19]),
+                                                (False, [32, 11], [25, 7])])
+def test_ragged_lengths_match_truncated_attention(causal, q_len, k_len):
+  """Each example equals attention over its own prefix (numpy, float64); rows past the
+  query length are zero; the XLA and (when installed) tokamax paths match, gradients too."""
+  q, k, v = _qkv((2, 32, 2, 16))
+  lengths = dict(query_lengths=jnp.array(q_len), key_lengths=jnp.array(k_len))
+  ref = np.asarray(att.attention_reference(q, k, v, causal, **lengths))
+  for b, (lq, lk) in enumerate(zip(q_len, k_len)):
+    np.testing.assert_allclose(ref[b, :lq], _numpy_attention(q[b, :lq], k[b, :lk], v[b, :lk],
+                                                             causal), rtol=1e-5, atol=1e-5)
+    assert not ref[b, lq:].any()
+  cot = jax.random.normal(jax.random.key(3), q.shape)
+  want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, causal, **lengths),
+                          q, k, v, cot)
+  assert not want[2][1, k_len[1]:].any()  # keys past the length get no gradient
+  impls = ["xla"] + (["tokamax"] if att.tokamax_available() else [])
+  for impl in impls:
+    got = _value_and_grads(lambda q, k, v, impl=impl: att.attention(q, k, v, causal, impl,
+                                                                    **lengths), q, k, v, cot)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{impl} {name}")
 
 
 @pytest.mark.parametrize("seq,block", [(100, 64), (256, None), (48, 16)])
@@ -46,32 +116,49 @@ def test_choice_table_on_cpu():
   q, k, v = _qkv((1, 16, 1, 8), jnp.bfloat16)
   assert att.cudnn_supported(q, k, v)
   # no CUDA: blocked causal self-attention measured fastest on CPU; short or cross: einsum
-  assert att._choose(q, k, v, None) == "reference"
+  assert att._choose(q, k, v) == "reference"
   q, k, v = _qkv((1, 128, 1, 8))
-  assert att._choose(q, k, v, None) == "blocked"
-  assert att._choose(q, k[:, :64], v[:, :64], None) == "reference"
+  assert att._choose(q, k, v) == "blocked"
+  assert att._choose(q, k[:, :64], v[:, :64]) == "reference"
   with pytest.raises(ValueError):
     att.attention(q, k, v, True, "flash")
+  with pytest.raises(ValueError):
+    att.attention(q, k, v, True, "pallas")  # the deprecated jax.experimental ops are gone
 
 
-def test_pallas_blocks_shrink_to_fit_shared_memory():
-  """Blocks shrink (largest tile first) until the estimate fits SMEM_LIMIT_BYTES."""
-  assert att.pallas_block_sizes(256, 64, jnp.bfloat16).block_q == 128
-  for d, dtype in ((256, jnp.bfloat16), (256, jnp.float32), (128, jnp.float32)):
-    blocks = att.pallas_block_sizes(256, d, dtype)
-    fwd = att.pallas_smem_bytes(blocks.block_q, blocks.block_k, d, dtype)
-    bwd = att.pallas_bwd_smem_bytes(blocks.block_q_dkv, d, dtype)
-    assert max(fwd, bwd) <= att.SMEM_LIMIT_BYTES, (d, dtype, blocks)
-  assert att.pallas_block_sizes(256, 256, jnp.bfloat16).block_k == 64  # 128x128 asks 327680 B
+def test_choice_table_on_cuda(monkeypatch):
+  """cuDNN where it applies, then tokamax where installed, then XLA."""
+  spec = lambda d, dtype: jax.ShapeDtypeStruct((1, 256, 2, d), dtype)
+  monkeypatch.setattr(att, "tokamax_available", lambda: True)
+  with platform.use("cuda"):
+    assert att._choose(*[spec(128, jnp.bfloat16)] * 3) == "cudnn"
+    assert att._choose(*[spec(256, jnp.bfloat16)] * 3) == "tokamax"  # cuDNN: head_dim <= 128
+    assert att._choose(*[spec(64, jnp.float32)] * 3) == "tokamax"  # cuDNN: fp16/bf16 only
+    monkeypatch.setattr(att, "tokamax_available", lambda: False)
+    assert att._choose(*[spec(64, jnp.float32)] * 3) == "xla"
 
 
-def test_pallas_guard_error_is_one_clear_line():
+def test_process_default_pallas_means_tokamax(monkeypatch):
+  q, k, v = _qkv((1, 128, 1, 8))
+  monkeypatch.setattr(_dispatch, "_default_impl", "pallas")
+  monkeypatch.setattr(att, "tokamax_available", lambda: True)
+  assert att._choose(q, k, v) == "tokamax"
+  monkeypatch.setattr(att, "tokamax_available", lambda: False)
+  assert att._choose(q, k, v) == "blocked"  # the platform's own choice
+  monkeypatch.setattr(_dispatch, "_default_impl", "reference")
+  assert att._choose(q, k, v) == "reference"
+
+
+def test_missing_tokamax_is_one_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tokamax", None)  # import tokamax raises ImportError
+  q, k, v = _qkv((1, 8, 1, 8))
   with pytest.raises(ValueError) as info:
-    att.pallas_block_sizes(256, 2048, jnp.float32)
+    att.attention(q, k, v, True, "tokamax")
   message = str(info.value)
-  assert "\n" not in message and "head_dim 2048" in message and "shared memory" in message
-  q = jax.ShapeDtypeStruct((1, 256, 2, 2048), jnp.float32)
-  with platform.use("cuda"), pytest.raises(ValueError, match="head_dim 2048"):
-    jax.eval_shape(lambda q: att.attention(q, q, q, True, "pallas"), q)
-  # interpret mode has no shared memory to run out of
-  jax.eval_shape(lambda q: att.attention(q, q, q, True, "pallas", interpret=True), q)
+  assert "\n" not in message and "pip install 'vesperjax[gpu]'" in message
+
+
+def test_tokamax_is_imported_lazily():
+  code = ("import sys; import vesperjax.kernels as k; from vesperjax.kernels import _attention;"
+          "import vesperjax.config; assert 'tokamax' not in sys.modules, 'tokamax imported'")
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

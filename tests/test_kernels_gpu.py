@@ -11,12 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-from jax.experimental.pallas.ops.gpu import attention as mha
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import gpu_util
 from vesperjax import gpu_targets
-from vesperjax.kernels import _dispatch
 from vesperjax.kernels import _attention as att
 from vesperjax.kernels import _cross_entropy as ce
 from vesperjax.kernels import _era as era_mod
@@ -113,15 +111,74 @@ def test_ce_smem_estimate_bounds_the_compiled_kernel(target, bn, bv, d, dtype):
 
 # ------------------------------------------------------------------ attention
 
+needs_tokamax = pytest.mark.skipif(not att.tokamax_available(),
+                                   reason="tokamax not installed (the gpu extra)")
+MOSAIC = "mosaic_gpu_v2"
 
+
+def _tokamax_grad(order=att.TOKAMAX_ORDER):
+  """d(sum(attention))/d(q, k, v) through tokamax trying `order`."""
+  loss = lambda q, k, v: jnp.sum(att.attention(
+      q, k, v, True, "tokamax", tokamax_order=order).astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.fixture
+def hopper_host(monkeypatch):
+  """tokamax's Mosaic GPU attention as on an sm_90 device: it reads the compute
+  capability of the host's default device (none here); returns that op to pass in
+  `tokamax_order` (the name "mosaic" also follows the host's device, to Mosaic TPU)."""
+  from tokamax._src import gpu_utils  # pylint: disable=g-import-not-at-top
+  from tokamax._src.ops.attention import api  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu_utils, "_compute_capability", lambda device=None: 9.0)
+  return api.IMPLEMENTATIONS["mosaic_gpu"]
+
+
+@needs_tokamax
+def test_attention_tokamax_lowers_its_triton_kernels_for_cuda():
+  """On this GPU-less host tokamax's Mosaic kernel declines (no sm_90 device) and its
+  Triton flash forward and backward lower; the same call traced for the CPU takes
+  tokamax's XLA path again (its hardware checks are back on)."""
+  spec = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  with platform.use("cuda"):
+    calls = gpu_util.custom_calls(gpu_util.lowered_for_cuda(jax.jit(_tokamax_grad()),
+                                                            spec, spec, spec))
+  assert calls[TRITON] == 2 and not calls[MOSAIC], calls
+  with platform.use("cpu"):
+    text = jax.jit(_tokamax_grad()).trace(spec, spec, spec).lower().as_text()
+  assert not gpu_util.custom_calls(text)
+
+
+@needs_tokamax
+def test_attention_tokamax_mosaic_lowers_for_hopper(hopper_host):
+  spec = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  with platform.use("cuda"):
+    calls = gpu_util.custom_calls(gpu_util.lowered_for_cuda(
+        jax.jit(_tokamax_grad((hopper_host,))), spec, spec, spec))
+  assert calls[MOSAIC] >= 2 and not calls[TRITON], calls  # forward and backward kernels
+
+
+@needs_tokamax
 @gpu_util.needs_gpu_compile
-@pytest.mark.parametrize("target,dtype", [("h200", jnp.bfloat16), ("h200", jnp.float32),
-                                          ("a100-80gb", jnp.bfloat16)])
-def test_attention_pallas_head_dim_256_compiles(target, dtype):
-  """head_dim 256 asked 327680 B of shared memory (bf16, 128x128 blocks) of 232448."""
-  shape = (1, 256, 2, 256)
-  loss = lambda q, k, v: jnp.sum(att.attention(q, k, v, True, "pallas").astype(jnp.float32))
-  _compile(target, jax.grad(loss, argnums=(0, 1, 2)), *[(shape, dtype)] * 3)
+@pytest.mark.parametrize("target,d,dtype", [("h100-80gb", 256, jnp.bfloat16),
+                                            ("h100-80gb", 64, jnp.float32),
+                                            ("a100-80gb", 128, jnp.bfloat16)])
+def test_attention_tokamax_triton_compiles(target, d, dtype):
+  """XLA:GPU compiles tokamax's Triton kernels to cubins (shared memory and block limits
+  checked), including the cases cuDNN refuses (head_dim 256, fp32)."""
+  compiled = _compile(target, _tokamax_grad(), *[((1, 256, 2, d), dtype)] * 3)
+  assert gpu_util.custom_calls(compiled.as_text())[TRITON] >= 2
+
+
+@needs_tokamax
+@gpu_util.needs_gpu_compile
+def test_attention_tokamax_mosaic_compiles_for_h100(hopper_host):
+  """The program around the Mosaic GPU kernels compiles for H100; the kernels themselves
+  are compiled by the Mosaic GPU runtime on the device, so only their lowering is
+  checked here."""
+  compiled = _compile("h100-80gb", _tokamax_grad((hopper_host,)),
+                      *[((1, 256, 2, 128), jnp.bfloat16)] * 3)
+  assert gpu_util.custom_calls(compiled.as_text())[MOSAIC] >= 2
 
 
 def _requested_smem(fn, *specs, target="h200"):
@@ -134,38 +191,6 @@ def _requested_smem(fn, *specs, target="h200"):
   with pytest.raises(Exception, match="Shared memory size limit exceeded") as info:
     jax.jit(fn).trace(*_on(devices, *specs)).lower().compile()
   return int(re.search(r"requested (\d+)", str(info.value))[1])
-
-
-@gpu_util.needs_gpu_compile
-@pytest.mark.parametrize("target", ["h200", "a100-80gb"])
-@pytest.mark.parametrize("d,dtype,bq,bk", [(256, jnp.bfloat16, 128, 64),
-                                           (128, jnp.float32, 64, 128),
-                                           (64, jnp.bfloat16, 32, 32)])
-def test_attention_smem_estimates_bound_the_compiled_kernels(target, d, dtype, bq, bk):
-  """The guard's estimates against what XLA:GPU's Triton compile asks for."""
-  shape, b = (1, 256, 2, d), 32
-  blocks = mha.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=b, block_kv_dkv=b,
-                          block_q_dq=b, block_kv_dq=b)
-  fwd = lambda q, k, v: mha.mha(q, k, v, None, causal=True, block_sizes=blocks)
-  got = _requested_smem(fwd, *[(shape, dtype)] * 3, target=target)
-  assert got <= att.pallas_smem_bytes(bq, bk, d, dtype)
-  # the backward alone (its small preprocess kernel asks <= 512 B, under the limit)
-  bwd = lambda q, k, v, o, lse, do: mha._mha_backward(  # pylint: disable=protected-access
-      1.0, True, blocks, "triton", None, 2, None, False, False, False,
-      (q, k, v, None, o, lse), do)[:3]
-  got = _requested_smem(bwd, *[(shape, dtype)] * 4, ((1, 2, 256), jnp.float32),
-                        (shape, dtype), target=target)
-  assert got <= att.pallas_bwd_smem_bytes(b, d, dtype)
-
-
-def test_attention_auto_never_picks_a_pallas_kernel_that_cannot_compile(monkeypatch):
-  """With the Pallas default, "auto" falls back where the kernel cannot run."""
-  monkeypatch.setattr(_dispatch, "_default_impl", "pallas")
-  q = lambda s, d, dtype: jax.ShapeDtypeStruct((1, s, 2, d), dtype)
-  with platform.use("cuda"):
-    assert att._choose(*[q(256, 256, jnp.bfloat16)] * 3, None) == "pallas"  # blocks shrink
-    assert att._choose(*[q(256, 2048, jnp.float32)] * 3, None) == "xla"  # nothing fits
-    assert att._choose(*[q(100, 64, jnp.bfloat16)] * 3, None) == "cudnn"  # S % 16 != 0
 
 
 # ------------------------------------------------------------------ ERA

@@ -49,7 +49,9 @@ def _run(fn, params, steps, key, gdtype, skip, zero_frac=0.0, **kw):
     g = _grads(jax.random.fold_in(key, t), params, gdtype, zero_frac)
     lr = jnp.float32(1e-2 * (0.9 + 0.1 * np.sin(t)))  # traced, changes every step
     b1 = jnp.float32(0.9 - 0.01 * (t % 3))
-    u, mu, nu = step(params, g, mu, nu, lr, b1, jnp.int32(t))
+    # blocking: Mosaic GPU's interpreter runs JAX ops in host callbacks, which wait
+    # behind any work dispatched meanwhile (CPU runs programs in order): a deadlock
+    u, mu, nu = jax.block_until_ready(step(params, g, mu, nu, lr, b1, jnp.int32(t)))
     params = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, u)
     traj.append((u, mu, nu))
   return params, traj, step
@@ -331,3 +333,107 @@ def test_block_size_large_ok_in_interpret_mode():
   kw = dict(lr=0.1, b1=0.9, count=1, impl="pallas", **HP)
   out = vu.velvet_update(params, params, z, z, interpret=True, block_size=1 << 21, **kw)
   _close(out, vu.velvet_update(params, params, z, z, interpret=True, **kw))
+
+
+# The Mosaic GPU kernel (_velvet_mosaic.py) in Mosaic GPU's CPU interpreter: the same
+# program as compiled (TMA copies, barriers, shared memory simulated).
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_mosaic_matches_reference(skip):
+  key = jax.random.key(7)
+  params = _tree(key, SHAPES)
+  kern = lambda *a, **k: vu.velvet_update(*a, impl="mosaic", interpret=True, **k)
+  zf = 0.3 if skip else 0
+  p1, tr1, step = _run(kern, params, 4, key, jnp.float32, skip, zero_frac=zf)
+  p0, tr0, _ = _run(_optim_reference(), params, 4, key, jnp.float32, skip, zero_frac=zf)
+  _close(p1, p0)
+  for a, b in zip(tr1, tr0):
+    _close(a, b)
+  assert step._cache_size() == 1
+
+
+def test_mosaic_blocks_and_zero_second_moment(monkeypatch):
+  """Several 128-wide blocks per bucket; v = 0 entries (sqrt through rsqrt) stay finite."""
+  seen = []
+  from vesperjax.kernels import _velvet_mosaic as vm
+  real = vm.velvet_update_flat
+  monkeypatch.setattr(vm, "velvet_update_flat",
+                      lambda p, *a, **k: seen.append((p.shape[0], k["block_size"]))
+                      or real(p, *a, **k))
+  params = {"a": jnp.linspace(-1, 1, 1500).reshape(30, 50), "b": jnp.ones((7,))}
+  g = {"a": jnp.zeros((30, 50)).at[::2].set(0.5), "b": jnp.full((7,), -2.0)}
+  m = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  v = jax.tree.map(jnp.zeros_like, params)
+  kw = dict(lr=jnp.float32(1e-2), b1=jnp.float32(0.9), count=jnp.int32(1), **HP)
+  out = jax.block_until_ready(jax.jit(lambda *a: vu.velvet_update(  # see _run
+      *a, impl="mosaic", interpret=True, block_size=256, **kw))(params, g, m, v))
+  ref = vu.velvet_update_reference_jnp(params, g, m, v, **kw)
+  assert seen == [(1536, 256)]  # 1500 + 7 + 1 link element, in 256-element blocks
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
+  _close(out, ref)
+
+
+def test_kernel_choice(monkeypatch):
+  """impl names a kernel; "pallas" takes the first of platform.CHOICES["velvet_kernel"]
+  that applies (Triton while jax ships it; Mosaic GPU on sm_90+)."""
+  assert vu.choose_kernel("mosaic", True) == ("mosaic", True)
+  assert vu.choose_kernel("triton", True) == ("triton", True)
+  assert vu.choose_kernel("reference") == (None, False)
+  assert vu.choose_kernel("auto") == (None, False)  # CPU target: the pure-JAX path
+  assert vu.choose_kernel("pallas", True) == ("triton", True)
+  monkeypatch.setattr(vu, "kernel_applies", lambda k: k == "mosaic")  # no Triton
+  assert vu.choose_kernel("pallas", True) == ("mosaic", True)
+  monkeypatch.setattr(vu, "kernel_applies", lambda k: False)
+  with pytest.raises(ValueError, match="impl='reference'"):
+    vu.choose_kernel("pallas", True)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    vu.choose_kernel("cuda", True)
+
+
+def test_mosaic_needs_sm90(monkeypatch):
+  class Device:
+    platform = "gpu"
+    def __init__(self, cc):
+      self.compute_capability = cc
+  for cc, ok in (("8.0", False), ("8.6", False), ("9.0", True), ("10.0", True)):
+    monkeypatch.setattr(jax, "devices", lambda cc=cc: [Device(cc)])
+    assert vu.kernel_applies("mosaic") is ok
+    if not ok:  # asked for by name, compiled: one clear line, not a device-side failure
+      with pytest.raises(ValueError, match="compute capability 9.0"):
+        vu.choose_kernel("mosaic", False)
+
+
+@pytest.mark.parametrize("block_size,match", [(1 << 16, "256 rows"), (100, "power of two"),
+                                              (64, ">= 128")])
+def test_mosaic_block_size_validation(block_size, match):
+  params = {"a": jnp.ones((300,))}
+  z = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match=match):
+    vu.velvet_update(params, params, z, z, lr=0.1, b1=0.9, count=1, impl="mosaic",
+                     interpret=False, block_size=block_size, **HP)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_velvet_fused_names_its_kernel(kernel):
+  """velvet(fused="triton" | "mosaic") (config optim.fused_kernel) runs that kernel,
+  interpreted on CPU, and equals the unfused optimizer."""
+  from vesperjax import optim
+  key = jax.random.key(11)
+  params = _tree(key, SHAPES)
+  kw = dict(learning_rate=1e-2, weight_decay=0.1, vocab_size=256)
+  outs = []
+  for tx in (optim.velvet(fused=kernel, **kw), optim.velvet(**kw)):
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, loss=jnp.float32(3.0)))
+    state, q = tx.init(params), params
+    for t in (1, 2):
+      g = _grads(jax.random.fold_in(key, t), params, jnp.float32)
+      u, state = jax.block_until_ready(step(g, state, q))  # see _run: interpreter waits
+      q = optax.apply_updates(q, u)
+    outs.append((q, state[1].mu, state[1].nu))
+  _close(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+
+
+def test_velvet_fused_rejects_an_unknown_kernel():
+  from vesperjax import optim
+  with pytest.raises(ValueError, match="fused='cuda'"):
+    optim.velvet(fused="cuda", vocab_size=256)

@@ -103,6 +103,14 @@ def test_config_json_round_trip():
   assert vj.ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
 
 
+def test_saved_config_with_the_removed_pallas_attention_loads_with_the_default():
+  saved = {**dataclasses.asdict(vj.model_preset("tiny", vocab_size=512)),
+           "attention_impl": "pallas"}
+  assert vj.ModelConfig.from_dict(saved).attention_impl is None
+  with pytest.raises(ValueError, match="attention_impl"):  # never accepted when given
+    vj.model_preset("tiny", vocab_size=512, attention_impl="pallas")
+
+
 def test_flylora_projection_frozen_sparse_and_out_of_params():
   cfg = tiny(hidden_size=64, lora_rank=8, lora_density=0.25)
   model = vj.VesperLM(cfg, rngs=nnx.Rngs(5))

@@ -55,9 +55,10 @@ def test_choices_follow_the_target():
     assert config.compute_dtype() == jnp.bfloat16
     assert _dispatch.pallas_gpu_available()
     assert _dispatch.resolve() == (True, False)  # auto: compiled Pallas, no interpreter
-    assert GroupLayout(sizes, 8).impl == "ragged_dot"
+    assert GroupLayout(sizes, 8).impl == "tokamax"  # installed with the test extra
   with platform.use("tpu"):
     assert config.compute_dtype() == jnp.bfloat16
+    assert GroupLayout(sizes, 8).impl == "ragged_dot"
     assert _dispatch.resolve() == (False, False)  # no Pallas GPU backend there
 
 

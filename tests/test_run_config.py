@@ -140,6 +140,9 @@ def test_conversion_names_the_key():
   cd.train.batch_size, cd.optim.lr = 8, math.inf
   with pytest.raises(ValueError, match=r"^config\.optim\.lr: must be finite, got inf$"):
     as_run_config(cd)
+  cd.optim.lr, cd.optim.fused_kernel = 1e-3, "cuda"
+  with pytest.raises(ValueError, match=r"^config\.optim\.fused_kernel: 'cuda' is not auto"):
+    as_run_config(cd)
 
 
 def test_an_older_config_json_still_reads():

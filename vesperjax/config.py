@@ -12,10 +12,12 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "auto", "cudnn", "pallas", "xla", "blocked", "reference")
+ATTENTION_IMPLS = (None, "auto", "cudnn", "tokamax", "xla", "blocked", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vesperjax.kernels.grouped_matmul implementations (the MoE expert matmuls)
+MOE_MATMULS = ("auto", "blocked", "ragged_dot", "tokamax")
 # How the model runs, not what it is: a run may resume with other values of these.
-EXECUTION_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers")
+EXECUTION_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers", "moe_matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class ModelConfig:
   # one device (of the whole batch without a mesh); assignments beyond it are dropped
   # (counted in aux "dropped_tokens"). None = dropless.
   moe_capacity_factor: float | None = None
+  # The experts' grouped matmuls, one of MOE_MATMULS: "auto" (the target platform's
+  # choice, vesperjax.kernels.platform), "blocked" (padded row blocks, the CPU path),
+  # "ragged_dot" (jax.lax.ragged_dot) or "tokamax" (tokamax.ragged_dot, `gpu` extra)
+  moe_matmul: str = "auto"
   # Metacognition head (vesperjax/model/meta_head.py, docs/metacognition.md): per
   # position, P(the model's top-1 next-token guess is right) and P(the document ends
   # next), trained by a binary cross-entropy added to the loss with weight meta_weight.
@@ -70,8 +76,8 @@ class ModelConfig:
   # for shallow models (docs/benchmarks.md, "The measurement behind each CPU choice").
   # Checkpoints are the same either way; decoding with a KV cache always scans.
   scan_layers: bool = True
-  # vesperjax.kernels.attention: None/"auto" (measured choice per backend), "cudnn",
-  # "pallas", "xla" (jax.nn.dot_product_attention) or "reference" (einsum + softmax)
+  # vesperjax.kernels.attention: None/"auto" (choice per backend), "cudnn", "tokamax"
+  # (the gpu extra), "xla" (jax.nn.dot_product_attention), "blocked" or "reference"
   attention_impl: str | None = None
 
   def __post_init__(self):
@@ -112,6 +118,8 @@ class ModelConfig:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
+    if d.get("attention_impl") == "pallas":  # saved before that path was removed
+      d = {**d, "attention_impl": None}  # an execution choice: the platform's default
     return cls(**d)
 
   def to_json(self) -> str:
@@ -166,6 +174,7 @@ def _validate(c: ModelConfig) -> None:
   need(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
        f"must be one of {ATTENTION_IMPLS}")
   need(isinstance(c.scan_layers, bool), "scan_layers", "must be True or False")
+  need(c.moe_matmul in MOE_MATMULS, "moe_matmul", f"must be one of {MOE_MATMULS}")
 
 
 # hidden / layers / heads / ffn, from the design notes; MoE presets add experts, top-k.

@@ -75,6 +75,8 @@ class OptimConfig:
   perplexity_guided: bool = True  # Velvet: beta1 follows the perplexity
   sparse_aware: bool = True  # Velvet: exactly-zero gradients leave their weights alone
   fused: bool = False  # Velvet's Pallas kernel (GPU; interpret mode elsewhere)
+  # which fused kernel: auto (kernels/platform.py's velvet_kernel row), triton or mosaic
+  fused_kernel: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +255,8 @@ def validate(run: RunConfig) -> RunConfig:
 
   t, d, o = run.train, run.data, run.optim
   need(o.name in ("velvet", "adamw"), "optim.name", f"{o.name!r} is not velvet or adamw")
+  need(o.fused_kernel in ("auto", "triton", "mosaic"), "optim.fused_kernel",
+       f"{o.fused_kernel!r} is not auto, triton or mosaic")
   for key in ("lr", "b1", "b2", "eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
     value = getattr(o, key)
     need(math.isfinite(value), f"optim.{key}", f"must be finite, got {value}")

@@ -56,7 +56,7 @@ def make_optimizer(optim: OptimConfig, max_steps: int, vocab_size: int, *,
                   entropy_adaptive=optim.entropy_adaptive,
                   perplexity_guided=optim.perplexity_guided,
                   sparse_aware=optim.sparse_aware, vocab_size=vocab_size,
-                  fused=optim.fused, shardings=param_shardings)
+                  fused=optim.fused and optim.fused_kernel, shardings=param_shardings)
   # adamw ignores the extra args; the clip records the pre-clip norm for logging
   return optax.with_extra_args_support(optax.chain(
       clip_by_global_norm_with_stats(optim.max_grad_norm),

@@ -1,9 +1,10 @@
 """Mixture of Experts: softmax router, top-k, sort-based dispatch, grouped matmuls.
 
 Each token's k expert assignments are sorted by expert so that every expert's rows are
-contiguous; grouped matmuls (`vesperjax.kernels.GroupLayout`: `ragged_dot` on GPU/TPU,
-padded row blocks on CPU) then run each expert's FFN on its rows only (no
-every-expert-then-mask), and a gather puts the rows back in order. Every expert is the
+contiguous; grouped matmuls (`vesperjax.kernels.GroupLayout`, implementation
+`config.moe_matmul`: padded row blocks, `jax.lax.ragged_dot` or `tokamax.ragged_dot`;
+"auto" picks per target platform) then run each expert's FFN on its rows only, and a
+gather puts the rows back in order. Every expert is the
 same GLU FFN with FlyLoRA gate/up projections as the dense layer (`layers.flylora_matmul`).
 
 Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis of size
@@ -168,7 +169,7 @@ class MoE(nnx.Module):
       order_N = jnp.argsort(key_N, stable=True)
       group_sizes_E = jnp.bincount(key_N, length=e + 1)[:e].astype(jnp.int32)
       dropped = (expert_N.shape[0] - keep_N.sum()).astype(jnp.float32)
-    layout = GroupLayout(group_sizes_E, order_N.shape[0])
+    layout = GroupLayout(group_sizes_E, order_N.shape[0], impl=c.moe_matmul)
     out_SxD, gate_counts, up_counts = _expert_ffn(
         c, layout.to_groups(x_TxD[order_N // k]), layout, self.gate.weights(),
         self.up.weights(), self.down_kernel[...], self.down_bias[...])
@@ -284,7 +285,7 @@ def _local_experts(c, rows_MxD, expert_M, local_e, gate, up, down_LxFxD, down_bi
   """This device's experts on the M = P * C rows it received (padding rows: id local_e)."""
   order_M = jnp.argsort(expert_M, stable=True)
   sizes_L = jnp.bincount(expert_M, length=local_e + 1)[:local_e].astype(jnp.int32)
-  layout = GroupLayout(sizes_L, rows_MxD.shape[0])
+  layout = GroupLayout(sizes_L, rows_MxD.shape[0], impl=c.moe_matmul)
   out_SxD, gate_counts, up_counts = _expert_ffn(c, layout.to_groups(rows_MxD[order_M]),
                                                 layout, gate, up, down_LxFxD,
                                                 down_bias_LxD, tp)

@@ -132,7 +132,7 @@ def bias_corrections(b1: Any, b2: Any, t: Any) -> tuple[Any, Any]:
 
 
 def velvet_element(p, g, m, v, *, b1, b2, eps, bc1, bc2, lr=None,
-                   weight_decay=None, skip_zero_grads=False):
+                   weight_decay=None, skip_zero_grads=False, sqrt=jnp.sqrt):
   """One Velvet step on elements (arrays, or a kernel's loaded blocks).
 
   Returns ``(u, m', v')`` of the module docstring, in ``m``'s dtype (``g``
@@ -140,11 +140,13 @@ def velvet_element(p, g, m, v, *, b1, b2, eps, bc1, bc2, lr=None,
   ``bias_corrections``, computed once per step. With ``lr=None``, ``u = d``,
   the direction alone (``scale_by_velvet_moments``; ``p`` is unused).
   ``skip_zero_grads``: the lazy rule for entries with ``g == 0``.
+  ``sqrt``: the square root to use (a kernel backend without one passes its
+  own, e.g. Mosaic GPU's through rsqrt).
   """
   g = g.astype(m.dtype)
   new_m = b1 * m + (1 - b1) * g
   new_v = b2 * v + (1 - b2) * (g * g)
-  u = (new_m / bc1) / (jnp.sqrt(new_v / bc2) + eps)
+  u = (new_m / bc1) / (sqrt(new_v / bc2) + eps)
   if lr is not None:
     u = -lr * (weight_decay * p.astype(m.dtype) + u)
   if skip_zero_grads:
@@ -256,14 +258,20 @@ def prepare_grads(grads, sparse_mask, sparse_aware):
   return apply_sparse_mask(grads, sparse_mask)
 
 
-def _load_fused_kernel() -> Callable[..., Any]:
-  """The Pallas kernel, imported only when ``fused=True`` is asked for."""
+def _load_fused_kernel(kernel: bool | str) -> Callable[..., Any]:
+  """The Pallas kernel, imported only when ``fused`` is asked for: True or "auto" (the
+  platform table's choice), "triton" or "mosaic"."""
   try:
     from vesperjax.kernels import _velvet_update  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"Velvet fused=True needs vesperjax.kernels.velvet_update "
                       f"({e}); fused=False is the reference jnp path.") from e
-  return _velvet_update.velvet_update
+  if kernel is True or kernel == "auto":
+    return _velvet_update.velvet_update
+  if kernel not in ("triton", "mosaic"):
+    raise ValueError(f"Velvet fused={kernel!r}: expected a bool, 'auto', 'triton' or "
+                     "'mosaic'")
+  return functools.partial(_velvet_update.velvet_update, impl=kernel)
 
 
 def _grouped_step(step, params, grads, mu, nu, decay_mask, weight_decay,
@@ -304,7 +312,7 @@ def scale_by_velvet(
     perplexity_guided: bool = True,
     vocab_size: Optional[Any] = None,
     sparse_aware: bool = True,
-    fused: bool = False,
+    fused: bool | str = False,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     mu_dtype: Optional[Any] = None,
     shardings: Optional[Any] = None,
@@ -326,7 +334,8 @@ def scale_by_velvet(
       out by the ``sparse_mask=`` extra arg (see ``apply_sparse_mask``).
       Dense gradients give the same result as False.
     fused: run the moments/update through the Pallas kernel
-      (``vesperjax.kernels.velvet_update``); the scalars are computed the same.
+      (``vesperjax.kernels.velvet_update``); the scalars are computed the same. True
+      or "auto": the platform table's kernel; "triton" or "mosaic": that one.
     mask: weight-decay mask (pytree prefix of params or a callable), True where
       decay applies, as ``optax.adamw``'s ``mask``.
     mu_dtype: moments dtype; default fp32 (or the params' dtype if wider).
@@ -340,7 +349,7 @@ def scale_by_velvet(
     An ``optax.GradientTransformationExtraArgs`` with ``VelvetState``.
   """
   check_vocab(entropy_adaptive, vocab_size)
-  step = _load_fused_kernel() if fused else velvet_update_reference
+  step = _load_fused_kernel(fused) if fused else velvet_update_reference
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -385,7 +394,7 @@ def velvet(
     perplexity_guided: bool = True,
     sparse_aware: bool = True,
     vocab_size: Optional[Any] = None,
-    fused: bool = False,
+    fused: bool | str = False,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     mu_dtype: Optional[Any] = None,
     *,

@@ -157,16 +157,8 @@ def summarize(rounds: list[dict]) -> dict:
 
 
 def format_report(report: dict) -> str:
-  m, v, st, s = report["machine"], report["versions"], report["setting"], report["summary"]
-  lines = [
-      f"date: {report['date']}",
-      f"machine: {m['cpu_model']}, {m['cpu_count']} logical CPUs ({m['affinity']} usable),"
-      f" {m['platform']}; load average {m['loadavg_start']} at start, "
-      f"{m['loadavg_end']} at end",
-      f"command: {report['command']}",
-      f"versions: torch {v['torch']} ({v['torch_threads']} threads), jax {v['jax']}, "
-      f"vesperjax {v['vesperjax_git'] or '(not a git checkout)'}, original "
-      f"{v['original_git'] or '(not a git checkout)'} at {v['original_path']}",
+  st, s = report["setting"], report["summary"]
+  lines = vs.report_head(report) + [
       f"setting: tiny, vocab {VOCAB}, fp32, random init, batch 1, prompt {PROMPT_LEN}, "
       f"{st['tokens']} new tokens; temperature {SAMPLING['temperature']}, top-k "
       f"{SAMPLING['top_k']}, top-p {SAMPLING['top_p']}, repetition penalty "

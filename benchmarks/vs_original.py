@@ -140,9 +140,10 @@ def format_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def format_report(report: dict) -> str:
-  m, v, st = report["machine"], report["versions"], report["setting"]
-  head = [
+def report_head(report: dict) -> list[str]:
+  """The date, machine, command and versions lines every side-by-side report opens with."""
+  m, v = report["machine"], report["versions"]
+  return [
       f"date: {report['date']}",
       f"machine: {m['cpu_model']}, {m['cpu_count']} logical CPUs ({m['affinity']} usable),"
       f" {m['platform']}; load average {m['loadavg_start']} at start, "
@@ -150,7 +151,12 @@ def format_report(report: dict) -> str:
       f"command: {report['command']}",
       f"versions: torch {v['torch']} ({v['torch_threads']} threads), jax {v['jax']}, "
       f"vesperjax {v['vesperjax_git'] or '(not a git checkout)'}, original "
-      f"{v['original_git'] or '(not a git checkout)'} at {v['original_path']}",
+      f"{v['original_git'] or '(not a git checkout)'} at {v['original_path']}"]
+
+
+def format_report(report: dict) -> str:
+  st = report["setting"]
+  head = report_head(report) + [
       f"setting: vocab {st['vocab']}, batch {st['batch']} x seq {st['seq_len']}, "
       f"{st['dtype']}, {st['optimizer']}; {st['steps']} timed steps after {st['warmup']} "
       f"warm-up (ours after compiling); original "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vesperjax import benchmark
-from vesperjax.bench.optimizers import format_table, summarize
+from vesperjax.bench.optimizers import clip_exits, format_table, summarize
 
 TOY = ["--config", "experiments/tiny.py", "--config.model.hidden_size=32",
        "--config.model.num_layers=1", "--config.model.num_heads=2",
@@ -73,8 +73,9 @@ def test_optimizers_end_to_end(capsys, tmp_path, corpus):
   # same init and batches: identical validation loss before the first step
   assert len({r["evals"][0][1] for r in report["runs"] if r["seed"] == 0}) == 1
   assert "velvet_vs_adamw_best_val_pct" in report["summary"]
-  assert "best Velvet vs best AdamW" in out
-  for name in ("loss_curves", "val_loss_vs_lr", "adaptive_scales", "grad_norm"):
+  assert "best velvet vs best adamw" in out
+  for name in ("loss_curves", "val_loss_vs_lr", "adaptive_scales", "grad_norm",
+               "rules_vs_loss"):
     assert os.path.getsize(os.path.join(work, "plots", f"{name}.png")) > 1000
 
 
@@ -88,7 +89,8 @@ def fake_report():
         curves = {"loss": loss, "grad_norm": list(1 + rng.rand(20)),
                   "learning_rate": [lr] * 20}
         if name == "velvet":
-          curves.update(entropy_scale=[1.2] * 20, perplexity_scale=[0.7] * 20)
+          curves.update(entropy_scale=[1.2] * 20, perplexity_scale=[0.7] * 20,
+                        b1=[0.63] * 20)
         val = 4.0 + (0.1 if name == "adamw" else 0.0) + lr * 10 + 0.01 * seed
         runs.append(dict(optimizer=name, lr=lr, seed=seed, curves=curves,
                          evals=[(0, 5.5), (20, val)], final_val_loss=val,
@@ -109,12 +111,90 @@ def test_summary_picks_each_optimizers_best_lr():
   assert table.count("*") >= 2 and "velvet" in table and "adamw" in table
 
 
+def test_summary_compares_every_arm_with_adamw_and_flags_unbracketed_optima():
+  report = fake_report()
+  for r in [r for r in report["runs"] if r["optimizer"] == "velvet"]:
+    report["runs"].append(dict(r, optimizer="velvet-entropy",
+                               final_val_loss=r["final_val_loss"] - 0.2 * r["lr"] * 1e3))
+  report["optimizers"].append("velvet-entropy")
+  s = summarize(report)
+  # velvet-entropy: 4.0 + 10 lr - 200 lr (+0.01 seed) is lowest at the larger LR
+  assert s["best"]["velvet-entropy"]["lr"] == 2e-3
+  a = s["best"]["adamw"]["val_mean"]
+  assert s["vs_adamw_pct"]["velvet-entropy"] == pytest.approx(
+      100 * (4.0 - 0.38 + 0.005 - a) / a)
+  assert s["bracketed"] == {"velvet": False, "adamw": False, "velvet-entropy": False}
+  assert "optimum not bracketed" in format_table(s)
+  assert set(s["clip_exits"]) == {"velvet", "velvet-entropy"}  # the arms with scales
+
+
+def test_clip_exits_reads_where_most_steps_leave_or_reach_a_clip():
+  # entropy scale 1.3 until step 30, then 1.0; perplexity scale 0.7 until 50, 1.3 from 80
+  es = [1.3] * 30 + [1.0] * 70
+  ps = [0.7] * 50 + [1.0] * 30 + [1.3] * 20
+  loss = list(np.linspace(6, 3, 100))
+  run = dict(curves=dict(entropy_scale=es, perplexity_scale=ps, loss=loss))
+  e = clip_exits([run], window=1)
+  assert e["entropy_scale_leaves_max"] == dict(
+      step=31, loss=pytest.approx(loss[30]), seeds=1, of=1, share_at_clip=0.3,
+      share_at_clip_last_fifth=0.0)
+  assert e["entropy_scale_reaches_min"]["step"] is None
+  assert e["perplexity_scale_leaves_min"]["step"] == 51
+  assert e["perplexity_scale_reaches_max"]["step"] == 81
+  assert e["perplexity_scale_reaches_max"]["share_at_clip_last_fifth"] == 1.0
+  assert "b1_reaches_cap" not in e  # no b1 curve in this run
+  # over 4 steps: at step 33 only 1 of the last 4 is at 1.3, the first time under half;
+  # the loss there is the 4-step moving average
+  e4 = clip_exits([run, run], window=4)["entropy_scale_leaves_max"]
+  assert e4["step"] == 33 and e4["seeds"] == 2
+  assert e4["loss"] == pytest.approx(np.mean(loss[29:33]))
+  assert clip_exits([run], window=4)["perplexity_scale_reaches_max"]["step"] == 82
+  run["curves"]["b1"] = [0.63] * 90 + [0.999] * 10
+  b1 = clip_exits([run], window=1)["b1_reaches_cap"]
+  assert (b1["step"], b1["share_at_clip"], b1["share_at_clip_last_fifth"]) == (91, 0.1, 0.5)
+  # a rule that is off (its scale always 1) is left out
+  run["curves"]["perplexity_scale"] = [1.0] * 100
+  assert not any(k.startswith("perplexity") for k in clip_exits([run], window=1))
+
+
+def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, corpus):
+  work = str(tmp_path / "arms")
+  common = ["optimizers", *TOY, "--config.data.tokenizer=byte",
+            f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
+            "--config.train.eval_every=2", "--config.train.eval_batches=1",
+            "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "1",
+            "--lrs", "2e-3", "--steps", "2"]
+  code, _, err = run_main(capsys, *common, "--optimizers",
+                          "adamw-clipped-b1,velvet-entropy")
+  assert code == 0, err
+  path = os.path.join(work, "benchmark_report.json")
+  first = json.load(open(path))
+  assert first["arms"]["adamw-clipped-b1"] == {"name": "adamw", "b1": pytest.approx(0.63)}
+  runs = {r["optimizer"]: r for r in first["runs"]}
+  # the entropy-only ablation keeps beta1 at 0.9: its perplexity scale is a neutral 1
+  assert runs["velvet-entropy"]["curves"]["perplexity_scale"] == [1.0, 1.0]
+  assert runs["velvet-entropy"]["curves"]["b1"] == pytest.approx([0.9, 0.9])
+  code, out, err = run_main(capsys, *common, "--optimizers", "velvet-perplexity")
+  assert code == 0, err
+  second = json.load(open(path))
+  assert second["optimizers"] == ["velvet-perplexity", "adamw-clipped-b1",
+                                  "velvet-entropy"]
+  kept = {r["optimizer"]: r for r in second["runs"]}
+  assert kept["velvet-entropy"] == runs["velvet-entropy"]  # not rerun
+  assert kept["velvet-perplexity"]["curves"]["entropy_scale"] == [1.0, 1.0]
+  assert "best velvet-entropy vs best adamw" not in out  # no adamw arm: no comparison
+  # another config in the same workdir is refused, the report left as it was
+  code, _, err = run_main(capsys, *common, "--config.optim.b2=0.99")
+  assert code == 2 and "another config" in err
+  assert json.load(open(path)) == second
+
+
 def test_plot_command_redraws_a_report(capsys, tmp_path):
   path = tmp_path / "benchmark_report.json"
   path.write_text(json.dumps(fake_report()))
   code, out, err = run_main(capsys, "plot", "--report", str(path))
   assert code == 0, err
-  assert len(out.strip().splitlines()) == 4
+  assert len(out.strip().splitlines()) == 5
   assert all(os.path.getsize(p) > 1000 for p in out.split())
 
 
@@ -128,7 +208,10 @@ def test_plot_command_redraws_a_report(capsys, tmp_path):
     (["optimizers", "--config", "experiments/tiny.py", "--lrs", "1e-3,abc"],
      "not a number"),
     (["optimizers", "--config", "experiments/tiny.py", "--optimizers", "sgd"],
-     "velvet, adamw"),
+     "velvet, adamw, adamw-clipped-b1, velvet-entropy, velvet-perplexity, "
+     "velvet-rules-off"),
+    (["optimizers", "--config", "experiments/tiny.py", "--optimizers", "adamw,adamw"],
+     "choose distinct arms"),
     (["plot", "--report", "/nonexistent.json"], "plot needs --report"),
 ])
 def test_bad_input_is_one_error_line(capsys, args, message):

@@ -1,9 +1,9 @@
 """`python -m vesperjax.benchmark {optimizers,throughput,plot} --config FILE [...]`.
 
-optimizers: Velvet vs AdamW on the same data, the same model init and the same batches,
-  each over a learning-rate sweep, several seeds, judged by held-out validation loss
-  (`bench.optimizers`). Writes WORKDIR/benchmark_report.json and WORKDIR/plots/*.png
-  (`bench.plots`), prints a table.
+optimizers: Velvet vs AdamW (and the ablation arms) on the same data, model init and
+  batches, each over a learning-rate sweep, several seeds, judged by held-out validation
+  loss (`bench.optimizers`). Writes WORKDIR/benchmark_report.json after every run (a
+  rerun keeps the finished runs) and WORKDIR/plots/*.png (`bench.plots`), prints a table.
 throughput: times the trainer's jit train step (after compiling it) on synthetic
   tokens of the model's vocabulary (no data, no tokenizer) on the run's mesh; prints
   one JSON line (`bench.throughput`).
@@ -22,7 +22,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.bench.optimizers import OPTIMIZERS, format_table, run_optimizers
+from vesperjax.bench.optimizers import ARMS, OPTIMIZERS, format_table, run_optimizers
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
 from vesperjax.cli import load_run_config, run_cli
@@ -41,8 +41,12 @@ _SEEDS = flags.DEFINE_integer("seeds", 2, "optimizers: seeds (model init + data 
 _LRS = flags.DEFINE_list("lrs", None, "optimizers: peak learning rates to sweep, for "
                          "every optimizer (default: 0.5x, 1x, 2x config.optim.lr).",
                          flag_values=FLAGS)
-_OPTIMIZERS = flags.DEFINE_list("optimizers", list(OPTIMIZERS), "optimizers: which "
-                                "(velvet, adamw).", flag_values=FLAGS)
+_OPTIMIZERS = flags.DEFINE_list(
+    "optimizers", list(OPTIMIZERS), "optimizers: the arms to compare: velvet, adamw, "
+    "adamw-clipped-b1 (AdamW with the beta1 Velvet uses while perplexity > 57), "
+    "velvet-entropy (Velvet's LR rule only), velvet-perplexity (its beta1 rule only), "
+    "velvet-rules-off (neither: AdamW plus Velvet's sparse-aware rule).",
+    flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", None, "optimizers: training steps per run "
                               "(default config.train.max_steps); throughput: timed steps "
                               "(default 10).", flag_values=FLAGS)
@@ -100,9 +104,10 @@ def _command(name: str) -> int:
   lrs = _floats(_LRS.value, "lrs") if _LRS.value else [
       run.optim.lr * f for f in (0.5, 1.0, 2.0)]
   opts = [o.strip().lower() for o in _OPTIMIZERS.value]
-  bad = [o for o in opts if o not in OPTIMIZERS]
-  if bad or not opts:
-    raise ValueError(f"--optimizers: {bad or 'none given'}; choose from velvet, adamw")
+  bad = [o for o in opts if o not in ARMS]
+  if bad or not opts or len(set(opts)) < len(opts):
+    raise ValueError(f"--optimizers: {bad or opts or 'none given'}; choose distinct arms "
+                     f"from {', '.join(ARMS)}")
   if _SEEDS.value < 1:
     raise ValueError(f"--seeds {_SEEDS.value}: must be >= 1")
   steps = _STEPS.value or run.train.max_steps

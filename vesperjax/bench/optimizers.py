@@ -2,15 +2,18 @@
 over a learning-rate sweep and several seeds, judged by held-out validation loss.
 
 (The original compared Velvet at 1.5x AdamW's LR and beta1 0.95 vs 0.9, which mixes the
-optimizer with its tuning.) Each run uses the trainer's own jit train/eval steps
-(`build.build_model`) on one device. `run_optimizers` writes WORKDIR/benchmark_report.json;
-`summarize` and `format_table` read it.
+optimizer with its tuning.) The arms (`ARMS`) are Velvet, AdamW, AdamW at the beta1
+Velvet's perplexity rule gives while clipped, and Velvet with one rule or none. Each run
+uses the trainer's own jit train/eval steps (`build.build_model`) on one device.
+`run_optimizers` writes WORKDIR/benchmark_report.json after every run and keeps the
+finished runs of an interrupted sweep; `summarize` and `format_table` read the report.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import platform
 import time
 from typing import TYPE_CHECKING
 
@@ -19,15 +22,35 @@ import numpy as np
 if TYPE_CHECKING:  # jax-free until a benchmark runs
   from vesperjax.run_config import RunConfig
 
-OPTIMIZERS = ("velvet", "adamw")
+OPTIMIZERS = ("velvet", "adamw")  # the default arms
+
+
+def _clipped_b1(optim) -> float:
+  """Velvet's beta1 while its perplexity scale sits at the lower clip (perplexity > 57)."""
+  from vesperjax.optim.velvet import B1_MAX, B1_MIN, SCALE_MIN
+  return float(min(max(optim.b1 * SCALE_MIN, B1_MIN), B1_MAX))
+
+
+# Arm name -> the `config.optim` fields it runs with (a function of the run's optim).
+ARMS = {
+    "velvet": lambda o: dict(name="velvet"),
+    "adamw": lambda o: dict(name="adamw"),
+    "adamw-clipped-b1": lambda o: dict(name="adamw", b1=_clipped_b1(o)),
+    "velvet-entropy": lambda o: dict(name="velvet", perplexity_guided=False),
+    "velvet-perplexity": lambda o: dict(name="velvet", entropy_adaptive=False),
+    # both rules off: AdamW plus Velvet's sparse-aware rule (zero gradients, no update)
+    "velvet-rules-off": lambda o: dict(name="velvet", entropy_adaptive=False,
+                                       perplexity_guided=False),
+}
 # Per-step metrics kept in the report (when the optimizer produces them).
 CURVES = ("loss", "entropy", "grad_norm", "learning_rate", "b1", "entropy_scale",
           "perplexity_scale")
 
 
-def _variant(run: RunConfig, name: str, lr: float, steps: int) -> RunConfig:
-  """The run with optimizer `name` at peak LR `lr`, scheduled over `steps`."""
-  return run.replace(optim=dict(name=name, lr=float(lr)), train=dict(max_steps=steps))
+def _variant(run: RunConfig, arm: str, lr: float, steps: int) -> RunConfig:
+  """The run with arm `arm` at peak LR `lr`, scheduled over `steps`."""
+  return run.replace(optim=dict(ARMS[arm](run.optim), lr=float(lr)),
+                     train=dict(max_steps=steps))
 
 
 def _run_one(steps, seed_key, batches, eval_data, eval_every, schedule):
@@ -49,7 +72,8 @@ def _run_one(steps, seed_key, batches, eval_data, eval_every, schedule):
       evals.append((i, _evaluate(steps.eval_step, state, eval_data)))
   jax.block_until_ready(state)
   host = jax.device_get(metrics)
-  curves = {k: [float(m[k]) for m in host] for k in CURVES if k in host[0]}
+  # 5 significant digits: long sweeps keep every step's value in a report of a few MB
+  curves = {k: [float(f"{float(m[k]):.5g}") for m in host] for k in CURVES if k in host[0]}
   if "learning_rate" not in curves:  # adamw: the schedule's value at each step
     curves["learning_rate"] = [float(schedule(i)) for i in range(len(host))]
   return curves, evals, step_times
@@ -65,7 +89,13 @@ def _evaluate(eval_fn, state, eval_data) -> float:
 
 def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float],
                    steps: int, optimizers=OPTIMIZERS, log=print) -> dict:
-  """The full sweep; returns (and writes) the report."""
+  """The full sweep; returns (and writes) the report.
+
+  The report is rewritten after every run. Runs already in WORKDIR's report of the same
+  config and steps are kept, not rerun (same batches and init: they would be identical),
+  and so are its other arms, LRs and seeds; a report of another config is refused
+  rather than overwritten.
+  """
   import jax
 
   from vesperjax import build
@@ -75,6 +105,8 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   t = run.train
   seq_len = run.data.seq_len
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "benchmark_report.json")
+  done = _finished_runs(path, run, steps)
   data = build.prepare_data(run, workdir, progress=False)
   if data.val_cache is None:
     raise ValueError("the optimizer benchmark judges by validation loss, but the data has "
@@ -82,53 +114,90 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
                      "config.data.val_dataset)")
   vocab = data.tokenizer.vocab_size
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  models = {(name, lr): build.build_model(_variant(run, name, lr, steps), mesh,
-                                          vocab_size=vdata.padded_vocab_size(vocab),
-                                          valid_vocab=vocab)
-            for name in optimizers for lr in lrs}
-  first = next(iter(models.values())).steps  # all share the one mesh's shardings
   eval_every = min(t.eval_every, steps)
-  eval_data = [jax.device_put(b.astype(np.int32), first.eval_sharding)
-               for b in vdata.eval_batches(data.val_cache, t.batch_size, seq_len,
-                                           max(t.eval_batches, 1))]
-
-  # The same batches for every optimizer and LR of a seed: drawn once, up front.
-  batches = {}
-  for s in range(seeds):
-    it = vdata.train_iterator(data.train_cache, seq_len, t.batch_size, seed=t.seed + s)
-    batches[s] = [jax.device_put(np.stack([next(it) for _ in range(t.grad_accum)])
-                                 .astype(np.int32), first.batch_sharding)
-                  for _ in range(steps)]
-
-  runs = []
-  for (name, lr), model in models.items():
-    for s in range(seeds):
-      start = time.perf_counter()
-      curves, evals, times = _run_one(model.steps, jax.random.key(t.seed + s), batches[s],
-                                      eval_data, eval_every, model.lr)
-      took = time.perf_counter() - start
-      steady = (took - times[0]) / max(steps - 1, 1)
-      runs.append(dict(optimizer=name, lr=float(lr), seed=s, curves=curves,
-                       evals=evals, final_val_loss=evals[-1][1],
-                       final_train_loss=_tail_mean(curves["loss"]),
-                       first_step_s=times[0], step_s=steady, wall_s=took))
-      log(f"{name:>6} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
-          f"{runs[-1]['final_train_loss']:.4f}  ({took:.1f} s)")
-
-  config = next(iter(models.values())).config  # one model, several optimizers
   report = dict(
-      command="optimizers", config=run.to_dict(),
-      model=config.to_dict(), vocab=vocab, steps=steps, seeds=seeds,
-      lrs=list(lrs), optimizers=list(optimizers),
-      eval_tokens=int(sum(b.size for b in eval_data)) or None,
+      command="optimizers", config=run.to_dict(), vocab=vocab, steps=steps,
+      seeds=seeds, lrs=[float(x) for x in lrs], optimizers=list(optimizers),
       device=f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
-      jax=jax.__version__, runs=runs)
+      machine=f"{platform.machine()}, {os.cpu_count()} CPUs", jax=jax.__version__,
+      started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[])
+  # An earlier report's other arms, LRs and seeds stay in the report: a sweep can grow.
+  wanted = {(a, float(lr), s) for a in optimizers for lr in lrs for s in range(seeds)}
+  report["runs"] = [r for key, r in done.items() if key not in wanted]
+  for a, lr, s in done:
+    if a not in report["optimizers"]:
+      report["optimizers"].append(a)
+    report["seeds"] = max(report["seeds"], s + 1)
+  report["lrs"] = sorted(set(report["lrs"]) | {lr for _, lr, _ in done})
+  report["arms"] = {a: ARMS[a](run.optim) for a in report["optimizers"]}
+  inputs = {}  # built with the first model: the batches and validation data
+
+  def batches_and_eval(steps_fn):
+    if not inputs:
+      inputs["eval"] = [jax.device_put(b.astype(np.int32), steps_fn.eval_sharding)
+                        for b in vdata.eval_batches(data.val_cache, t.batch_size, seq_len,
+                                                    max(t.eval_batches, 1))]
+      for s in range(seeds):  # the same batches for every arm and LR of a seed
+        it = vdata.train_iterator(data.train_cache, seq_len, t.batch_size, seed=t.seed + s)
+        inputs[s] = [jax.device_put(np.stack([next(it) for _ in range(t.grad_accum)])
+                                    .astype(np.int32), steps_fn.batch_sharding)
+                     for _ in range(steps)]
+    return inputs
+
+  for arm in optimizers:
+    for lr in lrs:
+      todo = [s for s in range(seeds) if (arm, float(lr), s) not in done]
+      report["runs"] += [done[(arm, float(lr), s)] for s in range(seeds)
+                         if (arm, float(lr), s) in done]
+      if not todo:
+        continue
+      model = build.build_model(_variant(run, arm, lr, steps), mesh,
+                                vocab_size=vdata.padded_vocab_size(vocab),
+                                valid_vocab=vocab)
+      report.setdefault("model", model.config.to_dict())
+      io = batches_and_eval(model.steps)
+      for s in todo:
+        start = time.perf_counter()
+        curves, evals, times = _run_one(model.steps, jax.random.key(t.seed + s), io[s],
+                                        io["eval"], eval_every, model.lr)
+        took = time.perf_counter() - start
+        steady = (took - times[0]) / max(steps - 1, 1)
+        report["runs"].append(dict(
+            optimizer=arm, lr=float(lr), seed=s, curves=curves, evals=evals,
+            final_val_loss=evals[-1][1], final_train_loss=_tail_mean(curves["loss"]),
+            first_step_s=times[0], step_s=steady, wall_s=took))
+        log(f"{arm:>17} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
+            f"{report['runs'][-1]['final_train_loss']:.4f}  ({took:.1f} s)")
+        _write(path, report)
+  if inputs:
+    report["eval_tokens"] = int(sum(b.size for b in inputs["eval"]))
+  report["wall_s"] = float(sum(r["wall_s"] for r in report["runs"]))
   report["summary"] = summarize(report)
-  path = os.path.join(workdir, "benchmark_report.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(path + ".tmp", path)
+  _write(path, report)
   return report
+
+
+def _finished_runs(path: str, run: RunConfig, steps: int) -> dict:
+  """(arm, lr, seed) -> run of WORKDIR's existing report, if it is of this benchmark."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} exists but is not a readable report ({e}); move it away "
+                     "or choose another --workdir") from None
+  same_config = old.get("config") == json.loads(json.dumps(run.to_dict()))
+  if not same_config or old.get("steps") != steps:
+    raise ValueError(f"{path} is a report of another config or step count; choose "
+                     "another --workdir (its runs are kept, not overwritten)")
+  return {(r["optimizer"], float(r["lr"]), int(r["seed"])): r for r in old["runs"]}
+
+
+def _write(path: str, report: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, separators=(",", ":"))
+  os.replace(path + ".tmp", path)
 
 
 def _tail_mean(xs, frac: float = 0.1) -> float:
@@ -138,7 +207,8 @@ def _tail_mean(xs, frac: float = 0.1) -> float:
 
 
 def summarize(report: dict) -> dict:
-  """Per (optimizer, lr): mean/std over seeds; each optimizer's best LR; the verdict."""
+  """Per (arm, lr): mean/std over seeds; each arm's best LR and whether the grid brackets
+  it; every arm against the best AdamW; where Velvet's scales leave their clips."""
   rows = []
   for name in report["optimizers"]:
     for lr in report["lrs"]:
@@ -151,34 +221,106 @@ def summarize(report: dict) -> dict:
                        val_std=float(val.std()), train_mean=float(train.mean()),
                        train_std=float(train.std()),
                        step_s=float(np.median([r["step_s"] for r in rs]))))
-  best = {}
+  best, bracketed = {}, {}
   for name in report["optimizers"]:
     mine = [r for r in rows if r["optimizer"] == name and math.isfinite(r["val_mean"])]
     if mine:
       best[name] = min(mine, key=lambda r: r["val_mean"])
-  out = dict(table=rows, best=best)
-  if "velvet" in best and "adamw" in best:
-    v, a = best["velvet"]["val_mean"], best["adamw"]["val_mean"]
-    out["velvet_vs_adamw_best_val_pct"] = 100.0 * (v - a) / a
-    # Within noise when the gap is smaller than the seeds' spread.
-    spread = max(best["velvet"]["val_std"], best["adamw"]["val_std"])
-    out["gap_exceeds_seed_std"] = bool(abs(v - a) > spread)
+      grid = [r["lr"] for r in rows if r["optimizer"] == name]
+      bracketed[name] = min(grid) < best[name]["lr"] < max(grid)
+  out = dict(table=rows, best=best, bracketed=bracketed, vs_adamw_pct={},
+             exceeds_seed_std={}, clip_exits={})
+  if "adamw" in best:
+    a = best["adamw"]
+    for name, b in best.items():
+      if name != "adamw":
+        out["vs_adamw_pct"][name] = 100.0 * (b["val_mean"] - a["val_mean"]) / a["val_mean"]
+        # within noise when the gap is smaller than the seeds' spread
+        out["exceeds_seed_std"][name] = bool(
+            abs(b["val_mean"] - a["val_mean"]) > max(b["val_std"], a["val_std"]))
+  if "velvet" in out["vs_adamw_pct"]:  # the headline, under its earlier keys
+    out["velvet_vs_adamw_best_val_pct"] = out["vs_adamw_pct"]["velvet"]
+    out["gap_exceeds_seed_std"] = out["exceeds_seed_std"]["velvet"]
+  for name, b in best.items():
+    rs = [r for r in report["runs"] if r["optimizer"] == name and r["lr"] == b["lr"]]
+    if rs and "entropy_scale" in rs[0]["curves"]:
+      out["clip_exits"][name] = clip_exits(rs, window=max(1, report["steps"] // 20))
   return out
 
 
+# (curve, clip, event): the entropy scale starts at its upper clip (entropy near ln V),
+# the perplexity scale at its lower one (perplexity > 57); each may leave it and reach
+# the other; beta1 reaches its 0.999 cap once ps >= 1.11 (perplexity < 36).
+_CLIP_EVENTS = (("entropy_scale", "max", "leaves"), ("entropy_scale", "min", "reaches"),
+                ("perplexity_scale", "min", "leaves"),
+                ("perplexity_scale", "max", "reaches"), ("b1", "cap", "reaches"))
+
+
+def clip_exits(runs: list[dict], window: int, tol: float = 1e-3) -> dict:
+  """Where Velvet's scales sit at their clips. Per step each scale follows its batch's
+  loss or entropy, so events are read from the share of the last `window` steps at a
+  clip: a scale *leaves* a clip at the first step where under half of them are at it,
+  and *reaches* one where at least half are. For each event: the step and the
+  moving-average training loss there (means over the runs where it happens, and how
+  many those are); for each clip, the share of all steps at it and of the last fifth.
+  A scale whose rule is off (always 1) is left out."""
+  from vesperjax.optim.velvet import B1_MAX, SCALE_MAX, SCALE_MIN
+  bound = dict(max=SCALE_MAX, min=SCALE_MIN, cap=B1_MAX)
+  out = {}
+  for key, clip, event in _CLIP_EVENTS:
+    ys = [np.asarray(r["curves"][key], float) for r in runs if key in r["curves"]]
+    rule = "perplexity_scale" if key == "b1" else key  # b1 follows the perplexity rule
+    if not ys or all(np.all(np.asarray(r["curves"].get(rule, 1.0)) == 1.0) for r in runs):
+      continue
+    hits, shares = [], []
+    for r, y in zip(runs, ys):
+      at = np.abs(y - bound[clip]) <= tol
+      share = _moving_mean(at, window)
+      crossed = share < 0.5 if event == "leaves" else share >= 0.5
+      if crossed.any():
+        i = int(np.argmax(crossed))
+        hits.append((i + 1, float(_moving_mean(r["curves"]["loss"], window)[i])))
+      shares.append((float(at.mean()), float(at[-max(1, len(at) // 5):].mean())))
+    out[f"{key}_{event}_{clip}"] = dict(
+        step=float(np.mean([h[0] for h in hits])) if hits else None,
+        loss=float(np.mean([h[1] for h in hits])) if hits else None,
+        seeds=len(hits), of=len(runs), share_at_clip=float(np.mean(shares, 0)[0]),
+        share_at_clip_last_fifth=float(np.mean(shares, 0)[1]))
+  return out
+
+
+def _moving_mean(y, window: int) -> np.ndarray:
+  """Trailing moving average (over fewer points at the start), as long as `y`."""
+  y = np.asarray(y, float)
+  c = np.cumsum(np.insert(y, 0, 0.0))
+  n = np.minimum(np.arange(1, len(y) + 1), window)
+  return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
+
+
 def format_table(summary: dict) -> str:
-  lines = [f"{'optimizer':<9} {'lr':>9} {'val loss':>17} {'val ppl':>9} "
+  """The sweep's table, each arm against the best AdamW, and the clip events."""
+  lines = [f"{'arm':<17} {'lr':>9} {'val loss':>17} {'val ppl':>9} "
            f"{'train loss':>17} {'s/step':>7}"]
   for r in summary["table"]:
-    mark = " *" if summary["best"].get(r["optimizer"]) is r or (
-        summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"]) else ""
-    lines.append(f"{r['optimizer']:<9} {r['lr']:>9.3g} {r['val_mean']:>9.4f} ± "
+    mark = " *" if summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"] else ""
+    lines.append(f"{r['optimizer']:<17} {r['lr']:>9.3g} {r['val_mean']:>9.4f} ± "
                  f"{r['val_std']:<5.3f} {math.exp(min(r['val_mean'], 50)):>9.2f} "
                  f"{r['train_mean']:>9.4f} ± {r['train_std']:<5.3f} {r['step_s']:>7.3f}"
                  f"{mark}")
-  if "velvet_vs_adamw_best_val_pct" in summary:
-    pct = summary["velvet_vs_adamw_best_val_pct"]
-    noise = "" if summary["gap_exceeds_seed_std"] else " (within the seeds' spread)"
-    lines.append(f"best Velvet vs best AdamW validation loss: {pct:+.2f}%{noise}  "
-                 "(* = each optimizer's best LR)")
+  lines.append("* = each arm's best LR")
+  for name, pct in summary.get("vs_adamw_pct", {}).items():
+    noise = "" if summary["exceeds_seed_std"][name] else " (within the seeds' spread)"
+    lines.append(f"best {name} vs best adamw validation loss: {pct:+.2f}%{noise}")
+  edge = [n for n, ok in summary.get("bracketed", {}).items() if not ok]
+  if edge:
+    lines.append(f"best LR at the grid's edge (optimum not bracketed): {', '.join(edge)}")
+  for name, events in summary.get("clip_exits", {}).items():
+    lines.append(f"{name} at its best LR (a clip is left / reached where half the "
+                 "steps of a moving window are off / at it):")
+    for event, e in events.items():
+      where = ("never" if e["step"] is None else f"at step {e['step']:.0f}, loss "
+               f"{e['loss']:.2f} ({e['seeds']}/{e['of']} seeds)")
+      lines.append(f"  {event.replace('_', ' ')} {where}; steps at that clip: "
+                   f"{e['share_at_clip']:.0%} (last fifth "
+                   f"{e['share_at_clip_last_fifth']:.0%})")
   return "\n".join(lines)

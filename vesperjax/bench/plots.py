@@ -1,4 +1,4 @@
-"""Plots of an optimizer-sweep report (`bench.optimizers`): four PNGs per report.
+"""Plots of an optimizer-sweep report (`bench.optimizers`): five PNGs per report.
 
 `python -m vesperjax.benchmark plot --report WORKDIR/benchmark_report.json` redraws them.
 """
@@ -24,14 +24,17 @@ def _curve_stats(runs, key, window):
 
 
 def plot_report(report: dict, out_dir: str) -> list[str]:
-  """Four PNGs: loss curves (seed bands), val loss vs LR, adaptive scales, grad norm."""
+  """Five PNGs: loss curves (seed bands), val loss vs LR, adaptive scales, grad norm,
+  and Velvet's effective LR and beta1 against the training loss."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   os.makedirs(out_dir, exist_ok=True)
   runs, summary = report["runs"], report["summary"]
-  colors = {"velvet": "tab:purple", "adamw": "tab:green"}
+  colors = {"velvet": "tab:purple", "adamw": "tab:green", "adamw-clipped-b1": "tab:olive",
+            "velvet-entropy": "tab:blue", "velvet-perplexity": "tab:red",
+            "velvet-rules-off": "tab:gray"}
   styles = ["-", "--", ":", "-."]
   lrs = sorted({r["lr"] for r in runs})
   window = max(1, report["steps"] // 20)
@@ -125,5 +128,47 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   save(fig, "grad_norm.png")
+
+  # 5. what the rules do as the loss falls: effective LR and beta1 at each arm's best LR
+  fig, (axl, axb, axc) = plt.subplots(1, 3, figsize=(17, 4.5))
+  for name in report["optimizers"]:
+    best = summary["best"].get(name)
+    rs = group(name, best["lr"]) if best else []
+    if not rs:
+      continue
+    loss, _, _ = _curve_stats(rs, "loss", window)
+    curves = rs[0]["curves"]
+    # Velvet logs its effective LR (the schedule x the entropy scale); AdamW the schedule
+    lr_eff = np.mean([r["curves"]["learning_rate"] for r in rs], 0)
+    b1 = (np.mean([r["curves"]["b1"] for r in rs], 0) if "b1" in curves else
+          np.full(len(loss), _arm_b1(report, name)))
+    label = f"{name} lr={best['lr']:g}"
+    axl.plot(loss, _smooth(lr_eff, window), color=colors.get(name), label=label, lw=1.2)
+    axb.plot(loss, _smooth(b1, window), color=colors.get(name), label=label, lw=1.2)
+    if "b1" in curves:  # per step b1 follows the batch's loss: how often it is capped
+      capped = np.mean([np.asarray(r["curves"]["b1"]) >= 0.999 - 1e-6 for r in rs], 0)
+      axc.plot(np.arange(1, len(capped) + 1), _smooth(capped, window),
+               color=colors.get(name), label=label, lw=1.2)
+  for a, title in ((axl, "effective LR (schedule x entropy scale)"),
+                   (axb, "beta1 (perplexity rule)")):
+    a.set(title=f"{title} vs training loss (moving avg {window})",
+          xlabel="training loss (falls to the right)")
+    a.invert_xaxis()
+    a.grid(alpha=0.3)
+    if a.get_legend_handles_labels()[0]:
+      a.legend(fontsize=7)
+  for x in (np.log(40 / 0.7), np.log(40 / 1.3)):  # the perplexity scale's clips
+    axb.axvline(x, color="grey", ls=":", lw=1)
+  axc.set(title=f"share of steps with beta1 at its 0.999 cap (moving avg {window})",
+          xlabel="step")
+  axc.grid(alpha=0.3)
+  if axc.get_legend_handles_labels()[0]:
+    axc.legend(fontsize=7)
+  save(fig, "rules_vs_loss.png")
   return paths
 
+
+def _arm_b1(report: dict, name: str) -> float:
+  """An AdamW arm's constant beta1, as its runs were configured."""
+  b1 = report.get("config", {}).get("optim", {}).get("b1", 0.9)
+  return float(report.get("arms", {}).get(name, {}).get("b1", b1))

@@ -177,8 +177,8 @@ def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, 
   code, out, err = run_main(capsys, *common, "--optimizers", "velvet-perplexity")
   assert code == 0, err
   second = json.load(open(path))
-  assert second["optimizers"] == ["velvet-perplexity", "adamw-clipped-b1",
-                                  "velvet-entropy"]
+  assert second["optimizers"] == ["adamw-clipped-b1", "velvet-entropy",
+                                  "velvet-perplexity"]
   kept = {r["optimizer"]: r for r in second["runs"]}
   assert kept["velvet-entropy"] == runs["velvet-entropy"]  # not rerun
   assert kept["velvet-perplexity"]["curves"]["entropy_scale"] == [1.0, 1.0]

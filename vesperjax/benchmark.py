@@ -22,7 +22,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.bench.optimizers import ARMS, OPTIMIZERS, format_table, run_optimizers
+from vesperjax.bench.optimizers import (ARMS, OPTIMIZERS, format_table, run_optimizers,
+                                         summarize)
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
 from vesperjax.cli import load_run_config, run_cli
@@ -90,6 +91,7 @@ def _command(name: str) -> int:
         report = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e.msg})") from None
+    report["summary"] = summarize(report)  # as this version reads the runs
     for p in plot_report(report, os.path.join(os.path.dirname(path) or ".", "plots")):
       print(p)
     return 0

@@ -124,10 +124,8 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   # An earlier report's other arms, LRs and seeds stay in the report: a sweep can grow.
   wanted = {(a, float(lr), s) for a in optimizers for lr in lrs for s in range(seeds)}
   report["runs"] = [r for key, r in done.items() if key not in wanted]
-  for a, lr, s in done:
-    if a not in report["optimizers"]:
-      report["optimizers"].append(a)
-    report["seeds"] = max(report["seeds"], s + 1)
+  report["optimizers"] = list(dict.fromkeys([a for a, _, _ in done] + list(optimizers)))
+  report["seeds"] = max([seeds] + [s + 1 for _, _, s in done])
   report["lrs"] = sorted(set(report["lrs"]) | {lr for _, lr, _ in done})
   report["arms"] = {a: ARMS[a](run.optim) for a in report["optimizers"]}
   inputs = {}  # built with the first model: the batches and validation data

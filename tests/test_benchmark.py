@@ -1,5 +1,6 @@
 """`python -m vesperjax.benchmark`: both benchmarks end to end at toy size, the report's
 summary and plots, and one-line errors."""
+import gzip
 import json
 import os
 
@@ -181,6 +182,7 @@ def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, 
                                   "velvet-perplexity"]
   kept = {r["optimizer"]: r for r in second["runs"]}
   assert kept["velvet-entropy"] == runs["velvet-entropy"]  # not rerun
+  assert second["started"] == first["started"]
   assert kept["velvet-perplexity"]["curves"]["entropy_scale"] == [1.0, 1.0]
   assert "best velvet-entropy vs best adamw" not in out  # no adamw arm: no comparison
   # another config in the same workdir is refused, the report left as it was
@@ -189,9 +191,15 @@ def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, 
   assert json.load(open(path)) == second
 
 
-def test_plot_command_redraws_a_report(capsys, tmp_path):
-  path = tmp_path / "benchmark_report.json"
-  path.write_text(json.dumps(fake_report()))
+@pytest.mark.parametrize("gz", [False, True])
+def test_plot_command_redraws_a_report(capsys, tmp_path, gz):
+  path = tmp_path / ("benchmark_report.json" + (".gz" if gz else ""))
+  text = json.dumps(fake_report())
+  if gz:
+    with gzip.open(path, "wt") as f:
+      f.write(text)
+  else:
+    path.write_text(text)
   code, out, err = run_main(capsys, "plot", "--report", str(path))
   assert code == 0, err
   assert len(out.strip().splitlines()) == 5

@@ -2,6 +2,7 @@
 from the form, its metrics arriving live, Stop (SIGTERM: checkpoint, exit 143), Resume,
 a failing job's error line, a benchmark's table and plots, and streamed chat."""
 import json
+import os
 
 import pytest
 
@@ -46,6 +47,13 @@ def test_train_live_stop_resume_and_chat(studio):
   first = [d for k, d in got if k == "metrics"][0][0]
   assert first["step"] >= 1 and 0 < first["loss"] < 10
   assert any(k == "state" and d["state"] == "running" for k, d in got)
+  jobs = server.app.app.state.jobs
+  pid = jobs.procs["live"].pid
+  assert os.getsid(pid) != os.getsid(0)  # its own session: a closed browser or studio
+  jobs.max_jobs = 1                       # leaves it running
+  r = http.post("/api/jobs/train", json={**FORM, "name": "second", "steps": 5})
+  assert r.status_code == 409 and "limit" in r.json()["error"]
+  jobs.max_jobs = 2
   assert http.post("/api/runs/live/resume", json={}).status_code == 409  # running
   assert http.post("/api/runs/live/stop", json={}).status_code == 200
   info = wait_for(lambda: row(http, "live"), lambda d: d["state"] != "running",

@@ -7,13 +7,15 @@ optimizers: Velvet vs AdamW (and the ablation arms) on the same data, model init
 throughput: times the trainer's jit train step (after compiling it) on synthetic
   tokens of the model's vocabulary (no data, no tokenizer) on the run's mesh; prints
   one JSON line (`bench.throughput`).
-plot: redraws the plots of a report: `plot --report WORKDIR/benchmark_report.json`.
+plot: redraws the plots of a report: `plot --report WORKDIR/benchmark_report.json` (or
+  a gzipped `.json.gz`).
 
 `--config.key=value` overrides apply as in `vesperjax.train`. Bad input ends with one
 `error:` line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -86,11 +88,12 @@ def _command(name: str) -> int:
     path = _REPORT.value
     if not path or not os.path.isfile(path):
       raise ValueError(f"plot needs --report REPORT.json (got {path!r})")
-    with open(path) as f:
+    opener = gzip.open if path.endswith(".gz") else open  # large sweeps are kept gzipped
+    with opener(path, "rt") as f:
       try:
         report = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e.msg})") from None
+      except (json.JSONDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a JSON report ({e})") from None
     report["summary"] = summarize(report)  # as this version reads the runs
     for p in plot_report(report, os.path.join(os.path.dirname(path) or ".", "plots")):
       print(p)

@@ -106,7 +106,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   seq_len = run.data.seq_len
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "benchmark_report.json")
-  done = _finished_runs(path, run, steps)
+  done, started = _finished_runs(path, run, steps)
   data = build.prepare_data(run, workdir, progress=False)
   if data.val_cache is None:
     raise ValueError("the optimizer benchmark judges by validation loss, but the data has "
@@ -120,7 +120,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
       seeds=seeds, lrs=[float(x) for x in lrs], optimizers=list(optimizers),
       device=f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
       machine=f"{platform.machine()}, {os.cpu_count()} CPUs", jax=jax.__version__,
-      started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[])
+      started=started or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[])
   # An earlier report's other arms, LRs and seeds stay in the report: a sweep can grow.
   wanted = {(a, float(lr), s) for a in optimizers for lr in lrs for s in range(seeds)}
   report["runs"] = [r for key, r in done.items() if key not in wanted]
@@ -175,10 +175,11 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   return report
 
 
-def _finished_runs(path: str, run: RunConfig, steps: int) -> dict:
-  """(arm, lr, seed) -> run of WORKDIR's existing report, if it is of this benchmark."""
+def _finished_runs(path: str, run: RunConfig, steps: int) -> tuple[dict, str | None]:
+  """(arm, lr, seed) -> run of WORKDIR's existing report, if it is of this benchmark,
+  and when that report was started."""
   if not os.path.exists(path):
-    return {}
+    return {}, None
   try:
     with open(path) as f:
       old = json.load(f)
@@ -189,7 +190,8 @@ def _finished_runs(path: str, run: RunConfig, steps: int) -> dict:
   if not same_config or old.get("steps") != steps:
     raise ValueError(f"{path} is a report of another config or step count; choose "
                      "another --workdir (its runs are kept, not overwritten)")
-  return {(r["optimizer"], float(r["lr"]), int(r["seed"])): r for r in old["runs"]}
+  return ({(r["optimizer"], float(r["lr"]), int(r["seed"])): r for r in old["runs"]},
+          old.get("started"))
 
 
 def _write(path: str, report: dict) -> None:
@@ -241,8 +243,9 @@ def summarize(report: dict) -> dict:
     out["gap_exceeds_seed_std"] = out["exceeds_seed_std"]["velvet"]
   for name, b in best.items():
     rs = [r for r in report["runs"] if r["optimizer"] == name and r["lr"] == b["lr"]]
-    if rs and "entropy_scale" in rs[0]["curves"]:
-      out["clip_exits"][name] = clip_exits(rs, window=max(1, report["steps"] // 20))
+    events = clip_exits(rs, window=max(1, report["steps"] // 20)) if rs else {}
+    if events:  # an arm with a Velvet rule on
+      out["clip_exits"][name] = events
   return out
 
 

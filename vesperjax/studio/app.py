@@ -153,14 +153,14 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
                              headers={"Cache-Control": "no-cache"})
 
   async def benchmark(request):
-    from vesperjax.bench.optimizers import format_table
+    from vesperjax.bench.optimizers import format_table, summarize
     name, path = workdir(request)
     report = runs.read_json(os.path.join(path, runs.REPORT))
-    if report is None or "summary" not in report:
-      raise BadRequest(f"run {name!r} has no finished benchmark report", status=404)
-    return JSONResponse(dict(table=format_table(report["summary"]),
-                             summary={k: v for k, v in report["summary"].items()
-                                      if k != "table"}))
+    if report is None or not report.get("runs"):
+      raise BadRequest(f"run {name!r} has no benchmark report", status=404)
+    summary = summarize(report)  # also of a report still growing
+    return JSONResponse(dict(table=format_table(summary),
+                             summary={k: v for k, v in summary.items() if k != "table"}))
 
   async def plot(request):
     name, path = workdir(request)

@@ -61,17 +61,6 @@ def _fwd_bwd(fn, primals, cot):
   return (*(out if isinstance(out, tuple) else (out,)), *vjp(cot))
 
 
-def _median_s(fn, args, n=10):
-  """Median seconds of `fn(*args)` (compiled first), blocking on its outputs."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def check_velvet(ctx, rng, arg):
   """`arg` is (kernel, skip_zero_grads), kernel "triton" | "mosaic" (impl= of
   velvet_update). On a GPU each entry also holds the kernel's median step time and
@@ -107,8 +96,10 @@ def check_velvet(ctx, rng, arg):
   timing = {}
   if ctx.gpu:
     args = jax.device_put(make(rng))
-    timing = dict(kernel_s=_median_s(jax.jit(kern), args),
-                  xla_s=_median_s(jax.jit(split(vu.velvet_update_reference_jnp)), args),
+    from vesperjax.kernels.bench import median_seconds
+    timing = dict(kernel_s=median_seconds(jax.jit(kern), *args),
+                  xla_s=median_seconds(jax.jit(split(vu.velvet_update_reference_jnp)),
+                                       *args),
                   elements=sum(math.prod(s) for s, _ in shapes.values()))
   return [_entry(f"{name} {k} params", dict(zip(("update", "mu", "nu"), o)), w,
                  [k, "float32", "float32"], dtype=k, kernel=kernel, **timing)
@@ -218,7 +209,8 @@ def check_grouped_matmul(ctx, rng, impl):
   got, want = _run_pair(make, kern, ref, rng)
   meta = {"resolves_to": gm.resolve(impl)} if impl == "auto" else {}
   if ctx.gpu:
-    meta.update(kernel_s=_median_s(jax.jit(kern), jax.device_put(make(rng))),
+    from vesperjax.kernels.bench import median_seconds
+    meta.update(kernel_s=median_seconds(jax.jit(kern), *jax.device_put(make(rng))),
                 flops=3 * 2 * (m - m // 16) * d * f)
   return [_entry(name, dict(zip(("y", "dx", "dw"), got)), want, ["bfloat16"] * 3,
                  dtype="bfloat16", **meta)]

@@ -227,3 +227,13 @@ def test_bad_input_is_one_error_line(capsys, args, message):
   assert code == 2
   assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
   assert message in err
+
+
+@pytest.mark.parametrize("name,content", [("r.json", b"{not json"),
+                                          ("r.json.gz", b"not gzip at all")])
+def test_plot_of_a_damaged_report_is_one_error_line(capsys, tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(content)
+  code, _, err = run_main(capsys, "plot", "--report", str(path))
+  assert code == 2 and err.startswith("error: ") and "not a JSON report" in err
+  assert len(err.strip().splitlines()) == 1

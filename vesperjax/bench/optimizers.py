@@ -276,11 +276,11 @@ def clip_exits(runs: list[dict], window: int, tol: float = 1e-3) -> dict:
     hits, shares = [], []
     for r, y in zip(runs, ys):
       at = np.abs(y - bound[clip]) <= tol
-      share = _moving_mean(at, window)
+      share = moving_mean(at, window)
       crossed = share < 0.5 if event == "leaves" else share >= 0.5
       if crossed.any():
         i = int(np.argmax(crossed))
-        hits.append((i + 1, float(_moving_mean(r["curves"]["loss"], window)[i])))
+        hits.append((i + 1, float(moving_mean(r["curves"]["loss"], window)[i])))
       shares.append((float(at.mean()), float(at[-max(1, len(at) // 5):].mean())))
     out[f"{key}_{event}_{clip}"] = dict(
         step=float(np.mean([h[0] for h in hits])) if hits else None,
@@ -290,7 +290,7 @@ def clip_exits(runs: list[dict], window: int, tol: float = 1e-3) -> dict:
   return out
 
 
-def _moving_mean(y, window: int) -> np.ndarray:
+def moving_mean(y, window: int) -> np.ndarray:
   """Trailing moving average (over fewer points at the start), as long as `y`."""
   y = np.asarray(y, float)
   c = np.cumsum(np.insert(y, 0, 0.0))

@@ -8,18 +8,11 @@ import os
 
 import numpy as np
 
-
-def _smooth(y, window: int):
-  y = np.asarray(y, float)
-  if window <= 1 or len(y) < window:
-    return y
-  c = np.cumsum(np.insert(y, 0, 0.0))
-  head = c[1:window] / np.arange(1, window)
-  return np.concatenate([head, (c[window:] - c[:-window]) / window])
+from vesperjax.bench.optimizers import moving_mean
 
 
 def _curve_stats(runs, key, window):
-  ys = np.stack([_smooth(r["curves"][key], window) for r in runs])
+  ys = np.stack([moving_mean(r["curves"][key], window) for r in runs])
   return ys.mean(0), ys.min(0), ys.max(0)
 
 
@@ -143,12 +136,12 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     b1 = (np.mean([r["curves"]["b1"] for r in rs], 0) if "b1" in curves else
           np.full(len(loss), _arm_b1(report, name)))
     label = f"{name} lr={best['lr']:g}"
-    axl.plot(loss, _smooth(lr_eff, window), color=colors.get(name), label=label, lw=1.2)
-    axb.plot(loss, _smooth(b1, window), color=colors.get(name), label=label, lw=1.2)
+    style = dict(color=colors.get(name), label=label, lw=1.2)
+    axl.plot(loss, moving_mean(lr_eff, window), **style)
+    axb.plot(loss, moving_mean(b1, window), **style)
     if "b1" in curves:  # per step b1 follows the batch's loss: how often it is capped
       capped = np.mean([np.asarray(r["curves"]["b1"]) >= 0.999 - 1e-6 for r in rs], 0)
-      axc.plot(np.arange(1, len(capped) + 1), _smooth(capped, window),
-               color=colors.get(name), label=label, lw=1.2)
+      axc.plot(np.arange(1, len(capped) + 1), moving_mean(capped, window), **style)
   for a, title in ((axl, "effective LR (schedule x entropy scale)"),
                    (axb, "beta1 (perplexity rule)")):
     a.set(title=f"{title} vs training loss (moving avg {window})",

@@ -135,7 +135,7 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
 
     async def stream():
       m_off = c_off = 0
-      last = None
+      last, latest = None, {}
       while not await request.is_disconnected():
         records, m_off = runs.read_metrics(path, m_off)
         if records:
@@ -143,7 +143,8 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
         lines, c_off = runs.read_lines(os.path.join(path, runs.CONSOLE), c_off)
         if lines:
           yield _sse("console", [ln.rsplit("\r", 1)[-1] for ln in lines])
-        row = runs.summarize(path, name, name in jobs.poll())
+        row = runs.summarize(path, name, name in jobs.poll(),
+                             runs.update_latest(latest, records))
         row.pop("mtime")
         if row != last:
           last = row

@@ -59,7 +59,7 @@ class Chat:
     from vesperjax.sampling import generate
     if checkpoint not in ("latest", "best"):
       raise BadRequest(f"checkpoint: {checkpoint!r} is not latest or best")
-    if not (runs.checkpoints(workdir, "best" if checkpoint == "best" else "checkpoints")):
+    if _newest(workdir, checkpoint) is None:
       raise BadRequest(f"this run has no {checkpoint} checkpoint yet", status=409)
     if not isinstance(prompt, str) or not prompt:
       raise BadRequest("prompt: write something to continue")

@@ -107,9 +107,22 @@ def error_line(workdir: str) -> str | None:
   return None
 
 
-def summarize(workdir: str, name: str, job_alive: bool = False) -> dict:
+# The runs table's metric columns: each run's last logged value of each.
+LATEST_KEYS = ("step", "loss", "eval_loss", "tokens_per_s")
+
+
+def update_latest(latest: dict, records: list[dict]) -> dict:
+  """`latest` with the last value of each LATEST_KEYS key in `records` folded in."""
+  for r in records:
+    latest.update({k: r[k] for k in LATEST_KEYS if k in r})
+  return latest
+
+
+def summarize(workdir: str, name: str, job_alive: bool = False,
+              latest: dict | None = None) -> dict:
   """One row of the runs table: kind, preset, optimizer, step / max steps, last losses,
-  tokens/s and state (running, stopped, finished, failed)."""
+  tokens/s and state (running, stopped, finished, failed). `latest`: the metric columns
+  when the caller follows metrics.jsonl already (else it is read here)."""
   config = read_json(os.path.join(workdir, "config.json")) or {}
   job = read_json(os.path.join(workdir, JOB)) or {}
   report = os.path.exists(os.path.join(workdir, REPORT))
@@ -122,12 +135,9 @@ def summarize(workdir: str, name: str, job_alive: bool = False) -> dict:
   if kind == "benchmark":
     row["optimizer"] = " vs ".join(job.get("arms", [])) or None
     row["max_steps"] = job.get("steps")
-  records, _ = read_metrics(workdir)
-  for r in records:
-    row["step"] = r["step"]
-    for key in ("loss", "eval_loss", "tokens_per_s"):
-      if key in r:
-        row[key] = r[key]
+  if latest is None:
+    latest = update_latest({}, read_metrics(workdir)[0])
+  row.update(latest)
   running = job_alive or (trainer_pid(workdir) or foreign_job_pid(workdir)) is not None
   code = job.get("exit_code")
   if running:

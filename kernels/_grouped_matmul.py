@@ -12,7 +12,8 @@ Implementations (`IMPLEMENTATIONS`, the model's `moe_matmul`):
   that tokamax supports runs; the forward and both gradients are tokamax ragged dots.
 - "blocked": pads each group to whole blocks of rows, so that every block belongs to one
   group, and a grouped matmul is one batched matmul of the blocks against their gathered
-  weights: at most G extra blocks of work whatever the routing.
+  weights: as many blocks as the worst routing needs (`blocks_needed`, under G more than
+  the rows fill).
 
 Rows are laid out once per MoE layer, not once per matmul. "auto" takes the first
 available entry of the "grouped_matmul" row of `platform.CHOICES`; the CPU timings are in
@@ -56,7 +57,7 @@ class GroupLayout:
       self.group = group_M
       return
     s = max(8, min(block_rows, -(-rows // 8) * 8))
-    num_blocks = -(-rows // s) + groups  # each group wastes less than one block
+    num_blocks = blocks_needed(rows, groups, s)
     row_start_G = ends_G - self.sizes
     blocks_G = -(-self.sizes // s)
     block_start_G = jnp.cumsum(blocks_G) - blocks_G
@@ -110,6 +111,14 @@ class GroupLayout:
     s, j = self.block_rows, self.num_blocks
     y_JxSxF = _block_matmul(x_RxD.reshape(j, s, -1), w_GxDxF, self.block_group)
     return y_JxSxF.reshape(j * s, -1)
+
+
+def blocks_needed(rows: int, groups: int, block_rows: int) -> int:
+  """The most blocks of S = `block_rows` rows that any split of `rows` rows into `groups`
+  groups takes, each group in whole blocks of its own: with k <= min(G, rows) groups
+  non-empty, sum_g ceil(n_g / S) <= (rows + k (S - 1)) / S, reached when each of them
+  has one row past whole blocks."""
+  return (rows + min(groups, rows) * (block_rows - 1)) // block_rows
 
 
 @jax.custom_vjp

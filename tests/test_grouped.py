@@ -217,3 +217,30 @@ def test_partitionable_top_k_is_lax_top_k_with_ties():
     assert got_i.dtype == jnp.int32
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_array_equal(got_v, want_v)
+
+
+def test_blocks_needed_is_the_worst_split():
+  """`blocks_needed` is the most blocks any split of the rows into groups takes (every
+  split, enumerated), so the blocked layout's static block count always suffices."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  for rows, groups, s in itertools.product(range(1, 13), range(1, 4), (1, 2, 4, 5)):
+    worst = max(sum(-(-n // s) for n in split)
+                for split in itertools.product(range(rows + 1), repeat=groups)
+                if sum(split) <= rows)
+    assert _grouped_matmul.blocks_needed(rows, groups, s) == worst, (rows, groups, s)
+  assert _grouped_matmul.blocks_needed(4096, 4, 256) == 19  # tiny-moe's 2048 tokens x 2
+
+
+@pytest.mark.parametrize("sizes", [[9, 9, 9, 9], [1, 1, 1, 33], [36, 0, 0, 0]])
+def test_blocked_worst_case_routings_fit(sizes):
+  """Splits that need every block (each group one row past whole blocks) and the
+  lopsided ones equal the loop over experts."""
+  rows = sum(sizes)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(rows, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+  layout = GroupLayout(jnp.asarray(sizes, jnp.int32), rows, impl="blocked", block_rows=8)
+  assert layout.num_blocks == 8  # (36 + 4 * 7) // 8
+  got = layout.from_groups(layout.matmul(layout.to_groups(x), w))
+  np.testing.assert_allclose(got, _loop_over_experts(x, w, sizes, np.zeros((rows, 3)))[0],
+                             rtol=1e-5, atol=1e-5)

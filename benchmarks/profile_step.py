@@ -1,7 +1,7 @@
 """Where a CPU train step's time goes, by XLA op kind: a per-op profile of the real step.
 
   python benchmarks/profile_step.py --config experiments/tiny_moe.py [--steps 3]
-      [--top 25] [--out DIR] [--hlo FILE] [--config.model.vocab_size=8192 ...]
+      [--top 25] [--out DIR] [--hlo FILE] [--json FILE] [--config.model.vocab_size=8192 ...]
 
 Builds the train step as `python -m vesperjax.benchmark throughput` does (batch 8 x seq
 256 unless --batch-size / --seq-len), runs it under `jax.profiler` with XLA:CPU's per-op
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default=None, help="trace folder (default: a temp dir)")
   parser.add_argument("--hlo", default=None, help="also write the compiled HLO here")
+  parser.add_argument("--json", default=None, help="also write the table as JSON here")
   args, overrides = parser.parse_known_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # before jax starts
                              + " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -91,11 +92,12 @@ def main(argv=None) -> int:
       state, metrics = steps.train_step(state, batch)
       jax.block_until_ready(metrics)
     jax.profiler.start_trace(out, create_perfetto_trace=True)
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     for _ in range(args.steps):
       state, metrics = steps.train_step(state, batch)
       jax.block_until_ready(metrics)
     wall = (time.perf_counter() - start) / args.steps
+    cpu = (time.process_time() - cpu_start) / args.steps
     jax.profiler.stop_trace()
     if args.hlo:
       with open(args.hlo, "w") as f:
@@ -105,7 +107,11 @@ def main(argv=None) -> int:
   trace = json.load(gzip.open(path))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   print(f"python benchmarks/profile_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-  print(format_table(*op_times(events, args.steps), wall, args.top))
+  ms, count = op_times(events, args.steps)
+  print(format_table(ms, count, wall, args.top))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(wall_s=wall, cpu_s_per_step=cpu, ms=ms, count=count), f)
   print(f"trace: {path}")
   return 0
 

@@ -1,10 +1,10 @@
 """The two sides of benchmarks/vs_original.py, each run in its own process.
 
-  python benchmarks/vs_original_sides.py original|ours_describe SPEC_JSON
+  python benchmarks/vs_original_sides.py original|original_profile|ours_describe SPEC_JSON
 
-prints one JSON line: the original trainer's shapes and timed steps (imported from the
-checkout named in SPEC, never copied here), or our model's shapes as the experiment
-config builds it. vs_original.py starts these and compares them.
+prints one JSON line: the original trainer's shapes and timed steps, or its per-op profile
+(imported from the checkout named in SPEC, never copied here), or our model's shapes as
+the experiment config builds it. vs_original.py and profile_original.py start these.
 """
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ def _torch_matmul_gflops(seconds: float = 0.3) -> float:
   return statistics.median(rates)
 
 
-def original_worker(spec: dict) -> dict:
-  """The original trainer's model, optimizer and loop body; steps 0: the shapes only."""
-  import importlib.util, math, time  # noqa: E401
+def original_step(spec: dict):
+  """(step, shape, versions) of the original trainer: `step(i)` runs its training loop's
+  body once; the phases are marked for torch's profiler (forward, backward, optimizer)."""
+  import importlib.util, math  # noqa: E401
   import numpy as np
   import torch
+  from torch.profiler import record_function
   sys.path.insert(0, spec["package"])  # its train.py imports `vesper` from beside it
   loader = importlib.util.spec_from_file_location(
       "vesper_original_train", os.path.join(spec["package"], "train.py"))
@@ -71,9 +73,9 @@ def original_worker(spec: dict) -> dict:
       params=int(model.num_parameters()))
   versions = dict(torch=torch.__version__, torch_threads=torch.get_num_threads())
   if not spec["steps"]:
-    return dict(shape=shape, versions=versions)
+    return None, shape, versions
 
-  if spec["compile"]:
+  if spec.get("compile"):
     model = torch.compile(model)
   model.train()
   o = ORIGINAL_OPTIM
@@ -86,25 +88,37 @@ def original_worker(spec: dict) -> dict:
   input_ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
   def step(i: int) -> float:  # its train() loop body at grad_accum 1 (GradScaler off)
-    logits, aux_loss = model(input_ids)
-    loss = tr.compute_loss(logits, labels, cfg.vocab_size, aux_loss=aux_loss,
-                           aux_loss_weight=cfg.moe_aux_loss_weight)
-    loss.backward()
+    with record_function("forward"):
+      logits, aux_loss = model(input_ids)
+      loss = tr.compute_loss(logits, labels, cfg.vocab_size, aux_loss=aux_loss,
+                             aux_loss_weight=cfg.moe_aux_loss_weight)
+    with record_function("backward"):
+      loss.backward()
     loss_item = loss.item()
     if not math.isfinite(loss_item):
       optimizer.zero_grad()
       return loss_item
-    tr.set_lr(optimizer, tr.get_lr(i, ORIGINAL_WARMUP_STEPS, ORIGINAL_MAX_STEPS, o["lr"],
-                                   o["lr"] * 0.1))
-    grad_norm = optimizer.clip_grad_norm_()
-    if not math.isfinite(grad_norm):
+    with record_function("optimizer"):
+      tr.set_lr(optimizer, tr.get_lr(i, ORIGINAL_WARMUP_STEPS, ORIGINAL_MAX_STEPS, o["lr"],
+                                     o["lr"] * 0.1))
+      grad_norm = optimizer.clip_grad_norm_()
+      if not math.isfinite(grad_norm):
+        optimizer.zero_grad()
+        return loss_item
+      optimizer.step()
       optimizer.zero_grad()
-      return loss_item
-    optimizer.step()
-    optimizer.zero_grad()
-    optimizer.set_loss_metrics(loss_item, cfg.vocab_size)
+      optimizer.set_loss_metrics(loss_item, cfg.vocab_size)
     return loss_item
 
+  return step, shape, versions
+
+
+def original_worker(spec: dict) -> dict:
+  """The original trainer's timed steps; steps 0: the shapes only."""
+  import time
+  step, shape, versions = original_step(spec)
+  if step is None:
+    return dict(shape=shape, versions=versions)
   for i in range(spec["warmup"]):
     step(i)
   yardstick = [_torch_matmul_gflops()]
@@ -119,6 +133,32 @@ def original_worker(spec: dict) -> dict:
       median_s=statistics.median(times), min_s=min(times), max_s=max(times),
       yardstick_gflops=[round(x, 1) for x in yardstick], cpu_s_per_step=cpu, loss=loss,
       times_s=times))
+
+
+def original_profile_worker(spec: dict) -> dict:
+  """The original's steps under torch's profiler: per aten op, self CPU ms per step
+  (summed over its threads' calls) and calls per step; per phase, ms per step."""
+  import time
+  from torch.profiler import ProfilerActivity, profile
+  step, shape, versions = original_step(spec)
+  for i in range(spec["warmup"]):
+    step(i)
+  n = spec["steps"]
+  cpu_start = _cpu_seconds()
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for i in range(spec["warmup"], spec["warmup"] + n):
+      step(i)
+    wall = (time.perf_counter() - start) / n
+  cpu = (_cpu_seconds() - cpu_start) / n
+  ops, phases = {}, {}
+  for e in prof.key_averages():
+    if e.key in ("forward", "backward", "optimizer"):
+      phases[e.key] = e.cpu_time_total / 1000 / n
+    elif e.self_cpu_time_total > 0:
+      ops[e.key] = dict(ms=e.self_cpu_time_total / 1000 / n, calls=e.count / n)
+  return dict(shape=shape, versions=versions, wall_s=wall, cpu_s_per_step=cpu,
+              ops=ops, phases=phases)
 
 
 def ours_describe_worker(spec: dict) -> dict:
@@ -145,7 +185,8 @@ def ours_describe_worker(spec: dict) -> dict:
       params=int(num_params(c))))
 
 
-WORKERS = {"original": original_worker, "ours_describe": ours_describe_worker}
+WORKERS = {"original": original_worker, "original_profile": original_profile_worker,
+           "ours_describe": ours_describe_worker}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
 3. The FFN down projection's weight gradient `x.T @ dy`: as written (XLA:CPU runs it on
    Eigen) and with x.T materialised first, as `vesperjax.kernels.rows_matmul` does on
    CPU (the dot then goes to YNNPACK). Session 4.
+4. MoE grouped matmuls: `jax.lax.ragged_dot` over 4 groups against the one dense dot of
+   the same rows (XLA:CPU computes every group over all rows), and tiny-moe's MoE layer
+   (blocked layout, fwd+bwd, 2,048 tokens x top-2) against a dense GLU FFN over its
+   4,096 assignments: the floor of a grouped matmul without padding or weight copies.
 
   python benchmarks/cpu_matmul_forms.py
 """
@@ -49,10 +53,43 @@ def main():
       ("weight grad, x.T materialised first (rows_matmul)",
        jax.jit(lambda x, d: jax.lax.optimization_barrier(x.T) @ d), (h, dy)),
   ]
+  rows += moe_rows(rng)
   print(f"jax {jax.__version__}, {jax.default_backend()}, median of 30 calls")
   print(f"| {'case':50s} | ms |\n|{'-' * 52}|----|")
   for name, fn, args in rows:
     print(f"| {name:50s} | {1e3 * median_seconds(fn, *args, reps=30):.1f} |")
+
+
+def moe_rows(rng):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vesperjax.config import model_preset  # pylint: disable=g-import-not-at-top
+  from vesperjax.kernels import rows_matmul  # pylint: disable=g-import-not-at-top
+  from vesperjax.model.moe import MoE  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(rng.normal(size=(4096, 272)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 272, 1024)) * 0.05, jnp.float32)
+  sizes = jnp.asarray([1000, 1100, 996, 1000], jnp.int32)
+  graphdef, state = nnx.split(MoE(model_preset("tiny-moe"), nnx.Rngs(0)))
+  tokens = jnp.asarray(rng.normal(size=(2048, 256)), jnp.float32)
+
+  def moe_loss(state, tokens):
+    y, aux = nnx.merge(graphdef, state)(tokens)
+    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"]
+
+  def ffn_loss(ws, x):  # the GLU FFN of the same widths, FlyLoRA's rank in its inputs
+    gate, up, down = ws
+    h = jax.nn.silu(rows_matmul(x, gate)) * rows_matmul(x, up)
+    return jnp.sum(jnp.sin(rows_matmul(h, down)))
+
+  ffn = (w[0], w[1], jnp.asarray(rng.normal(size=(1024, 256)) * 0.05, jnp.float32))
+  return [
+      ("ragged_dot [4096, 272] x [4, 272, 1024]",
+       jax.jit(jax.lax.ragged_dot), (x, w, sizes)),
+      ("one dense dot [4096, 272] @ [272, 1024]", jax.jit(lambda x, w: x @ w[0]), (x, w)),
+      ("tiny-moe MoE layer fwd+bwd, 2048 tokens (blocked)",
+       jax.jit(jax.grad(moe_loss, argnums=(0, 1))), (state, tokens)),
+      ("dense GLU FFN fwd+bwd over its 4096 assignments",
+       jax.jit(jax.grad(ffn_loss, argnums=(0, 1))), (ffn, x)),
+  ]
 
 
 if __name__ == "__main__":

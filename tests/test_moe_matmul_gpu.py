@@ -86,7 +86,8 @@ def test_tokamax_without_a_gpu_takes_its_xla_path_for_cuda():
 @pytest.mark.parametrize("moe_matmul,count,mesh,kernel", [
     # slow: test_gpu_steps compiles auto's tokamax XLA path, which is ragged_dot
     pytest.param("ragged_dot", 1, {}, None, marks=pytest.mark.slow),
-    ("blocked", 1, {}, None),  # auto's CUDA choice without tokamax
+    # slow: auto's CUDA choice only without tokamax, which the test extra installs
+    pytest.param("blocked", 1, {}, None, marks=pytest.mark.slow),
     # slow: the expert-parallel step below compiles the same kernels
     pytest.param("tokamax", 1, {}, MOSAIC, marks=pytest.mark.slow),
     ("tokamax", 8, dict(data=2, expert=4), MOSAIC),

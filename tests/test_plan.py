@@ -77,6 +77,7 @@ def test_fsdp_over_eight_devices_shards_the_state(tiny_plan):
 
 
 @needs_gpu_compile
+@pytest.mark.slow  # ~30 s of GPU compiles; the search itself: test_search_on_a_known_curve
 def test_max_batch_finds_the_boundary(tiny_plan):
   """A budget of exactly the batch-8 figure: B fits, B + 1 does not, both recompiled."""
   total = tiny_plan["per_device_bytes"]["total"]

@@ -16,12 +16,12 @@ vs_original.py is. docs/performance.md reads these tables.
 """
 from __future__ import annotations
 
-import argparse, datetime, json, os, re, shlex, subprocess, sys, tempfile  # noqa: E401
+import argparse, datetime, json, os, re, shlex, sys, tempfile  # noqa: E401
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts
-from vs_original import (MODELS, Refused, SideFailed, _Parser, _run_json,  # noqa: E402
-                         _worker_cmd, machine_info, original_package, report_main)
+from vs_original import (MODELS, Refused, _Parser, _run_json, _worker_cmd,  # noqa: E402
+                         check_common_args, machine_info, report_main, run_side)
 from vs_original_sides import BATCH, ROOT, SEQ, VOCAB  # noqa: E402
 
 GROUPS = ("matmul", "gather / scatter / sort / top-k", "other")
@@ -92,17 +92,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--top", type=int, default=12)
   p.add_argument("--json", default=None)
   a = p.parse_args(argv)
-  a.models = [m.strip() for m in a.models.split(",") if m.strip()]
-  bad = [m for m in a.models if m not in MODELS]
-  if bad or not a.models:
-    raise Refused(f"--models: {bad or 'none given'}; choose from dense, moe")
   if a.steps < 1 or a.warmup < 0 or a.top < 1:
     raise Refused(f"need --steps >= 1, --warmup >= 0, --top >= 1 (got {a.steps}, "
                   f"{a.warmup}, {a.top})")
-  a.package = original_package(a.original)
-  if a.json and not Path(a.json).resolve().parent.is_dir():
-    raise Refused(f"--json {a.json}: its folder does not exist")
-  return a
+  return check_common_args(a)
 
 
 def profile_ours(model: str, steps: int) -> dict:
@@ -113,11 +106,7 @@ def profile_ours(model: str, steps: int) -> dict:
            str(ROOT / MODELS[model][0]), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
            "--steps", str(steps), "--out", tmp, "--json", out,
            f"--config.model.vocab_size={VOCAB}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    if proc.returncode != 0 or not os.path.exists(out):
-      err = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["(no output)"]
-      raise SideFailed(f"vesperjax's {model} profile failed: {err[-1].strip()}")
+    run_side(cmd, f"vesperjax's {model} profile")
     with open(out) as f:
       return json.load(f)
 

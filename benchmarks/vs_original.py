@@ -202,6 +202,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   if a.rounds < 1 or a.steps < 1 or a.warmup < 0:
     raise Refused(f"need --rounds >= 1, --steps >= 1, --warmup >= 0 (got {a.rounds}, "
                   f"{a.steps}, {a.warmup})")
+  return check_common_args(a)
+
+
+def check_common_args(a: argparse.Namespace) -> argparse.Namespace:
+  """--models as a list, --original as its package, --json's folder: Refused if bad."""
   a.models = [m.strip() for m in a.models.split(",") if m.strip()]
   bad = [m for m in a.models if m not in MODELS]
   if bad or not a.models:
@@ -212,18 +217,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return a
 
 
-def _run_json(cmd: list[str], what: str) -> dict:
-  """Run a side's process; its last stdout line is its JSON result."""
+def run_side(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+  """Run a side's process; SideFailed (its last stderr line) unless it exits 0 in time."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=WORKER_TIMEOUT_S)
   except subprocess.TimeoutExpired:
     raise SideFailed(f"{what}: no result within {WORKER_TIMEOUT_S} s") from None
+  if proc.returncode != 0:
+    _fail(proc, what)
+  return proc
+
+
+def _fail(proc, what: str):
+  err = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["(no output)"]
+  raise SideFailed(f"{what} failed (exit {proc.returncode}): {err[-1].strip()}")
+
+
+def _run_json(cmd: list[str], what: str) -> dict:
+  """Run a side's process; its last stdout line is its JSON result."""
+  proc = run_side(cmd, what)
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-  if proc.returncode != 0 or not lines:
-    err = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["(no output)"]
-    raise SideFailed(f"{what} failed (exit {proc.returncode}): {err[-1].strip()}")
+  if not lines:
+    _fail(proc, what)
   return json.loads(lines[-1])
 
 

@@ -1,9 +1,11 @@
 """Test-wide setup: eight simulated CPU devices (for sharding tests), quiet logs, and a
 persistent compilation cache so identical steps compiled by several tests (and by CLI
-subprocesses) are compiled once. Tests run on the CPU backend (JAX_PLATFORMS=cpu); the
+subprocesses) are compiled once; the `fake_original` fixture. Tests run on the CPU backend (JAX_PLATFORMS=cpu); the
 GPU tests compile for GPU targets from it (tests/gpu_util.py)."""
 import os
 import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,3 +14,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "vesperjax-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture
+def fake_original(tmp_path):
+  """An empty stand-in for a checkout of the original (python/train.py and
+  python/vesper/model.py), enough for the side-by-side scripts' argument checks."""
+  pkg = tmp_path / "checkout" / "python"
+  (pkg / "vesper").mkdir(parents=True)
+  (pkg / "train.py").write_text("")
+  (pkg / "vesper" / "model.py").write_text("")
+  return pkg.parent

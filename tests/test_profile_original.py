@@ -61,11 +61,7 @@ def test_grouped_sums_and_table():
     (["--original", "{fake}", "--steps", "0"], "--steps >= 1"),
     (["--original", "{fake}", "--json", "/nonexistent/dir/p.json"], "does not exist"),
 ])
-def test_bad_arguments_are_one_error_line(argv, needle, tmp_path, capsys):
-  fake = tmp_path / "checkout"
-  (fake / "python" / "vesper").mkdir(parents=True)
-  (fake / "python" / "train.py").write_text("")
-  (fake / "python" / "vesper" / "model.py").write_text("")
-  assert po.main([a.format(fake=fake) for a in argv]) == 2
+def test_bad_arguments_are_one_error_line(argv, needle, capsys, fake_original):
+  assert po.main([a.format(fake=fake_original) for a in argv]) == 2
   lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines

@@ -53,13 +53,10 @@ def _error_lines(capsys):
     (["--original", "{fake}", "--json", "/nonexistent/dir/r.json"], "does not exist"),
     (["--original", "{fake}", "--rounds", "x"], "invalid int value"),
 ])
-def test_bad_arguments_are_one_error_line_and_exit_2(argv, needle, tmp_path, capsys):
-  fake = tmp_path / "checkout"
-  (fake / "python" / "vesper").mkdir(parents=True)
-  (fake / "python" / "train.py").write_text("")
-  (fake / "python" / "vesper" / "model.py").write_text("")
+def test_bad_arguments_are_one_error_line_and_exit_2(argv, needle, tmp_path, capsys,
+                                                     fake_original):
   (tmp_path / "empty").mkdir()
-  argv = [a.format(fake=fake, empty=tmp_path / "empty") for a in argv]
+  argv = [a.format(fake=fake_original, empty=tmp_path / "empty") for a in argv]
   assert vs.main(argv) == 2
   lines = _error_lines(capsys)
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines

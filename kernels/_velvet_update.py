@@ -52,19 +52,22 @@ _MIN_BLOCK = 128
 MAX_CHUNK = 1 << 20  # elements per bucket (bounds the packed copies' memory)
 
 
-def _scalars(lr, b1, b2, eps, weight_decay, count):
+def _scalars(lr, b1, b2, eps, weight_decay, count, bc1=None):
   """In-graph step scalars ``lr, b1, b2, eps, wd, 1 - b1^t, 1 - b2^t`` (inputs, not
   constants: no recompiles per step).
 
   fp32 as the reference path has them: hyperparameters are cast first, so ``1 - b2`` is
   the fp32 difference (optax uses the float64 one: ~1e-5 relative apart in the v
-  increment for b2 = 0.999).
+  increment for b2 = 0.999). ``bc1`` replaces ``1 - b1^t`` when given (the "product"
+  bias correction).
   """
   f32 = jnp.float32
   lr, b1, b2, eps, weight_decay = (jnp.asarray(x, f32).reshape(())
                                    for x in (lr, b1, b2, eps, weight_decay))
   t = jnp.asarray(count).astype(f32).reshape(())
-  vals = [lr, b1, b2, eps, weight_decay, *bias_corrections(b1, b2, t)]
+  step_bc1, bc2 = bias_corrections(b1, b2, t)
+  bc1 = step_bc1 if bc1 is None else jnp.asarray(bc1, f32).reshape(())
+  vals = [lr, b1, b2, eps, weight_decay, bc1, bc2]
   return jnp.stack(vals + [jnp.zeros((), f32)] * (_NUM_SCALARS - len(vals)))
 
 
@@ -260,11 +263,12 @@ def _update_leaves(p_leaves, g_leaves, m_leaves, v_leaves, s, *, skip_zero_grads
 
 def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count,
                   skip_zero_grads=False, interpret=None, impl=None, block_size=None,
-                  max_chunk=MAX_CHUNK, shardings=None):
+                  max_chunk=MAX_CHUNK, shardings=None, bc1=None):
   """Fused Velvet/AdamW step on whole pytrees; returns ``(updates, new_mu, new_nu)``.
 
   ``grads`` are already clipped; ``lr``/``b1`` are the step's effective (possibly traced)
-  scalars; ``count`` is the incremented int32 step (t >= 1). Updates follow optax's sign
+  scalars; ``count`` is the incremented int32 step (t >= 1); ``bc1``, when given,
+  replaces ``1 - b1^t`` (the "product" bias correction). Updates follow optax's sign
   convention (add them to params) and have each param's dtype; moments are fp32.
   ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``) | "triton" | "mosaic"
   (a kernel by name; "pallas" and "auto" pick one with ``choose_kernel``).
@@ -284,12 +288,12 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
     mu, nu = (jax.tree.map(lambda x: x.astype(jnp.float32), t) for t in (mu, nu))
     return velvet_update_reference(
         params, grads, mu, nu, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        count=count, skip_zero_grads=skip_zero_grads)
+        count=count, skip_zero_grads=skip_zero_grads, bc1=bc1)
   p_leaves, treedef = jax.tree.flatten(params)
   if not p_leaves:
     return params, mu, nu
   leaves = [p_leaves] + [treedef.flatten_up_to(t) for t in (grads, mu, nu)]
-  s = _scalars(lr, b1, b2, eps, weight_decay, count)
+  s = _scalars(lr, b1, b2, eps, weight_decay, count, bc1)
   body = functools.partial(_update_leaves, skip_zero_grads=skip_zero_grads,
                            block_size=block_size, interpret=interpret,
                            max_chunk=max_chunk, kernel=kernel)

@@ -45,10 +45,19 @@ _LRS = flags.DEFINE_list("lrs", None, "optimizers: peak learning rates to sweep,
                          "every optimizer (default: 0.5x, 1x, 2x config.optim.lr).",
                          flag_values=FLAGS)
 _OPTIMIZERS = flags.DEFINE_list(
-    "optimizers", list(OPTIMIZERS), "optimizers: the arms to compare: velvet, adamw, "
-    "adamw-clipped-b1 (AdamW with the beta1 Velvet uses while perplexity > 57), "
-    "velvet-entropy (Velvet's LR rule only), velvet-perplexity (its beta1 rule only), "
-    "velvet-rules-off (neither: AdamW plus Velvet's sparse-aware rule).",
+    "optimizers", list(OPTIMIZERS), "optimizers: the arms to compare (vesperjax/bench/"
+    "optimizers.py ARMS): velvet, adamw, adamw-clipped-b1 (AdamW with the beta1 Velvet "
+    "uses while perplexity > 57), velvet-entropy / velvet-perplexity (one rule only), "
+    "velvet-rules-off, the original rules with one change (velvet-product-bc, "
+    "velvet-smoothed, velvet-horizon, velvet-trend, velvet-b1max-0.9|0.95|0.98), "
+    "velvet-corrected, muon, schedule-free-adamw, ademamix, adamw-entropy-lr, "
+    "muon-entropy-lr.", flag_values=FLAGS)
+_TOP_LRS = flags.DEFINE_integer(
+    "top-lrs", 0, "optimizers: run every LR at the first seed, the other seeds only at "
+    "each arm's best K LRs of it (0: every seed at every LR).", flag_values=FLAGS)
+_BRACKET = flags.DEFINE_integer(
+    "bracket", 0, "optimizers: grow an arm's LR grid by its own ratio, at most N times, "
+    "while the first seed's best LR sits at the grid's edge (needs >= 2 LRs).",
     flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", None, "optimizers: training steps per run "
                               "(default config.train.max_steps); throughput: timed steps "
@@ -113,6 +122,10 @@ def _command(name: str) -> int:
   if bad or not opts or len(set(opts)) < len(opts):
     raise ValueError(f"--optimizers: {bad or opts or 'none given'}; choose distinct arms "
                      f"from {', '.join(ARMS)}")
+  if _TOP_LRS.value < 0 or _BRACKET.value < 0:
+    raise ValueError("--top-lrs and --bracket must be >= 0")
+  if _BRACKET.value and len(lrs) < 2:
+    raise ValueError("--bracket needs at least two --lrs (their ratio is the step)")
   if _SEEDS.value < 1:
     raise ValueError(f"--seeds {_SEEDS.value}: must be >= 1")
   steps = _STEPS.value or run.train.max_steps
@@ -121,7 +134,8 @@ def _command(name: str) -> int:
   workdir = _WORKDIR.value or os.path.join("runs", f"benchmark-{_config_name()}")
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   report = run_optimizers(run, workdir, seeds=_SEEDS.value, lrs=lrs, steps=steps,
-                          optimizers=opts, log=log)
+                          optimizers=opts, log=log, top_lrs=_TOP_LRS.value,
+                          bracket=_BRACKET.value)
   print(format_table(report["summary"]))
   paths = plot_report(report, os.path.join(workdir, "plots"))
   print(f"report: {os.path.join(workdir, 'benchmark_report.json')}")

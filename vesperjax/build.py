@@ -32,7 +32,8 @@ from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.data.mixture import parse_mixture
 from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
-from vesperjax.train_step import ShardedSteps, lr_schedule, sharded_steps
+from vesperjax.optim.field import lr_schedule
+from vesperjax.train_step import ShardedSteps, sharded_steps
 from vesperjax.workdir_lock import acquire_for_job, describe_holder
 
 if TYPE_CHECKING:

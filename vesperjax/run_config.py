@@ -25,6 +25,9 @@ from ml_collections import ConfigDict, config_dict
 
 from vesperjax.config import ModelConfig, model_preset
 
+# `optim.name`'s choices (built in vesperjax/optim/field.py)
+OPTIMIZERS = ("velvet", "adamw", "muon", "schedule_free_adamw", "ademamix")
+
 # ModelConfig's fields, each optional here: None takes the preset's (or the tokenizer's)
 # value. Derived from ModelConfig so that a new model field is a config key at once.
 ModelOverrides = dataclasses.make_dataclass(
@@ -62,7 +65,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """`config.optim`: the optimizer and its learning-rate schedule."""
-  name: str = "velvet"  # "velvet" or "adamw"
+  # velvet, adamw, muon, schedule_free_adamw or ademamix (vesperjax/optim/field.py)
+  name: str = "velvet"
   lr: float = 5e-4  # peak learning rate, reached after warmup_steps
   b1: float = 0.9
   b2: float = 0.999
@@ -74,6 +78,10 @@ class OptimConfig:
   entropy_adaptive: bool = True  # Velvet: the LR follows the predictive entropy
   perplexity_guided: bool = True  # Velvet: beta1 follows the perplexity
   sparse_aware: bool = True  # Velvet: exactly-zero gradients leave their weights alone
+  # Velvet's rules: "original", "corrected", or a preset with fields replaced,
+  # e.g. "original:bias_correction=product" (vesperjax/optim/velvet_rules.py)
+  velvet_rules: str = "original"
+  entropy_lr: bool = False  # non-Velvet optimizers: Velvet's entropy rule as an LR factor
   fused: bool = False  # Velvet's Pallas kernel (GPU; interpret mode elsewhere)
   # which fused kernel: auto (kernels/platform.py's velvet_kernel row), triton or mosaic
   fused_kernel: str = "auto"
@@ -254,7 +262,13 @@ def validate(run: RunConfig) -> RunConfig:
       raise ValueError(f"config.{key}: {why}")
 
   t, d, o = run.train, run.data, run.optim
-  need(o.name in ("velvet", "adamw"), "optim.name", f"{o.name!r} is not velvet or adamw")
+  need(o.name in OPTIMIZERS, "optim.name",
+       f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+  from vesperjax.optim.velvet_rules import resolve_rules  # jax only once validating
+  try:
+    resolve_rules(o.velvet_rules)
+  except ValueError as e:
+    need(False, "optim.velvet_rules", str(e).removeprefix("Velvet: "))
   need(o.fused_kernel in ("auto", "triton", "mosaic"), "optim.fused_kernel",
        f"{o.fused_kernel!r} is not auto, triton or mosaic")
   for key in ("lr", "b1", "b2", "eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):

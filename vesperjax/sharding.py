@@ -176,6 +176,8 @@ def state_shardings(state, mesh: Mesh):
   counters, RNG keys, plain arrays) are replicated.
   """
   def one(x):
+    if _is_variable(x) and not jax.tree.leaves(x):
+      return x  # holds no array (optax's MaskedNode in a partitioned optimizer's state)
     s = variable_sharding(x, mesh)
     return x.replace(s) if _is_variable(x) else s
   return jax.tree.map(one, state, is_leaf=_is_variable)

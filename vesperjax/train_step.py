@@ -19,7 +19,8 @@ from vesperjax import calibration
 from vesperjax.config import ModelConfig
 from vesperjax.model import VesperLM, trainable_filter
 from vesperjax.model.meta_head import meta_loss, meta_probs, meta_targets
-from vesperjax.optim import clip_by_global_norm_with_stats, global_norm, velvet, velvet_stats
+from vesperjax.optim import global_norm, velvet_stats
+from vesperjax.optim.field import eval_params, make_optimizer
 
 if TYPE_CHECKING:
   from vesperjax.run_config import OptimConfig
@@ -32,36 +33,6 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   rng: jax.Array  # uint32 key data, split once per step
   skipped: jax.Array  # int32: non-finite steps skipped
-
-
-def lr_schedule(optim: OptimConfig, max_steps: int) -> optax.Schedule:
-  """Linear warmup to optim.lr, cosine decay to lr * min_lr_ratio at max_steps."""
-  warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
-      decay_steps=max(max_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
-
-
-def make_optimizer(optim: OptimConfig, max_steps: int, vocab_size: int, *,
-                   param_shardings: Any = None) -> optax.GradientTransformationExtraArgs:
-  """Velvet (fed loss and entropy each step) or AdamW with the same clipping.
-
-  `param_shardings`: the trainable params' shardings; the fused Velvet kernel then runs
-  per shard (see `velvet(shardings=...)`).
-  """
-  schedule = lr_schedule(optim, max_steps)
-  if optim.name == "velvet":
-    return velvet(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm,
-                  entropy_adaptive=optim.entropy_adaptive,
-                  perplexity_guided=optim.perplexity_guided,
-                  sparse_aware=optim.sparse_aware, vocab_size=vocab_size,
-                  fused=optim.fused and optim.fused_kernel, shardings=param_shardings)
-  # adamw ignores the extra args; the clip records the pre-clip norm for logging
-  return optax.with_extra_args_support(optax.chain(
-      clip_by_global_norm_with_stats(optim.max_grad_norm),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay)))
 
 
 def init_state_fn(config: ModelConfig, tx: optax.GradientTransformation):
@@ -197,7 +168,8 @@ def make_train_step(graphdef, config: ModelConfig, tx, *, valid_vocab: int,
 def make_eval_step(graphdef, *, valid_vocab: int, fused_loss: bool = True) -> Callable:
   """eval_step(state, tokens [B, S+1]) -> summed token loss, token count (no state change)."""
   def eval_step(state: TrainState, tokens: jax.Array):
-    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model = nnx.merge(graphdef, eval_params(state.opt_state, state.params), state.rest,
+                      copy=True)
     model.eval()
     loss, _, _ = token_losses(model, tokens, valid_vocab, fused_loss)
     return loss.sum(), jnp.asarray(loss.size, jnp.float32)
@@ -211,7 +183,8 @@ def make_calibrated_eval_step(graphdef, *, valid_vocab: int, fused_loss: bool = 
   of the head's P(correct) and of the max-softmax probability against top-1
   correctness, and of the head's P(end) against the end-of-document event."""
   def eval_step(state: TrainState, tokens: jax.Array):
-    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model = nnx.merge(graphdef, eval_params(state.opt_state, state.params), state.rest,
+                      copy=True)
     model.eval()
     out = token_outputs(model, tokens, valid_vocab, fused_loss)
     meta_logits, correct, end = meta_outputs(model, out, tokens, eod_id)

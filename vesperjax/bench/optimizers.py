@@ -27,8 +27,12 @@ OPTIMIZERS = ("velvet", "adamw")  # the default arms
 
 def _clipped_b1(optim) -> float:
   """Velvet's beta1 while its perplexity scale sits at the lower clip (perplexity > 57)."""
-  from vesperjax.optim.velvet import B1_MAX, B1_MIN, SCALE_MIN
+  from vesperjax.optim.velvet_rules import B1_MAX, B1_MIN, SCALE_MIN
   return float(min(max(optim.b1 * SCALE_MIN, B1_MIN), B1_MAX))
+
+
+def _velvet_rules(spec: str):
+  return lambda o: dict(name="velvet", velvet_rules=spec)
 
 
 # Arm name -> the `config.optim` fields it runs with (a function of the run's optim).
@@ -41,6 +45,20 @@ ARMS = {
     # both rules off: AdamW plus Velvet's sparse-aware rule (zero gradients, no update)
     "velvet-rules-off": lambda o: dict(name="velvet", entropy_adaptive=False,
                                        perplexity_guided=False),
+    # the original's perplexity-rule cost, one cause at a time (velvet_rules.py)
+    "velvet-product-bc": _velvet_rules("original:bias_correction=product"),
+    "velvet-smoothed": _velvet_rules("original:signal_decay=0.98"),
+    "velvet-horizon": _velvet_rules("original:b1_rule=horizon"),
+    "velvet-trend": _velvet_rules("original:perplexity_signal=trend,signal_decay=0.98"),
+    **{f"velvet-b1max-{c}": _velvet_rules(f"original:b1_max={c}")
+       for c in ("0.9", "0.95", "0.98")},
+    "velvet-corrected": _velvet_rules("corrected"),
+    # the field: what a JAX user would pick instead (optim/field.py)
+    "muon": lambda o: dict(name="muon"),
+    "schedule-free-adamw": lambda o: dict(name="schedule_free_adamw"),
+    "ademamix": lambda o: dict(name="ademamix"),
+    "adamw-entropy-lr": lambda o: dict(name="adamw", entropy_lr=True),
+    "muon-entropy-lr": lambda o: dict(name="muon", entropy_lr=True),
 }
 # Per-step metrics kept in the report (when the optimizer produces them).
 CURVES = ("loss", "entropy", "grad_norm", "learning_rate", "b1", "entropy_scale",
@@ -88,13 +106,19 @@ def _evaluate(eval_fn, state, eval_data) -> float:
 
 
 def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float],
-                   steps: int, optimizers=OPTIMIZERS, log=print) -> dict:
+                   steps: int, optimizers=OPTIMIZERS, log=print, top_lrs: int = 0,
+                   bracket: int = 0) -> dict:
   """The full sweep; returns (and writes) the report.
 
   The report is rewritten after every run. Runs already in WORKDIR's report of the same
   config and steps are kept, not rerun (same batches and init: they would be identical),
   and so are its other arms, LRs and seeds; a report of another config is refused
   rather than overwritten.
+
+  The study protocol: `top_lrs=K` runs every LR at the first seed and the other seeds
+  only at each arm's K best LRs of that seed; `bracket=N` first grows an arm's LR grid
+  (by the grid's own ratio, at most N times) while its first seed's best LR sits at the
+  grid's edge, so every optimum ends up bracketed.
   """
   import jax
 
@@ -142,37 +166,76 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
                      for _ in range(steps)]
     return inputs
 
+  def runs_of(arm, lr, seed_list):
+    """Run (or take from the old report) `arm` at `lr` for `seed_list`."""
+    todo = [s for s in seed_list
+            if (arm, float(lr), s) not in done and not _listed(report, arm, lr, s)]
+    report["runs"] += [done[(arm, float(lr), s)] for s in seed_list
+                       if (arm, float(lr), s) in done
+                       and not _listed(report, arm, lr, s)]
+    if todo:
+      run_seeds(arm, lr, todo)
+
+  def run_seeds(arm, lr, todo):
+    model = build.build_model(_variant(run, arm, lr, steps), mesh,
+                              vocab_size=vdata.padded_vocab_size(vocab),
+                              valid_vocab=vocab)
+    report.setdefault("model", model.config.to_dict())
+    io = batches_and_eval(model.steps)
+    for s in todo:
+      start = time.perf_counter()
+      curves, evals, times = _run_one(model.steps, jax.random.key(t.seed + s), io[s],
+                                      io["eval"], eval_every, model.lr)
+      took = time.perf_counter() - start
+      steady = (took - times[0]) / max(steps - 1, 1)
+      report["runs"].append(dict(
+          optimizer=arm, lr=float(lr), seed=s, curves=curves, evals=evals,
+          final_val_loss=evals[-1][1], final_train_loss=_tail_mean(curves["loss"]),
+          first_step_s=times[0], step_s=steady, wall_s=took))
+      log(f"{arm:>17} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
+          f"{report['runs'][-1]['final_train_loss']:.4f}  ({took:.1f} s)")
+      _write(path, report)
+
   for arm in optimizers:
-    for lr in lrs:
-      todo = [s for s in range(seeds) if (arm, float(lr), s) not in done]
-      report["runs"] += [done[(arm, float(lr), s)] for s in range(seeds)
-                         if (arm, float(lr), s) in done]
-      if not todo:
-        continue
-      model = build.build_model(_variant(run, arm, lr, steps), mesh,
-                                vocab_size=vdata.padded_vocab_size(vocab),
-                                valid_vocab=vocab)
-      report.setdefault("model", model.config.to_dict())
-      io = batches_and_eval(model.steps)
-      for s in todo:
-        start = time.perf_counter()
-        curves, evals, times = _run_one(model.steps, jax.random.key(t.seed + s), io[s],
-                                        io["eval"], eval_every, model.lr)
-        took = time.perf_counter() - start
-        steady = (took - times[0]) / max(steps - 1, 1)
-        report["runs"].append(dict(
-            optimizer=arm, lr=float(lr), seed=s, curves=curves, evals=evals,
-            final_val_loss=evals[-1][1], final_train_loss=_tail_mean(curves["loss"]),
-            first_step_s=times[0], step_s=steady, wall_s=took))
-        log(f"{arm:>17} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
-            f"{report['runs'][-1]['final_train_loss']:.4f}  ({took:.1f} s)")
-        _write(path, report)
+    if not top_lrs and not bracket:
+      for lr in lrs:
+        runs_of(arm, lr, range(seeds))
+      continue
+    grid = sorted(float(x) for x in lrs)
+    for lr in grid:
+      runs_of(arm, lr, [0])
+    ratio = grid[-1] / grid[-2]
+    for _ in range(bracket):
+      first = {lr: _val(report, arm, lr, 0) for lr in grid}
+      best = min(first, key=first.get)
+      if grid[0] < best < grid[-1]:
+        break
+      new = best * ratio if best == grid[-1] else best / ratio
+      log(f"{arm}: best first-seed LR {best:.3g} at the grid's edge; adding {new:.3g}")
+      grid = sorted(grid + [new])
+      runs_of(arm, new, [0])
+    first = {lr: _val(report, arm, lr, 0) for lr in grid}
+    for lr in sorted(grid, key=first.get)[:top_lrs or len(grid)]:
+      runs_of(arm, lr, range(seeds))
+  report["lrs"] = sorted({float(r["lr"]) for r in report["runs"]} | set(report["lrs"]))
   if inputs:
     report["eval_tokens"] = int(sum(b.size for b in inputs["eval"]))
   report["wall_s"] = float(sum(r["wall_s"] for r in report["runs"]))
   report["summary"] = summarize(report)
   _write(path, report)
   return report
+
+
+def _listed(report: dict, arm: str, lr: float, seed: int) -> bool:
+  return any(r["optimizer"] == arm and r["lr"] == float(lr) and r["seed"] == seed
+             for r in report["runs"])
+
+
+def _val(report: dict, arm: str, lr: float, seed: int) -> float:
+  """A run's final validation loss; inf for a diverged (non-finite) one."""
+  v = next(r["final_val_loss"] for r in report["runs"] if r["optimizer"] == arm
+           and r["lr"] == float(lr) and r["seed"] == seed)
+  return v if math.isfinite(v) else math.inf
 
 
 def _finished_runs(path: str, run: RunConfig, steps: int) -> tuple[dict, str | None]:
@@ -186,12 +249,23 @@ def _finished_runs(path: str, run: RunConfig, steps: int) -> tuple[dict, str | N
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path} exists but is not a readable report ({e}); move it away "
                      "or choose another --workdir") from None
-  same_config = old.get("config") == json.loads(json.dumps(run.to_dict()))
+  same_config = old.get("config") == _as_old(json.loads(json.dumps(run.to_dict())),
+                                            old.get("config") or {})
   if not same_config or old.get("steps") != steps:
     raise ValueError(f"{path} is a report of another config or step count; choose "
                      "another --workdir (its runs are kept, not overwritten)")
   return ({(r["optimizer"], float(r["lr"]), int(r["seed"])): r for r in old["runs"]},
           old.get("started"))
+
+
+def _as_old(config: dict, old: dict) -> dict:
+  """`config` without the keys an older report's config lacks that hold their default
+  (keys added since): such a report is still of the same benchmark."""
+  from vesperjax.run_config import RunConfig
+  default = RunConfig().to_dict()
+  return {sec: {k: v for k, v in vals.items()
+                if k in old.get(sec, {}) or v != default.get(sec, {}).get(k)}
+          if isinstance(vals, dict) else vals for sec, vals in config.items()}
 
 
 def _write(path: str, report: dict) -> None:
@@ -217,13 +291,17 @@ def summarize(report: dict) -> dict:
         continue
       val = np.array([r["final_val_loss"] for r in rs])
       train = np.array([r["final_train_loss"] for r in rs])
-      rows.append(dict(optimizer=name, lr=float(lr), val_mean=float(val.mean()),
+      rows.append(dict(optimizer=name, lr=float(lr), seeds=len(rs),
+                       val_mean=float(val.mean()),
                        val_std=float(val.std()), train_mean=float(train.mean()),
                        train_std=float(train.std()),
                        step_s=float(np.median([r["step_s"] for r in rs]))))
   best, bracketed = {}, {}
   for name in report["optimizers"]:
     mine = [r for r in rows if r["optimizer"] == name and math.isfinite(r["val_mean"])]
+    # the best among the LRs run with the most seeds (the study protocol runs the other
+    # seeds only at the first seed's best LRs)
+    mine = [r for r in mine if r["seeds"] == max(x["seeds"] for x in mine)]
     if mine:
       best[name] = min(mine, key=lambda r: r["val_mean"])
       grid = [r["lr"] for r in rows if r["optimizer"] == name]
@@ -265,7 +343,7 @@ def clip_exits(runs: list[dict], window: int, tol: float = 1e-3) -> dict:
   moving-average training loss there (means over the runs where it happens, and how
   many those are); for each clip, the share of all steps at it and of the last fifth.
   A scale whose rule is off (always 1) is left out."""
-  from vesperjax.optim.velvet import B1_MAX, SCALE_MAX, SCALE_MIN
+  from vesperjax.optim.velvet_rules import B1_MAX, SCALE_MAX, SCALE_MIN
   bound = dict(max=SCALE_MAX, min=SCALE_MIN, cap=B1_MAX)
   out = {}
   for key, clip, event in _CLIP_EVENTS:

@@ -24,6 +24,9 @@ Formats (see docs/data.md):
           were the whole spec. A string that names an existing path is never split.
   stdlib  the .py files of the running interpreter's standard library (tests,
           site-packages and caches excluded), one document per file.
+  stdlib-docs
+          prose from the same files: each file's docstrings (one document) and the
+          language reference topics of pydoc_data (vesperjax/data/prose.py).
 
 Splits: each unit (a .txt document, a JSONL line, a SQuAD paragraph, a Parquet / Arrow
 row, a stdlib file) goes to "val" when a hash of its key (relative path + index; a
@@ -41,7 +44,7 @@ import re
 import sysconfig
 from typing import Iterator
 
-from vesperjax.data import columnar, errors
+from vesperjax.data import columnar, errors, prose
 
 Piece = tuple[str, bool]
 
@@ -59,6 +62,7 @@ SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 16 << 10
 PIECE_CHARS = 1 << 20
 _BLANK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 _WORD_START = re.compile(r"\S \S")  # a single space between two non-spaces
+EMBEDDED = {"stdlib": "py", "stdlib-docs": "pydoc"}  # corpora every machine has: kind
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test",
                 "__pycache__", "__phello__"}
 
@@ -133,6 +137,11 @@ class Source:
     for f in self.files:
       if f.kind == "py":
         yield from self._stdlib_file(f)
+        continue
+      if f.kind == "pydoc":
+        for key, text in prose.documents(f.path, f.rel):
+          if in_split(key, self.split, self.val_percent):
+            yield text, True
         continue
       if f.kind in columnar.KINDS:
         for row, text in columnar.rows(f.path, f.kind, self.text_field):
@@ -322,7 +331,7 @@ def _kind(path: str) -> str:
   return {".jsonl": "jsonl", ".json": "squad", **columnar.SUFFIX_KINDS}.get(ext, "txt")
 
 
-def _stdlib_files(root: str) -> list[File]:
+def _stdlib_files(root: str, kind: str = "py") -> list[File]:
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames
@@ -330,14 +339,14 @@ def _stdlib_files(root: str) -> list[File]:
     for name in sorted(filenames):
       if name.endswith(".py") and not name.startswith("."):
         path = os.path.join(dirpath, name)
-        out.append(File(path, os.path.relpath(path, root).replace(os.sep, "/"), "py"))
+        out.append(File(path, os.path.relpath(path, root).replace(os.sep, "/"), kind))
   return sorted(out, key=lambda f: f.rel)
 
 
 def parse_split(spec: str, split: str | None) -> tuple[str, str]:
   """`stdlib:val` / `data.txt:train` carry the split in the spec; an argument wins."""
   base, sep, tail = spec.rpartition(":")
-  if sep and tail in SPLITS and (base == "stdlib" or not os.path.exists(spec)):
+  if sep and tail in SPLITS and (base in EMBEDDED or not os.path.exists(spec)):
     return base, split or tail
   return spec, split or "train"
 
@@ -379,12 +388,12 @@ def open_source(spec: str | list[str] | tuple[str, ...], split: str | None = Non
 
 def _resolve_entry(entry: str) -> tuple[str, str, list[File]]:
   """(canonical spec, short name, files) of one entry: stdlib, a glob, a file, a folder."""
-  if entry == "stdlib":
+  if entry in EMBEDDED:
     root = stdlib_root()
-    files = _stdlib_files(root)
+    files = _stdlib_files(root, EMBEDDED[entry])
     if not files:
       raise errors.EmptySourceError(f"{root}: no standard-library .py files found")
-    return "stdlib", "stdlib", files
+    return entry, entry, files
   expanded = os.path.expanduser(entry)
   if _GLOB_MAGIC.search(expanded) and not os.path.exists(expanded):
     return _resolve_glob(entry, os.path.abspath(expanded))

@@ -11,7 +11,10 @@ The entropy target 0.5 (normalised entropy at which the lr is unchanged), the
 perplexity target 40, the log-perplexity cap 20, the band [0.7, 1.3] and the
 b1 band [0.5, 0.999] are the original optimizer's constants. A missing or
 non-finite signal gives a neutral 1: no ``loss`` gives ``ps = 1``; a non-finite
-loss gives ``es = ps = 1``; a non-finite entropy gives ``es = 1``.
+loss gives ``es = ps = 1``; a non-finite entropy gives ``es = 1``. These are the
+``rules="original"``; ``rules="corrected"`` (averaged signals, a perplexity target
+that follows the run's own loss, the rule on the momentum horizon, and the bias
+correction below by the product of the b1s used) is in ``velvet_rules.py``.
 
 Per step ``t = 1, 2, ...`` (``lr`` is the schedule at step ``t - 1``, as in
 optax), on gradients already clipped by their global norm (``clipping.py``)::
@@ -20,11 +23,11 @@ optax), on gradients already clipped by their global norm (``clipping.py``)::
   b1_t = clip(b1 * ps, 0.5, 0.999)             (perplexity_guided)
   m'   = b1_t m + (1 - b1_t) g
   v'   = b2 v + (1 - b2) g^2
-  d    = (m' / (1 - b1_t^t)) / (sqrt(v' / (1 - b2^t)) + eps)
+  d    = (m' / bc1) / (sqrt(v' / (1 - b2^t)) + eps)
+  bc1  = 1 - b1_t^t (original) or 1 - prod_{i<=t} b1_i ("product")
   u    = -lr_t * (wd * p + d)                  (optax sign: p' = p + u)
 
-The first moment's bias correction uses this step's adapted ``b1_t``, as the
-original does. Weight decay is decoupled (AdamW) and follows ``lr_t``.
+The original's first-moment bias correction uses this step's adapted ``b1_t``. Weight decay is decoupled (AdamW) and follows ``lr_t``.
 ``p + u`` equals the original's two stages ``p *= 1 - lr_t wd;
 p -= lr_t d``. With both features off and no clipping, Velvet is ``optax.adamw``.
 
@@ -54,28 +57,13 @@ import jax.numpy as jnp
 import optax
 
 from vesperjax.optim import clipping
-
-SCALE_MIN = 0.7
-SCALE_MAX = 1.3
-ENTROPY_TARGET = 0.5
-PERPLEXITY_TARGET = 40.0
-MAX_LOG_PERPLEXITY = 20.0
-B1_MIN = 0.5
-B1_MAX = 0.999
-
+from vesperjax.optim import velvet_rules as rules_lib
+from vesperjax.optim.velvet_rules import adapted_b1  # noqa: F401  (public here too)
 
 class VelvetScales(NamedTuple):
   """Multipliers for the learning rate and beta1 (fp32 scalars)."""
   entropy_scale: jax.Array
   perplexity_scale: jax.Array
-
-
-def _scalar(x: Any, name: str) -> jax.Array:
-  x = jnp.asarray(x, jnp.float32)
-  if x.ndim != 0:
-    raise ValueError(f"Velvet: `{name}` must be a scalar (the step's mean), "
-                     f"got shape {x.shape}.")
-  return x
 
 
 def velvet_scales(
@@ -86,44 +74,33 @@ def velvet_scales(
     entropy_adaptive: bool = True,
     perplexity_guided: bool = True,
 ) -> VelvetScales:
-  """Entropy scale ``es`` (for the lr) and perplexity scale ``ps`` (for b1).
+  """Entropy scale ``es`` (for the lr) and perplexity scale ``ps`` (for b1) of one
+  batch's signal under the original rules (no averaging).
 
   The rules and their neutral cases are in the module docstring; a disabled
   feature always gives 1. ``entropy_adaptive`` with a signal needs
   ``vocab_size`` (ValueError otherwise).
   """
+  return velvet_scales_of(rules_lib.init_signals(), loss, entropy, rules_lib.ORIGINAL,
+                          vocab_size=vocab_size, entropy_adaptive=entropy_adaptive,
+                          perplexity_guided=perplexity_guided)[1]
+
+
+def velvet_scales_of(signals: rules_lib.SignalState, loss, entropy,
+                     rules: rules_lib.VelvetRules, *, vocab_size=None,
+                     entropy_adaptive=True, perplexity_guided=True):
+  """``(new signal averages, VelvetScales)``: this step's signal folded into
+  ``signals``, and the scales ``rules`` give from them."""
+  signals, s = rules_lib.track_signals(signals, loss, entropy, rules)
+  has_loss, has_entropy = loss is not None, entropy is not None
   one = jnp.ones([], jnp.float32)
-  loss = None if loss is None else _scalar(loss, "loss")
-  entropy = None if entropy is None else _scalar(entropy, "entropy")
-  loss_ok = one.astype(bool) if loss is None else jnp.isfinite(loss)
-
-  es = one
-  signal = entropy if entropy is not None else loss
-  if entropy_adaptive and signal is not None:
+  es = ps = one
+  if entropy_adaptive and (has_loss or has_entropy):
     check_vocab(entropy_adaptive, vocab_size)
-    log_v = jnp.log(jnp.asarray(vocab_size, jnp.float32))
-    raw = (jnp.minimum(signal, log_v) / log_v) / ENTROPY_TARGET
-    es = jnp.where(loss_ok & jnp.isfinite(signal),
-                   jnp.clip(raw, SCALE_MIN, SCALE_MAX), one)
-
-  ps = one
-  if perplexity_guided and loss is not None:
-    ppl = jnp.maximum(jnp.exp(jnp.minimum(loss, MAX_LOG_PERPLEXITY)), 1.0)
-    ps = jnp.where(loss_ok, jnp.clip(PERPLEXITY_TARGET / ppl, SCALE_MIN,
-                                     SCALE_MAX), one)
-  return VelvetScales(entropy_scale=es, perplexity_scale=ps)
-
-
-def adapted_b1(b1: Any, perplexity_scale: jax.Array,
-               perplexity_guided: bool = True) -> jax.Array:
-  """``clip(b1 * ps, 0.5, 0.999)`` if perplexity-guided, else ``b1`` as is.
-
-  Leaving b1 unclipped when the feature is off keeps Velvet == AdamW exactly.
-  """
-  b1 = jnp.asarray(b1, jnp.float32)
-  if not perplexity_guided:
-    return b1
-  return jnp.clip(b1 * perplexity_scale, B1_MIN, B1_MAX)
+    es = rules_lib.entropy_scale(s, vocab_size, use_loss=not has_entropy)
+  if perplexity_guided and has_loss:
+    ps = rules_lib.perplexity_scale(s, rules)
+  return signals, VelvetScales(entropy_scale=es, perplexity_scale=ps)
 
 
 def bias_corrections(b1: Any, b2: Any, t: Any) -> tuple[Any, Any]:
@@ -158,15 +135,17 @@ def velvet_element(p, g, m, v, *, b1, b2, eps, bc1, bc2, lr=None,
 
 
 def velvet_leaf(p, g, m, v, *, b1, b2, eps, count, lr=None, weight_decay=None,
-                skip_zero_grads=False):
+                skip_zero_grads=False, bc1=None):
   """``velvet_element`` on one leaf, its scalars cast to the moments' dtype.
 
   ``u`` comes back in the dtype of what it updates: ``p``'s for the whole
-  step, ``g``'s for the direction alone (``lr=None``).
+  step, ``g``'s for the direction alone (``lr=None``). ``bc1``: the first
+  moment's bias correction when not ``1 - b1^count`` (the "product" rule).
   """
   dt = m.dtype
   b1, b2, eps = (jnp.asarray(x, dt) for x in (b1, b2, eps))
-  bc1, bc2 = bias_corrections(b1, b2, jnp.asarray(count).astype(dt))
+  step_bc1, bc2 = bias_corrections(b1, b2, jnp.asarray(count).astype(dt))
+  bc1 = step_bc1 if bc1 is None else jnp.asarray(bc1, dt)
   if lr is not None:
     lr, weight_decay = jnp.asarray(lr, dt), jnp.asarray(weight_decay, dt)
   u, new_m, new_v = velvet_element(
@@ -185,18 +164,19 @@ def map_leaves3(fn: Callable[..., Any], tree: Any, *rest: Any):
 def velvet_update_reference(params: Any, grads: Any, mu: Any, nu: Any, *,
                             lr: Any, b1: Any, b2: Any, eps: Any,
                             weight_decay: Any, count: Any,
-                            skip_zero_grads: bool = False):
+                            skip_zero_grads: bool = False, bc1: Any = None):
   """One Velvet step over pytrees, in plain ``jnp`` (the fused kernel's contract).
 
   ``grads`` are already clipped; ``lr`` and ``b1`` are the step's effective
   (adapted) ``lr_t`` and ``b1_t``; ``count`` is the step ``t``, already
-  incremented (``t >= 1``); ``skip_zero_grads`` is the lazy rule. The math
+  incremented (``t >= 1``); ``skip_zero_grads`` is the lazy rule; ``bc1``
+  replaces ``1 - b1^t`` when given (the "product" bias correction). The math
   runs in the moments' dtype (fp32 by default) per ``velvet_element``.
   Returns ``(updates, new_mu, new_nu)``, ``updates`` in the params' dtypes.
   """
   return map_leaves3(functools.partial(
       velvet_leaf, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      count=count, skip_zero_grads=skip_zero_grads), params, grads, mu, nu)
+      count=count, skip_zero_grads=skip_zero_grads, bc1=bc1), params, grads, mu, nu)
 
 
 class VelvetState(NamedTuple):
@@ -208,6 +188,8 @@ class VelvetState(NamedTuple):
   b1: jax.Array               # effective b1_t
   entropy_scale: jax.Array
   perplexity_scale: jax.Array
+  b1_product: jax.Array       # prod of the b1_t used so far ("product" correction)
+  signals: rules_lib.SignalState  # the averaged loss and entropy the rules read
 
 
 def f32(x) -> jax.Array:
@@ -316,6 +298,7 @@ def scale_by_velvet(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     mu_dtype: Optional[Any] = None,
     shardings: Optional[Any] = None,
+    rules: str | rules_lib.VelvetRules = "original",
 ) -> optax.GradientTransformationExtraArgs:
   """The whole Velvet step on (already clipped) gradients; returns final updates.
 
@@ -344,11 +327,14 @@ def scale_by_velvet(
       are sharded alike): the kernel runs per shard under ``jax.shard_map``
       (XLA cannot partition it; it would gather every parameter whole onto
       every device). Ignored when ``fused=False``: XLA partitions that path.
+    rules: "original" (the original optimizer's rules), "corrected", or a
+      ``velvet_rules.VelvetRules``: how loss and entropy become the scales.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``VelvetState``.
   """
   check_vocab(entropy_adaptive, vocab_size)
+  rules = rules_lib.resolve_rules(rules)
   step = _load_fused_kernel(fused) if fused else velvet_update_reference
 
   def init_fn(params):
@@ -357,28 +343,32 @@ def scale_by_velvet(
         count=count, mu=zeros_moments(params, mu_dtype),
         nu=zeros_moments(params, mu_dtype), learning_rate=lr_at(learning_rate, count),
         b1=f32(b1), entropy_scale=jnp.ones([], jnp.float32),
-        perplexity_scale=jnp.ones([], jnp.float32))
+        perplexity_scale=jnp.ones([], jnp.float32),
+        b1_product=jnp.ones([], jnp.float32), signals=rules_lib.init_signals())
 
   def update_fn(updates, state, params=None, *, loss=None, entropy=None,
                 sparse_mask=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("scale_by_velvet needs params (decoupled weight decay).")
-    es, ps = velvet_scales(
-        loss, entropy, vocab_size=vocab_size,
+    signals, (es, ps) = velvet_scales_of(
+        state.signals, loss, entropy, rules, vocab_size=vocab_size,
         entropy_adaptive=entropy_adaptive, perplexity_guided=perplexity_guided)
     lr_t = lr_at(learning_rate, state.count) * es
-    b1_t = adapted_b1(b1, ps, perplexity_guided)
+    b1_t = adapted_b1(b1, ps, perplexity_guided, rules)
     count = optax.safe_increment(state.count)
+    bc1, b1_product = rules_lib.first_moment_correction(b1_t, count, state.b1_product,
+                                                        rules)
     grads = prepare_grads(updates, sparse_mask, sparse_aware)
     decay_mask = mask(params) if callable(mask) else mask
     new_updates, mu, nu = _grouped_step(
         step, params, grads, state.mu, state.nu, decay_mask, f32(weight_decay),
         shardings=shardings if fused else None, lr=lr_t, b1=b1_t, b2=f32(b2),
-        eps=f32(eps), count=count, skip_zero_grads=sparse_aware)
+        eps=f32(eps), count=count, skip_zero_grads=sparse_aware,
+        bc1=bc1 if rules.bias_correction == "product" else None)
     return new_updates, VelvetState(
         count=count, mu=mu, nu=nu, learning_rate=lr_t, b1=b1_t,
-        entropy_scale=es, perplexity_scale=ps)
+        entropy_scale=es, perplexity_scale=ps, b1_product=b1_product, signals=signals)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -399,6 +389,7 @@ def velvet(
     mu_dtype: Optional[Any] = None,
     *,
     shardings: Optional[Any] = None,
+    rules: str | rules_lib.VelvetRules = "original",
 ) -> optax.GradientTransformationExtraArgs:
   """Velvet: AdamW with an entropy-adaptive lr and a perplexity-guided b1.
 
@@ -418,7 +409,7 @@ def velvet(
           entropy_adaptive=entropy_adaptive,
           perplexity_guided=perplexity_guided, vocab_size=vocab_size,
           sparse_aware=sparse_aware, fused=fused, mask=mask,
-          mu_dtype=mu_dtype, shardings=shardings))
+          mu_dtype=mu_dtype, shardings=shardings, rules=rules))
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 summary and plots, and one-line errors."""
 import gzip
 import json
+import math
 import os
 
 import numpy as np
@@ -189,6 +190,45 @@ def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, 
   code, _, err = run_main(capsys, *common, "--config.optim.b2=0.99")
   assert code == 2 and "another config" in err
   assert json.load(open(path)) == second
+
+
+def test_protocol_brackets_each_optimum_then_adds_seeds_at_the_best_lrs(
+    capsys, tmp_path, corpus, monkeypatch):
+  """--bracket grows the grid past an edge optimum; --top-lrs runs the other seeds at
+  the first seed's best LRs only. Training is replaced by a loss that depends on the
+  peak LR alone (best at 8e-3), so the protocol's choices can be checked by hand."""
+  from vesperjax.bench import optimizers as bench_optimizers
+
+  def fake_run(steps, seed_key, batches, eval_data, eval_every, schedule):
+    lr = max(float(schedule(i)) for i in range(len(batches)))
+    val = 4.0 + (math.log(lr) - math.log(8e-3)) ** 2 + 0.001 * len(ran)
+    ran.append(lr)
+    curves = {"loss": [val] * len(batches), "learning_rate": [lr] * len(batches)}
+    return curves, [(0, 5.0), (len(batches), val)], [0.1, 0.1]
+
+  ran = []
+  monkeypatch.setattr(bench_optimizers, "_run_one", fake_run)
+  work = str(tmp_path / "protocol")
+  code, out, err = run_main(
+      capsys, "optimizers", *TOY, "--config.data.tokenizer=byte",
+      f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
+      "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "3",
+      "--lrs", "1e-3,2e-3", "--steps", "2", "--optimizers", "adamw",
+      "--top-lrs", "2", "--bracket", "4")
+  assert code == 0, err
+  # seed 0: 1e-3, 2e-3, then 4e-3, 8e-3 (edge each time), 1.6e-2 brackets 8e-3
+  assert ran[:5] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
+  report = json.load(open(os.path.join(work, "benchmark_report.json")))
+  seeds = {}
+  for r in report["runs"]:
+    seeds.setdefault(round(r["lr"], 6), []).append(r["seed"])
+  # the two best first-seed LRs (8e-3, then 4e-3 by the fake's tie-break) get 3 seeds
+  assert sorted(seeds[0.008]) == [0, 1, 2] and sorted(seeds[0.004]) == [0, 1, 2]
+  assert all(s == [0] for lr, s in seeds.items() if lr not in (0.008, 0.004))
+  assert len(ran) == 5 + 4
+  summary = report["summary"]
+  assert summary["best"]["adamw"]["lr"] == pytest.approx(8e-3)
+  assert summary["best"]["adamw"]["seeds"] == 3 and summary["bracketed"]["adamw"]
 
 
 @pytest.mark.parametrize("gz", [False, True])

@@ -1,6 +1,7 @@
 """Sources: formats, splits, streaming, bad input."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -117,6 +118,29 @@ def test_stdlib_split(monkeypatch):
   assert len(list(tr.documents())) + len(list(va.documents())) == len(list(al.documents()))
   full = sources._stdlib_files(sources.sysconfig.get_paths()["stdlib"])
   assert not any("/test/" in f"/{f.rel}" or "site-packages" in f.rel for f in full)
+
+
+def test_stdlib_docs_is_the_docstrings_and_the_reference_topics(monkeypatch, tmp_path):
+  """stdlib-docs: one document of docstrings per module (checked against the imported
+  module's own __doc__, cleaned as inspect does) and one per pydoc topic."""
+  import inspect
+  import json as json_module
+  import pydoc_data.topics
+  root = os.path.join(sources.stdlib_root(), "json")
+  monkeypatch.setattr(sources, "stdlib_root", lambda: root)
+  every = list(sources.open_source("stdlib-docs", "all").documents())
+  init = next(d for d in every if d.startswith(inspect.cleandoc(json_module.__doc__)))
+  assert inspect.cleandoc(json_module.dumps.__doc__) in init
+  assert "def dumps(" not in init and "import codecs" not in init  # not the code
+  tr = list(sources.open_source("stdlib-docs").documents())
+  va = list(sources.open_source("stdlib-docs:val").documents())
+  assert sorted(tr + va) == sorted(every)
+  (tmp_path / "pydoc_data").mkdir()  # a stdlib holding only the topics
+  shutil.copy(pydoc_data.topics.__file__, tmp_path / "pydoc_data" / "topics.py")
+  monkeypatch.setattr(sources, "stdlib_root", lambda: str(tmp_path))
+  topics = list(sources.open_source("stdlib-docs", "all").documents())
+  assert len(topics) == sum(1 for t in pydoc_data.topics.topics.values() if t.strip())
+  assert pydoc_data.topics.topics["assert"].strip() in topics
 
 
 def test_one_huge_line_is_cut_without_changing_its_tokens(tmp_path, monkeypatch):

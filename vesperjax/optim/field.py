@@ -109,8 +109,9 @@ def make_optimizer(optim: OptimConfig, max_steps: int, vocab_size: int, *,
                         muon_weight_dimension_numbers=muon_dimension_numbers,
                         consistent_rms=MUON_CONSISTENT_RMS)
   elif optim.name == "schedule_free_adamw":
-    base = contrib.schedule_free_adamw(
-        optim.lr, warmup_steps=min(optim.warmup_steps, max(max_steps - 1, 0)),
+    warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
+    base = contrib.schedule_free_adamw(  # its warmup_steps=0 would hold the LR at 0
+        optim.lr, warmup_steps=warmup or None,
         b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
   elif optim.name == "ademamix":
     alpha = optax.linear_schedule(0.0, ADEMAMIX_ALPHA, max_steps)

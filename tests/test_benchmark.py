@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vesperjax import benchmark
-from vesperjax.bench.optimizers import clip_exits, format_table, summarize
+from vesperjax.bench.optimizers import clip_exits, summarize
+from vesperjax.bench.tables import format_table, markdown_table
 
 TOY = ["--config", "experiments/tiny.py", "--config.model.hidden_size=32",
        "--config.model.num_layers=1", "--config.model.num_heads=2",
@@ -111,6 +112,15 @@ def test_summary_picks_each_optimizers_best_lr():
   assert s["gap_exceeds_seed_std"]
   table = format_table(s)
   assert table.count("*") >= 2 and "velvet" in table and "adamw" in table
+
+
+def test_markdown_table_has_one_row_per_arm_at_its_best_lr():
+  table = markdown_table(fake_report()["summary"]).splitlines()
+  assert len(table) == 2 + 2
+  # velvet: best LR 1e-3, seeds 4.01 and 4.02 -> 4.015 +- 0.005, vs adamw 4.115
+  assert table[2] == ("| velvet | 0.001 (grid edge) | 2 | 4.015 ± 0.005 | "
+                      f"{100 * (4.015 - 4.115) / 4.115:+.2f}% | yes |")
+  assert table[3].startswith("| adamw | 0.001 (grid edge) | 2 | 4.115 ± 0.005 |  |")
 
 
 def test_summary_compares_every_arm_with_adamw_and_flags_unbracketed_optima():
@@ -244,6 +254,9 @@ def test_plot_command_redraws_a_report(capsys, tmp_path, gz):
   assert code == 0, err
   assert len(out.strip().splitlines()) == 5
   assert all(os.path.getsize(p) > 1000 for p in out.split())
+  code, out, err = run_main(capsys, "table", "--report", str(path))
+  assert code == 0, err
+  assert out.strip() == markdown_table(summarize(fake_report()))
 
 
 @pytest.mark.parametrize("args,message", [

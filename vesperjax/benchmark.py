@@ -9,6 +9,7 @@ throughput: times the trainer's jit train step (after compiling it) on synthetic
   one JSON line (`bench.throughput`).
 plot: redraws the plots of a report: `plot --report WORKDIR/benchmark_report.json` (or
   a gzipped `.json.gz`).
+table: prints a report's one-row-per-arm markdown table: `table --report REPORT`.
 
 `--config.key=value` overrides apply as in `vesperjax.train`. Bad input ends with one
 `error:` line on stderr and exit status 2.
@@ -24,13 +25,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.bench.optimizers import (ARMS, OPTIMIZERS, format_table, run_optimizers,
-                                         summarize)
+from vesperjax.bench.optimizers import ARMS, OPTIMIZERS, run_optimizers, summarize
+from vesperjax.bench.tables import format_table, markdown_table
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
 from vesperjax.cli import load_run_config, run_cli
 
-COMMANDS = ("optimizers", "throughput", "plot")
+COMMANDS = ("optimizers", "throughput", "plot", "table")
 
 # Own FlagValues: vesperjax.train defines --config/--workdir on the global FLAGS and
 # tests import both modules into one process.
@@ -68,7 +69,7 @@ _SEQ = flags.DEFINE_integer("seq-len", None, "throughput: sequence length (defau
                             "config.data.seq_len).", flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "throughput: untimed steps after compiling.",
                                flag_values=FLAGS)
-_REPORT = flags.DEFINE_string("report", None, "plot: a benchmark_report.json.",
+_REPORT = flags.DEFINE_string("report", None, "plot, table: a benchmark_report.json.",
                               flag_values=FLAGS)
 
 
@@ -93,10 +94,10 @@ def _floats(values, flag: str) -> list[float]:
 
 
 def _command(name: str) -> int:
-  if name == "plot":
+  if name in ("plot", "table"):
     path = _REPORT.value
     if not path or not os.path.isfile(path):
-      raise ValueError(f"plot needs --report REPORT.json (got {path!r})")
+      raise ValueError(f"{name} needs --report REPORT.json (got {path!r})")
     opener = gzip.open if path.endswith(".gz") else open  # large sweeps are kept gzipped
     with opener(path, "rt") as f:
       try:
@@ -104,6 +105,9 @@ def _command(name: str) -> int:
       except (json.JSONDecodeError, gzip.BadGzipFile, EOFError) as e:
         raise ValueError(f"{path}: not a JSON report ({e})") from None
     report["summary"] = summarize(report)  # as this version reads the runs
+    if name == "table":
+      print(markdown_table(report["summary"]))
+      return 0
     for p in plot_report(report, os.path.join(os.path.dirname(path) or ".", "plots")):
       print(p)
     return 0

@@ -6,7 +6,8 @@ optimizer with its tuning.) The arms (`ARMS`) are Velvet, AdamW, AdamW at the be
 Velvet's perplexity rule gives while clipped, and Velvet with one rule or none. Each run
 uses the trainer's own jit train/eval steps (`build.build_model`) on one device.
 `run_optimizers` writes WORKDIR/benchmark_report.json after every run and keeps the
-finished runs of an interrupted sweep; `summarize` and `format_table` read the report.
+finished runs of an interrupted sweep; `summarize` reads the report (`bench.tables`
+formats it).
 """
 from __future__ import annotations
 
@@ -376,30 +377,5 @@ def moving_mean(y, window: int) -> np.ndarray:
   return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
 
 
-def format_table(summary: dict) -> str:
-  """The sweep's table, each arm against the best AdamW, and the clip events."""
-  lines = [f"{'arm':<17} {'lr':>9} {'val loss':>17} {'val ppl':>9} "
-           f"{'train loss':>17} {'s/step':>7}"]
-  for r in summary["table"]:
-    mark = " *" if summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"] else ""
-    lines.append(f"{r['optimizer']:<17} {r['lr']:>9.3g} {r['val_mean']:>9.4f} ± "
-                 f"{r['val_std']:<5.3f} {math.exp(min(r['val_mean'], 50)):>9.2f} "
-                 f"{r['train_mean']:>9.4f} ± {r['train_std']:<5.3f} {r['step_s']:>7.3f}"
-                 f"{mark}")
-  lines.append("* = each arm's best LR")
-  for name, pct in summary.get("vs_adamw_pct", {}).items():
-    noise = "" if summary["exceeds_seed_std"][name] else " (within the seeds' spread)"
-    lines.append(f"best {name} vs best adamw validation loss: {pct:+.2f}%{noise}")
-  edge = [n for n, ok in summary.get("bracketed", {}).items() if not ok]
-  if edge:
-    lines.append(f"best LR at the grid's edge (optimum not bracketed): {', '.join(edge)}")
-  for name, events in summary.get("clip_exits", {}).items():
-    lines.append(f"{name} at its best LR (a clip is left / reached where half the "
-                 "steps of a moving window are off / at it):")
-    for event, e in events.items():
-      where = ("never" if e["step"] is None else f"at step {e['step']:.0f}, loss "
-               f"{e['loss']:.2f} ({e['seeds']}/{e['of']} seeds)")
-      lines.append(f"  {event.replace('_', ' ')} {where}; steps at that clip: "
-                   f"{e['share_at_clip']:.0%} (last fifth "
-                   f"{e['share_at_clip_last_fifth']:.0%})")
-  return "\n".join(lines)
+# The studio's benchmark view imported the table from here before it had a module of its own.
+from vesperjax.bench.tables import format_table  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import vesperjax as vj  # noqa: E402
-from vesperjax.config import num_params  # noqa: E402
+from vesperjax.model.size import num_params  # noqa: E402
 from vesperjax.sampling import generate  # noqa: E402
 
 PATHS = {"loop": None, "streaming": lambda t: None}

@@ -202,7 +202,8 @@ def _cell_text(c: dict) -> str:
 
 
 def markdown(data: dict) -> str:
-  from vesperjax.config import model_preset, num_params
+  from vesperjax.config import model_preset
+  from vesperjax.model.size import num_params
   rows = []
   head = ("| preset | params | devices | seq | " + " | ".join(POLICIES) + " |\n"
           "|---|---:|---:|---:|" + "---:|" * len(POLICIES))

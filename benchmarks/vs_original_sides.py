@@ -165,7 +165,7 @@ def ours_describe_worker(spec: dict) -> dict:
   """Our model's shapes and parameter count as the experiment config builds it."""
   import importlib.util
   import numpy as np
-  from vesperjax.config import num_params
+  from vesperjax.model.size import num_params
   from vesperjax.run_config import RunConfig, model_config
   loader = importlib.util.spec_from_file_location("experiment", ROOT / spec["config"])
   mod = importlib.util.module_from_spec(loader)

@@ -4,7 +4,7 @@ The same contract as the Pallas Triton kernel in ``_velvet_update.py`` (which pa
 leaves into buckets and calls this through ``velvet_update(..., impl="mosaic")``): one
 launch per fp32 1-D bucket reads p, g, m, v once and writes update, m', v'; the step's
 scalars are an input array, so a new step never recompiles; per element the body calls
-``vesperjax.optim.velvet.velvet_element``, the one definition of Velvet's math.
+``vesperjax.optim.velvet_math.velvet_element``, the one definition of Velvet's math.
 
 Mosaic GPU's limits shape the kernel:
 
@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vesperjax.optim.velvet import velvet_element
+from vesperjax.optim.velvet_math import velvet_element
 
 from . import _dispatch
 

@@ -6,7 +6,7 @@ leaves' views concatenated, padded to the block size), each updated by one
 place; the buckets are then split back into the tree. Step-dependent scalars (lr, b1,
 bias corrections) travel as a small fp32 array input, so a new step never recompiles.
 
-Per element the kernel body calls ``vesperjax.optim.velvet.velvet_element``, the one
+Per element the kernel body calls ``vesperjax.optim.velvet_math.velvet_element``, the one
 definition of Velvet's math (its module docstring has the equations), on fp32 blocks
 (grads/params may be bf16; the buckets are fp32). The pure-JAX path is the optimizer's
 ``velvet_update_reference``, on the same function.
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vesperjax.optim.velvet import bias_corrections, velvet_element, velvet_update_reference
+from vesperjax.optim.velvet_math import bias_corrections, velvet_element, velvet_update_reference
 
 from . import _dispatch, platform
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.gpu_util import needs_gpu_compile
 from vesperjax import gpu_targets, plan
-from vesperjax.config import num_params
+from vesperjax.model.size import num_params
 from vesperjax.data import cache as token_cache
 from vesperjax.run_config import RunConfig, default_run_config, model_config
 

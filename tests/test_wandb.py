@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from tests.test_train import ROOT, corpus, losses, overrides, tiny_run  # noqa: F401
-from vesperjax.config import ModelConfig, num_params
+from vesperjax.config import ModelConfig
+from vesperjax.model.size import num_params
 from vesperjax.run_config import RunConfig
 from vesperjax.train import train
 from vesperjax.trainer import RunError, Trainer

@@ -9,7 +9,7 @@ from vesperjax import _kernels_mount  # noqa: E402
 
 _kernels_mount.install()
 
-_EXPORTS = {"ModelConfig": "config", "model_preset": "config", "num_params": "config",
+_EXPORTS = {"ModelConfig": "config", "model_preset": "config", "num_params": "model.size",
             "PRESET_NAMES": "config", "VesperLM": "model", "trainable_filter": "model",
             "load_pretrained": "pretrained"}
 

@@ -29,6 +29,7 @@ from vesperjax import sharding
 from vesperjax.checkpoint import (CHECKPOINTS, Checkpointer, CheckpointError, read_json,
                                   read_model_variables)
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
+from vesperjax.errors import RunError
 from vesperjax.data.mixture import parse_mixture
 from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
@@ -38,10 +39,6 @@ from vesperjax.workdir_lock import acquire_for_job, describe_holder
 
 if TYPE_CHECKING:
   from ml_collections import ConfigDict
-
-class RunError(RuntimeError):
-  """A run that cannot start or continue as configured (one-line message)."""
-
 
 def log_line(text: str) -> None:
   """A status line on stderr, from process 0 only."""

@@ -27,19 +27,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from vesperjax.cli import _one_line
+from vesperjax.errors import CheckpointError, CheckpointSaveError, one_line
 
 CHECKPOINTS, BEST, CORRUPT = "checkpoints", "best", "corrupt"
 _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used (missing, or not from this kind of run)."""
-
-
-class CheckpointSaveError(CheckpointError):
-  """A checkpoint could not be written; the earlier ones are intact."""
 
 
 def _manager(path: str, keep: int, async_save: bool, best: bool = False):
@@ -101,7 +93,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception)
-      text = _one_line(e)
+      text = one_line(e)
       found = re.search(r"/(\d+)" + re.escape(_TMP_SUFFIX), text)
       failed = found.group(1) if found else step
       removed = self._remove_partial_saves()
@@ -154,7 +146,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
             self._read_best_loss()
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception)
-          failed.append((manager, step, _one_line(e)))
+          failed.append((manager, step, one_line(e)))
           continue
         for bad_manager, bad_step, reason in failed:
           where = _set_aside(str(bad_manager.directory), str(bad_step))
@@ -225,6 +217,29 @@ def _set_aside(root: str, step: str) -> str:
   return dest
 
 
+def _choose(manager, workdir: str, step: int | None, best: bool) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no {'best ' if best else ''}checkpoint in {workdir}")
+  if step is None:
+    return manager.best_step() if best else manager.latest_step()
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have "
+                          f"{sorted(steps)}")
+  return step
+
+
+def choose_step(workdir: str, step: int | None = None, best: bool = False) -> int:
+  """The checkpoint step to read: `step` if saved, else the latest (or the best with
+  `best=True`); a CheckpointError naming what exists otherwise."""
+  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False,
+                     best=best)
+  try:
+    return _choose(manager, workdir, step, best)
+  finally:
+    manager.close()
+
+
 def read_json(path: str) -> dict[str, Any]:
   try:
     with open(path) as f:
@@ -243,14 +258,7 @@ def read_model_variables(workdir: str, target: dict, *, step: int | None = None,
   checkpoint, or the best one with `best=True`."""
   manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {workdir}")
-    if step is None:
-      step = manager.best_step() if best else manager.latest_step()
-    elif step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {workdir}; have "
-                            f"{sorted(steps)}")
+    step = _choose(manager, workdir, step, best)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))["state"]

@@ -15,21 +15,11 @@ from typing import Callable
 from absl import flags
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-  """Exception types that describe bad input rather than a bug."""
-  from vesperjax.build import RunError
-  from vesperjax.checkpoint import CheckpointError
-  from vesperjax.workdir_lock import WorkdirBusy
-  return (ValueError, OSError, RunError, CheckpointError, WorkdirBusy, flags.Error)
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join((str(e).strip() or type(e).__name__).split())
-  return text.split(" See full TensorStore details")[0]  # a multi-kilobyte spec dump
+from vesperjax.errors import one_line, user_errors  # noqa: F401  (commands import them here)
 
 
 def _config_file_error(e: BaseException) -> str:
-  return "cannot load --config: " + _one_line(e).rsplit("] ", 1)[-1]
+  return "cannot load --config: " + one_line(e).rsplit("] ", 1)[-1]
 
 
 def use_compilation_cache() -> None:
@@ -88,20 +78,20 @@ def run_cli(argv: list[str], body: Callable[[], int],
     sys.argv = list(argv)  # config_flags reads the --config.* overrides from sys.argv
     flag_values(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: override of a missing key
-    print(f"error: unknown config key {_one_line(e).strip(chr(34))} in the --config "
+    print(f"error: unknown config key {one_line(e).strip(chr(34))} in the --config "
           "overrides", file=sys.stderr)
     return 2
   except (OSError, SyntaxError) as e:  # the --config file is missing or broken
     print(f"error: {_config_file_error(e)}", file=sys.stderr)
     return 2
   except (flags.Error, TypeError, ValueError) as e:
-    text = _one_line(e)
+    text = one_line(e)
     if re.match(r"flag --config\.[\w.]+=None: ", text):  # a None default is no flag value
       text += "; leave the key out to keep its default (a model key: the preset's value)"
     print(f"error: {text}", file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001  (the --config file's own code raised)
-    print(f"error: cannot load --config: {type(e).__name__}: {_one_line(e)}",
+    print(f"error: cannot load --config: {type(e).__name__}: {one_line(e)}",
           file=sys.stderr)
     return 2
   finally:
@@ -112,7 +102,7 @@ def run_cli(argv: list[str], body: Callable[[], int],
     print("interrupted", file=sys.stderr)
     return 130
   except user_errors() as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   finally:  # main() may run again in the same process (tests, notebooks)
     flag_values.unparse_flags()

@@ -29,7 +29,7 @@ from typing import Callable
 from absl import flags
 
 from vesperjax import pretrained as fmt
-from vesperjax.cli import _one_line, run_cli, user_errors
+from vesperjax.cli import one_line, run_cli, user_errors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's save_pretrained default
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
@@ -114,25 +114,6 @@ def safetensors_header(entries: list[fmt.Entry], weights_dtype: str) -> bytes:
   return struct.pack("<Q", len(text)) + text
 
 
-def _checkpoint_step(workdir: str, step: int | None, best: bool) -> int:
-  from vesperjax.checkpoint import BEST, CHECKPOINTS, CheckpointError, _manager, _step_dirs
-  root = os.path.join(workdir, BEST if best else CHECKPOINTS)
-  steps = [int(s) for s in _step_dirs(root)]
-  if not steps:
-    raise CheckpointError(f"no {'best ' if best else ''}checkpoint in {workdir}")
-  if step is not None:
-    if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {root}; have {sorted(steps)}")
-    return step
-  if not best:
-    return max(steps)
-  manager = _manager(root, 1, False, best=True)
-  try:
-    return manager.best_step()
-  finally:
-    manager.close()
-
-
 def restore_variables(workdir: str, config, step: int, best: bool, mesh) -> dict:
   """{variable path: jax.Array} of the model at `step`, sharded on `mesh` by the logical
   rules (`build.load_model`'s restore, onto every device instead of one)."""
@@ -149,7 +130,7 @@ def restore_variables(workdir: str, config, step: int, best: bool, mesh) -> dict
   except user_errors():
     raise
   except Exception as e:  # noqa: BLE001  (orbax/tensorstore on a damaged checkpoint)
-    raise CheckpointError(f"cannot read checkpoint {step} of {workdir}: {_one_line(e)}") \
+    raise CheckpointError(f"cannot read checkpoint {step} of {workdir}: {one_line(e)}") \
         from None
   flat = {}
   for part in ("params", "rest"):
@@ -268,7 +249,8 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   tok_src = os.path.join(workdir, fmt.TOKENIZER_NAME)
   read_json(tok_src)  # present and JSON: a run directory
   kind = "best" if best else "latest" if step is None else "step"
-  step = _checkpoint_step(workdir, step, best)
+  from vesperjax.checkpoint import choose_step
+  step = choose_step(workdir, step, best)
   mesh = mesh or sharding.make_mesh(fsdp=-1)
   values = restore_variables(workdir, config, step, best, mesh)
 

@@ -15,7 +15,7 @@ import time
 
 from absl import flags
 
-from vesperjax.cli import _one_line, run_cli, use_compilation_cache, user_errors
+from vesperjax.cli import one_line, run_cli, use_compilation_cache, user_errors
 
 # Own FlagValues: the train and benchmark CLIs define flags of the same names, and
 # tests import them all into one process.
@@ -146,7 +146,7 @@ def _load(workdir: str, step: int | None, best: bool):
   except user_errors():
     raise
   except Exception as e:  # orbax/tensorstore on a damaged or foreign directory
-    raise CheckpointError(f"cannot load a checkpoint from {workdir}: {_one_line(e)}") from None
+    raise CheckpointError(f"cannot load a checkpoint from {workdir}: {one_line(e)}") from None
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> list[int]:

@@ -52,8 +52,8 @@ from ml_collections import config_flags
 
 from vesperjax.cli import load_run_config, run_cli
 from vesperjax.plan_search import (DEFAULT_VOCAB, GiB, TOKENS_PER_PARAM,  # noqa: F401
-                                   Progress, _log, cache_tokens, chinchilla, parse_tokens,
-                                   search_max_batch)
+                                   Progress, cache_tokens, chinchilla, log_progress,
+                                   parse_tokens, search_max_batch)
 from vesperjax.plan_search import fmt_bytes as _gib
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class Program:
     return self._steps
 
   def param_counts(self) -> dict:
-    from vesperjax.config import num_params
+    from vesperjax.model.size import num_params
     count = lambda tree: sum(math.prod(x.shape) for x in self._jax.tree.leaves(tree))
     trainable, frozen = count(self.steps.abstract.params), count(self.steps.abstract.rest)
     return dict(params_total=trainable + frozen, params_trainable=trainable,
@@ -190,7 +190,7 @@ def plan_step(run: RunConfig, *, target: str, devices: int = 1, mem_fraction: fl
 
   Keys: target, device_kind, devices, mesh, batch_size, grad_accum, seq_len, vocab_size,
   remat, mem_fraction, params_total (trainable + frozen, from the abstract state),
-  params_trainable, params_frozen, params_analytic (`config.num_params`),
+  params_trainable, params_frozen, params_analytic (`model.size.num_params`),
   per_device_bytes (arguments, outputs, aliased, temp, total, xla_peak),
   device_memory_bytes, budget_bytes, fits, compile_s, lower_s, collectives, custom_calls.
   """
@@ -199,12 +199,13 @@ def plan_step(run: RunConfig, *, target: str, devices: int = 1, mem_fraction: fl
   run = _prepared(run)
   program = Program(run, target, devices)
   program.check_batch(run.train.batch_size)
-  _log(progress, f"compiling {run.model.preset} for {devices} x {target} at batch "
-       f"{run.train.batch_size} x {run.data.seq_len} ...")
+  log_progress(progress, f"compiling {run.model.preset} for {devices} x {target} at "
+               f"batch {run.train.batch_size} x {run.data.seq_len} ...")
   compiled = program.compile(run.train.batch_size)
   budget = _budget(target, mem_fraction)
   total = compiled["per_device_bytes"]["total"]
-  _log(progress, f"  {_gib(total)} per device, compiled in {compiled['compile_s']} s")
+  log_progress(progress,
+               f"  {_gib(total)} per device, compiled in {compiled['compile_s']} s")
   return dict(
       target=target, device_kind=gpu_targets.device_kind(target), devices=devices,
       mesh=program.mesh_shape, preset=run.model.preset,
@@ -233,8 +234,8 @@ def max_batch(run: RunConfig, *, target: str, devices: int = 1, remat: str = "no
   program = Program(run, target, devices)
   s = run.data.seq_len
   limit = min(2**20, (2**31 - 1) // ((s + 1) * run.train.grad_accum))
-  _log(progress, f"max batch: {run.model.preset}, remat {remat}, {devices} x {target}, "
-       f"seq {s}, divisor {program.divisor}")
+  log_progress(progress, f"max batch: {run.model.preset}, remat {remat}, {devices} x "
+               f"{target}, seq {s}, divisor {program.divisor}")
   found = search_max_batch(
       lambda b: program.compile(b, details=False)["per_device_bytes"]["total"],
       _budget(target, mem_fraction), program.divisor, seed=seed, start=start,

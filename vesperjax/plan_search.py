@@ -18,7 +18,7 @@ GiB = 2**30
 Progress = Callable[[str], None] | None
 
 
-def _log(progress: Progress, message: str) -> None:
+def log_progress(progress: Progress, message: str) -> None:
   if progress is not None:
     progress(message)
 
@@ -84,7 +84,8 @@ def search_max_batch(measure: Callable[[int], int], budget: int, divisor: int, *
     nonlocal lo, hi
     measured[b] = known[b] = value = int(measure(b))
     sides.append("fits" if value <= budget else "over")
-    _log(progress, f"  batch {b}: {fmt_bytes(value)} ({sides[-1]} {fmt_bytes(budget)})")
+    log_progress(progress,
+                 f"  batch {b}: {fmt_bytes(value)} ({sides[-1]} {fmt_bytes(budget)})")
     if value <= budget:
       lo = max(lo, b)
     else:
@@ -159,7 +160,8 @@ def chinchilla(run: RunConfig, tokens: int) -> dict:
   far), with each preset's `num_params` at the run's vocab (model.vocab_size, else
   32768). Steps = ceil(tokens / (batch_size x grad_accum x seq_len)).
   """
-  from vesperjax.config import PRESET_NAMES, model_preset, num_params
+  from vesperjax.config import PRESET_NAMES, model_preset
+  from vesperjax.model.size import num_params
   vocab = run.model.vocab_size or DEFAULT_VOCAB
   optimal = tokens / TOKENS_PER_PARAM
   sizes = {p: num_params(model_preset(p, vocab_size=vocab)) for p in PRESET_NAMES}

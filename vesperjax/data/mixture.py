@@ -6,7 +6,7 @@ Spec (`config.data.mixture`): `NAME=PATH:WEIGHT` entries separated by commas, e.
 suffix; WEIGHT is a positive number (weights need not sum to 1). A comma starts a new
 entry only when `NAME=` follows it, so a PATH may itself be a comma list.
 
-Mixing: each source's windows form their own shuffled, repeated stream (`pipeline.
+Mixing: each source's windows form their own shuffled, repeated stream (`windows.
 window_stream`, seeded by the run's seed and the source's name); `MixtureIndex` says
 which source the k-th element of the mixture comes from, and grain's
 `MapDataset.select_from_datasets` reads it. The index is grain's own proportional
@@ -34,6 +34,7 @@ import grain
 from vesperjax.data import errors
 from vesperjax.data.cache import TokenCache
 from vesperjax.data.sources import SPLITS
+from vesperjax.data.windows import ordered_windows, window_stream
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 # a comma followed by `NAME=` starts the next entry (a bare comma belongs to a PATH list)
@@ -183,8 +184,7 @@ class Mixture:
   def window_stream(self, seq_len: int, *, seed: int = 0,
                     num_epochs: int | None = None) -> grain.MapDataset:
     """The mixed training windows, each source shuffled and repeated on its own."""
-    from vesperjax.data import pipeline  # lazily: pipeline dispatches to this module
-    streams = [pipeline.window_stream(c, seq_len, seed=source_seed(seed, n),
+    streams = [window_stream(c, seq_len, seed=source_seed(seed, n),
                                       num_epochs=num_epochs)
                for n, c in zip(self.names, self.caches)]
     lengths = None if num_epochs is None else [len(s) for s in streams]
@@ -194,8 +194,7 @@ class Mixture:
   def eval_stream(self, seq_len: int) -> grain.MapDataset:
     """Validation windows: each source's in order, mixed by the same index, until the
     first source runs out."""
-    from vesperjax.data import pipeline
-    streams = [pipeline.ordered_windows(c, seq_len) for c in self.caches]
+    streams = [ordered_windows(c, seq_len) for c in self.caches]
     return grain.MapDataset.select_from_datasets(
         streams, MixtureIndex(self.weights, [len(s) for s in streams]))
 

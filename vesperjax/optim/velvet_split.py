@@ -17,9 +17,9 @@ from vesperjax.optim import velvet_rules as rules_lib
 from vesperjax.optim.velvet import check_vocab
 from vesperjax.optim.velvet import f32
 from vesperjax.optim.velvet import lr_at
-from vesperjax.optim.velvet import map_leaves3
 from vesperjax.optim.velvet import prepare_grads
-from vesperjax.optim.velvet import velvet_leaf
+from vesperjax.optim.velvet_math import map_leaves3
+from vesperjax.optim.velvet_math import velvet_leaf
 from vesperjax.optim.velvet import velvet_scales_of
 from vesperjax.optim.velvet import zeros_moments
 

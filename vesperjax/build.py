@@ -268,7 +268,6 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   from flax import nnx
 
   from vesperjax.data import Tokenizer
-  from vesperjax.model import VesperLM, trainable_filter
 
   # an older workdir's config.json may hold keys the schema has since dropped
   run = RunConfig.from_dict(read_json(os.path.join(workdir, "config.json")),
@@ -280,14 +279,25 @@ def load_model(workdir: str, step: int | None = None, *, best: bool = False):
   tokenizer = Tokenizer.from_file(tok_path)
 
   one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
-  abstract = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, trainable_filter(config), ...)
-  target = {"params": restore_target(params, one_device),
-            "rest": restore_target(rest, one_device)}
-  saved = read_model_variables(workdir, target, step=step, best=best)
-  model = nnx.merge(graphdef, saved["params"], saved["rest"])
+  graphdef, params, rest = restore_model_variables(workdir, config, one_device, step=step,
+                                                   best=best)
+  model = nnx.merge(graphdef, params, rest)
   model.eval()
   return model, tokenizer, run
+
+
+def restore_model_variables(workdir: str, config: ModelConfig, mesh, *,
+                            step: int | None = None, best: bool = False):
+  """(graphdef, params, rest) of the model saved in `workdir`'s checkpoint (`step`, else
+  the latest, or the best), placed on `mesh` by the logical rules (Orbax reshards);
+  never the optimizer state."""
+  from flax import nnx
+
+  from vesperjax.model import abstract_model, trainable_filter
+  graphdef, params, rest = nnx.split(abstract_model(config), trainable_filter(config), ...)
+  target = {"params": restore_target(params, mesh), "rest": restore_target(rest, mesh)}
+  saved = read_model_variables(workdir, target, step=step, best=best)
+  return graphdef, saved["params"], saved["rest"]
 
 
 def restore_target(tree, mesh):

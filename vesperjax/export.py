@@ -119,22 +119,19 @@ def restore_variables(workdir: str, config, step: int, best: bool, mesh) -> dict
   rules (`build.load_model`'s restore, onto every device instead of one)."""
   from flax import nnx
 
-  from vesperjax.build import restore_target
-  from vesperjax.checkpoint import CheckpointError, read_model_variables
-  from vesperjax.model import trainable_filter
+  from vesperjax.build import restore_model_variables
+  from vesperjax.checkpoint import CheckpointError
 
-  _, params, rest = nnx.split(fmt.abstract_model(config), trainable_filter(config), ...)
-  target = {"params": restore_target(params, mesh), "rest": restore_target(rest, mesh)}
   try:
-    saved = read_model_variables(workdir, target, step=step, best=best)
+    _, params, rest = restore_model_variables(workdir, config, mesh, step=step, best=best)
   except user_errors():
     raise
   except Exception as e:  # noqa: BLE001  (orbax/tensorstore on a damaged checkpoint)
     raise CheckpointError(f"cannot read checkpoint {step} of {workdir}: {one_line(e)}") \
         from None
   flat = {}
-  for part in ("params", "rest"):
-    for path, var in nnx.to_flat_state(saved[part]):
+  for part in (params, rest):
+    for path, var in nnx.to_flat_state(part):
       flat[tuple(str(p) for p in path)] = var[...]
   return flat
 

@@ -73,14 +73,13 @@ def abstract_model(config, quantization: str | None = None):
   `quantize_for_inference(model, quantization)` quantizes it."""
   from flax import nnx
 
-  from vesperjax.model import VesperLM
+  from vesperjax import model as vmodel
+  if quantization is None:
+    return vmodel.abstract_model(config)
 
   def create():
-    model = VesperLM(config, rngs=nnx.Rngs(0))
-    if quantization is None:
-      return model
     from vesperjax.quantize import quantize_for_inference
-    return quantize_for_inference(model, quantization)
+    return quantize_for_inference(vmodel.VesperLM(config, rngs=nnx.Rngs(0)), quantization)
   return nnx.eval_shape(create)
 
 

@@ -29,7 +29,7 @@ def train(run, workdir: str, require_resume: bool = False) -> int:
   import jax
 
   from vesperjax import sharding
-  from vesperjax.trainer import Trainer
+  from vesperjax.trainer import Trainer, exit_status
 
   sharding.maybe_initialize_distributed()
   trainer = Trainer(run, workdir, require_resume=require_resume)
@@ -39,9 +39,7 @@ def train(run, workdir: str, require_resume: bool = False) -> int:
     trainer.close()
   if jax.process_index() == 0:
     _summary(trainer, out)
-  if out.stopped_by:
-    return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(out.stopped_by, 0)
-  return 0
+  return exit_status(out.stopped_by, diverged=None)  # a divergence raised RunError
 
 
 def _summary(trainer, out) -> None:

@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from vesperjax import calibration
 from vesperjax.config import ModelConfig
-from vesperjax.model import VesperLM, trainable_filter
+from vesperjax.model import VesperLM, abstract_model, trainable_filter
 from vesperjax.model.meta_head import meta_loss, meta_probs, meta_targets
 from vesperjax.optim import global_norm, velvet_stats
 from vesperjax.optim.field import eval_params, make_optimizer
@@ -38,8 +38,7 @@ class TrainState(struct.PyTreeNode):
 def init_state_fn(config: ModelConfig, tx: optax.GradientTransformation):
   """(graphdef, init(rng_key) -> TrainState); jit `init` to build the state in place."""
   filt = trainable_filter(config)
-  graphdef = nnx.split(nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0))),
-                       filt, ...)[0]
+  graphdef = nnx.split(abstract_model(config), filt, ...)[0]
 
   def init(key: jax.Array) -> TrainState:
     init_key, state_key = jax.random.split(key)
@@ -233,9 +232,8 @@ def sharded_steps(config: ModelConfig, mesh, *, optim: OptimConfig, max_steps: i
   if optim.name == "velvet" and optim.fused and mesh.size > 1:
     # the fused kernel runs per shard, so the optimizer needs the params' shardings
     # (the same as state_sh.params below, which needs the optimizer to be computed)
-    abstract_model = nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
     param_sh = sharding.state_shardings(
-        nnx.split(abstract_model, trainable_filter(config), ...)[1], mesh)
+        nnx.split(abstract_model(config), trainable_filter(config), ...)[1], mesh)
   tx = make_optimizer(optim, max_steps, valid_vocab, param_shardings=param_sh)
   graphdef, init = init_state_fn(config, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))

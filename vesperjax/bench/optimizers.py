@@ -375,7 +375,3 @@ def moving_mean(y, window: int) -> np.ndarray:
   c = np.cumsum(np.insert(y, 0, 0.0))
   n = np.minimum(np.arange(1, len(y) + 1), window)
   return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
-
-
-# The studio's benchmark view imported the table from here before it had a module of its own.
-from vesperjax.bench.tables import format_table  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -159,6 +159,11 @@ class VesperLM(nnx.Module):
     return KVCache(zeros, zeros, jnp.zeros((c.num_layers,), jnp.int32))
 
 
+def abstract_model(config: ModelConfig) -> VesperLM:
+  """`VesperLM(config)` as shapes and shardings only (nothing allocated)."""
+  return nnx.eval_shape(lambda: VesperLM(config, rngs=nnx.Rngs(0)))
+
+
 def trainable_filter(config: ModelConfig):
   """The nnx filter of what trains: every Param, or with freeze_base only FlyLoRA's B
   (and the metacognition head, which has no base to keep)."""

@@ -178,6 +178,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
         (["--port", "0"], "--port"),
         (["--token", "short"], "at least 16"),
         (["--max-jobs", "0"], "--max-jobs"),
+        (["--max-body", "10"], "--max-body"),
         (["--port", str(port)], "cannot listen on 127.0.0.1"),
     ):
       code = main(["studio", "--runs", str(tmp_path / "runs"), *args])

@@ -61,6 +61,8 @@ def test_train_live_stop_resume_and_chat(studio):
   assert info["state"] == "stopped" and info["checkpoints"], info
   job = json.load(open(runs_dir / "live" / "studio_job.json"))
   assert job["exit_code"] == 143  # SIGTERM: the trainer saved, then exited 128 + 15
+  assert job["form"]["steps"] == 100000 and "pid_start" in job  # what Resume, Stop use
+  assert not (runs_dir / "live" / "studio_config.py").exists()  # no Python to run there
   stopped_at = info["checkpoints"][-1]
 
   # chat with the saved checkpoint: text arrives as it is generated, then `done`

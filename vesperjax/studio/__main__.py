@@ -1,5 +1,5 @@
 """`python -m vesperjax.studio --runs runs/ [--data-root DIR ...] [--host 127.0.0.1]
-[--port 8765] [--token T] [--max-jobs 2]`.
+[--port 8765] [--token T] [--max-jobs 2] [--max-body 1048576]`.
 
 Serves Vesper Studio (docs/studio.md). On 127.0.0.1 it needs no token; on any other
 host it requires one (--token, or one generated and printed with the URL). Bad input
@@ -29,6 +29,10 @@ _TOKEN = flags.DEFINE_string("token", None, "Access token every request must car
                              flag_values=FLAGS)
 _MAX_JOBS = flags.DEFINE_integer("max-jobs", 2, "Most training / benchmark jobs at once.",
                                  flag_values=FLAGS)
+# app.MAX_BODY_BYTES: app is imported only in run(), where a missing extra is reported
+_MAX_BODY = flags.DEFINE_integer("max-body", 1 << 20, "Largest request body in bytes "
+                                 "(larger ones are refused with 413 unread).",
+                                 flag_values=FLAGS)
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
@@ -50,13 +54,17 @@ def run() -> int:
     raise ValueError(f"--port {_PORT.value}: must be 1-65535")
   if _MAX_JOBS.value < 1:
     raise ValueError(f"--max-jobs {_MAX_JOBS.value}: must be >= 1")
+  if not 1024 <= _MAX_BODY.value <= 1 << 30:
+    raise ValueError(f"--max-body {_MAX_BODY.value}: must be from 1024 to {1 << 30} "
+                     "bytes")
   token = _TOKEN.value
   if token is not None and len(token) < 16:
     raise ValueError("--token: use at least 16 characters")
   if token is None and _HOST.value not in LOCAL:
     token = secrets.token_urlsafe(24)
   _check_port(_HOST.value, _PORT.value)
-  app = create_app(_RUNS.value, _DATA_ROOTS.value, token=token, max_jobs=_MAX_JOBS.value)
+  app = create_app(_RUNS.value, _DATA_ROOTS.value, token=token, max_jobs=_MAX_JOBS.value,
+                   max_body=_MAX_BODY.value)
   host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value
   url = f"http://{host}:{_PORT.value}/" + (f"?token={token}" if token else "")
   print(f"Vesper Studio: {url}  (runs: {os.path.abspath(_RUNS.value)})", flush=True)

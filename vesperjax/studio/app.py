@@ -1,11 +1,16 @@
 """The studio's ASGI app (Starlette): the JSON API, live run events (server-sent events),
-streamed chat, and the static front end. `create_app(...)` builds it."""
+streamed chat, and the static front end. `create_app(...)` builds it.
+
+Requests are bounded (a body over `max_body` bytes is refused with 413 before it is read,
+JSON deeper than MAX_JSON_DEPTH or holding NaN / Infinity with 400), and every bad input
+is answered with a 4xx and one JSON message."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import threading
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from vesperjax.studio import runs
+from vesperjax.studio import runs, safe_files
 from vesperjax.studio.chat import Chat, sampling_options
 from vesperjax.studio.jobs import Jobs
 from vesperjax.studio.paths import BadRequest, list_datasets, run_dir
@@ -25,10 +30,85 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 TOKEN_COOKIE = "vesper_studio_token"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 POLL_S = 0.5  # how often live events look at a run's files
+MAX_BODY_BYTES = 1 << 20  # the default --max-body: the forms are a few hundred bytes
+MAX_JSON_DEPTH = 32  # the forms nest 2 deep
+EVENT_READ = 1 << 20  # most bytes of a file one live-events poll reads (the rest: next)
+MAX_PLOT = 32 << 20
+
+
+def finite(x, depth: int = 0):
+  """`x` with NaN / Infinity as None (JSON has neither: a run's loss may be NaN), and
+  nothing nested over 64 deep (a run file may nest deeper than a response should)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if depth > 64:
+    return None
+  if isinstance(x, dict):
+    return {k: finite(v, depth + 1) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite(v, depth + 1) for v in x]
+  return x
+
+
+def dumps(x) -> str:
+  """JSON text of `x`, non-finite numbers as null (walked only when there are some)."""
+  try:
+    return json.dumps(x, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+  except (ValueError, RecursionError):
+    return json.dumps(finite(x), ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+
+
+class JSON(JSONResponse):
+  """A JSON response whose non-finite numbers are null (never a 500 from a NaN)."""
+
+  def render(self, content) -> bytes:
+    return dumps(content).encode()
 
 
 def _sse(event: str, data) -> bytes:
-  return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+  return f"event: {event}\ndata: {dumps(data)}\n\n".encode()
+
+
+def _json_depth(obj) -> int:
+  """How deep lists and objects nest in `obj` (counted without recursion), stopping
+  once past MAX_JSON_DEPTH."""
+  deepest, stack = 0, [(obj, 1)]
+  while stack and deepest <= MAX_JSON_DEPTH:
+    x, depth = stack.pop()
+    if isinstance(x, (dict, list)):
+      deepest = max(deepest, depth)
+      stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+  return deepest
+
+
+def _no_constant(name: str):
+  raise BadRequest(f"{name} is not a number the studio takes (use a finite number)")
+
+
+def _finite_float(text: str) -> float:
+  x = float(text)
+  if not math.isfinite(x):  # 1e999 reads as inf
+    raise BadRequest(f"{text[:40]} is out of range (use a finite number)")
+  return x
+
+
+def parse_json_body(raw: bytes) -> dict:
+  """A request body as a JSON object; one BadRequest for anything else."""
+  too_deep = BadRequest(f"the request's JSON nests over {MAX_JSON_DEPTH} levels deep")
+  try:
+    body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+  except BadRequest:
+    raise
+  except RecursionError:
+    raise too_deep from None
+  except ValueError:
+    raise BadRequest("the request body is not JSON") from None
+  if _json_depth(body) > MAX_JSON_DEPTH:
+    raise too_deep
+  if not isinstance(body, dict):
+    raise BadRequest("send a JSON object")
+  return body
 
 
 class Guard:
@@ -36,19 +116,19 @@ class Guard:
   the cookie it sets, or ?token=); without one, only local Host names are served (no
   DNS rebinding). POSTs must be JSON from this origin (no cross-site forms)."""
 
-  def __init__(self, app, token: str | None):
-    self.app, self.token = app, token
+  def __init__(self, app, token: str | None, max_body: int = MAX_BODY_BYTES):
+    self.app, self.token, self.max_body = app, token, max_body
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                for k, v in scope["headers"]}
-    query = parse_qs(scope.get("query_string", b"").decode())
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     problem, set_cookie = self._check(scope, headers, query)
     if problem:
       status, message = problem
-      return await JSONResponse({"error": message}, status)(scope, receive, send)
+      return await JSON({"error": message}, status)(scope, receive, send)
     if not set_cookie:
       return await self.app(scope, receive, send)
 
@@ -62,11 +142,21 @@ class Guard:
 
   def _check(self, scope, headers, query):
     host = headers.get("host", "")
+    length = headers.get("content-length")
+    if length is not None:  # refused before a byte of the body is read
+      if not (length.isascii() and length.isdigit()):
+        return (400, "Content-Length is not a byte count"), False
+      if int(length) > self.max_body:
+        return (413, f"request body over {self.max_body} bytes"), False
     if scope["method"] == "POST":
       origin = headers.get("origin")
-      if origin and urlsplit(origin).netloc != host:
-        return (403, "cross-origin request refused"), False
-      if not headers.get("content-type", "").startswith("application/json"):
+      if origin:
+        parts = urlsplit(origin)
+        if (parts.scheme, parts.netloc.lower()) != (scope.get("scheme", "http"),
+                                                    host.lower()):
+          return (403, "cross-origin request refused"), False
+      media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+      if media_type != "application/json":
         return (415, "send JSON (Content-Type: application/json)"), False
     if self.token is None:
       name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -87,7 +177,7 @@ class Guard:
 
 
 def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None = None,
-               max_jobs: int = 2) -> Starlette:
+               max_jobs: int = 2, max_body: int = MAX_BODY_BYTES) -> Starlette:
   os.makedirs(runs_root, exist_ok=True)
   data_roots = list(data_roots)
   jobs = Jobs(runs_root, data_roots, max_jobs)
@@ -98,13 +188,15 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
     return name, run_dir(runs_root, name)
 
   async def form(request: Request) -> dict:
-    try:
-      body = await request.json()
-    except ValueError:
-      raise BadRequest("the request body is not JSON") from None
-    if not isinstance(body, dict):
-      raise BadRequest("send a JSON object")
-    return body
+    """The JSON object a POST carries, read no further than `max_body` bytes (a chunked
+    body declares no length up front)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > max_body:
+        raise BadRequest(f"request body over {max_body} bytes", status=413)
+      chunks.append(chunk)
+    return parse_json_body(b"".join(chunks))
 
   async def index(request):
     return FileResponse(os.path.join(STATIC, "index.html"))
@@ -112,21 +204,21 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
   async def options(request):
     from vesperjax.bench.optimizers import ARMS
     from vesperjax.config import PRESET_NAMES
-    return JSONResponse(dict(presets=list(PRESET_NAMES), optimizers=["velvet", "adamw"],
-                             arms=list(ARMS), datasets=list_datasets(data_roots),
-                             data_roots=data_roots, max_jobs=max_jobs))
+    return JSON(dict(presets=list(PRESET_NAMES), optimizers=["velvet", "adamw"],
+                     arms=list(ARMS), datasets=list_datasets(data_roots),
+                     data_roots=data_roots, max_jobs=max_jobs))
 
   async def list_runs(request):
-    return JSONResponse(runs.list_runs(runs_root, jobs.poll()))
+    return JSON(runs.list_runs(runs_root, jobs.poll()))
 
   async def run_detail(request):
     name, path = workdir(request)
-    return JSONResponse(runs.detail(path, name, name in jobs.poll()))
+    return JSON(runs.detail(path, name, name in jobs.poll()))
 
   async def metrics(request):
     name, path = workdir(request)
     records, _ = runs.read_metrics(path)
-    return JSONResponse(records)
+    return JSON(records)
 
   async def events(request):
     """Server-sent events: `metrics` (new metrics.jsonl records), `console` (new console
@@ -137,10 +229,10 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
       m_off = c_off = 0
       last, latest = None, {}
       while not await request.is_disconnected():
-        records, m_off = runs.read_metrics(path, m_off)
+        records, m_off = runs.read_metrics(path, m_off, EVENT_READ)
         if records:
           yield _sse("metrics", records)
-        lines, c_off = runs.read_lines(os.path.join(path, runs.CONSOLE), c_off)
+        lines, c_off = runs.read_lines(path, runs.CONSOLE, c_off, EVENT_READ)
         if lines:
           yield _sse("console", [ln.rsplit("\r", 1)[-1] for ln in lines])
         row = runs.summarize(path, name, name in jobs.poll(),
@@ -154,39 +246,49 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
                              headers={"Cache-Control": "no-cache"})
 
   async def benchmark(request):
-    from vesperjax.bench.optimizers import format_table, summarize
+    from vesperjax.bench.optimizers import summarize
+    from vesperjax.bench.tables import format_table
     name, path = workdir(request)
-    report = runs.read_json(os.path.join(path, runs.REPORT))
+    report = runs.read_json(path, runs.REPORT)
     if report is None or not report.get("runs"):
       raise BadRequest(f"run {name!r} has no benchmark report", status=404)
-    summary = summarize(report)  # also of a report still growing
-    return JSONResponse(dict(table=format_table(summary),
-                             summary={k: v for k, v in summary.items() if k != "table"}))
+    try:
+      summary = summarize(report)  # also of a report still growing
+      table = format_table(summary)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+            ZeroDivisionError):
+      raise BadRequest(f"run {name!r}: its {runs.REPORT} is malformed",
+                       status=422) from None
+    return JSON(dict(table=table,
+                     summary={k: v for k, v in summary.items() if k != "table"}))
 
   async def plot(request):
     name, path = workdir(request)
     file = request.path_params["file"]
     if "/" in file or not file.endswith(".png"):
       raise BadRequest(f"no plot {file!r}", status=404)
-    full = os.path.join(path, "plots", file)
-    if not os.path.isfile(full):
-      raise BadRequest(f"no plot {file!r}", status=404)
-    return FileResponse(full)
+    try:  # read through the checked descriptor: a link leading out is never served
+      data = safe_files.read_bytes(path, os.path.join("plots", file), limit=MAX_PLOT)
+    except safe_files.OutsideRoot as e:
+      raise BadRequest(f"plot {file!r}: {e}", status=403) from None
+    except OSError:
+      raise BadRequest(f"no plot {file!r}", status=404) from None
+    return Response(data, media_type="image/png")
 
   async def start_train(request):
-    return JSONResponse({"name": jobs.start_train(await form(request))}, 201)
+    return JSON({"name": jobs.start_train(await form(request))}, 201)
 
   async def start_benchmark(request):
-    return JSONResponse({"name": jobs.start_benchmark(await form(request))}, 201)
+    return JSON({"name": jobs.start_benchmark(await form(request))}, 201)
 
   async def stop(request):
     name, _ = workdir(request)
-    return JSONResponse({"pid": jobs.stop(name)})
+    return JSON({"pid": jobs.stop(name)})
 
   async def resume(request):
     name, _ = workdir(request)
     jobs.resume(name)
-    return JSONResponse({"name": name}, 202)
+    return JSON({"name": name}, 202)
 
   async def chat_stream(request):
     """Server-sent events: `text` deltas as tokens are sampled, then `done` (tokens,
@@ -221,10 +323,10 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
                              headers={"Cache-Control": "no-cache"})
 
   async def bad_request(request, exc: BadRequest):
-    return JSONResponse({"error": str(exc)}, exc.status)
+    return JSON({"error": str(exc)}, exc.status)
 
   async def not_found(request, exc):
-    return JSONResponse({"error": f"no such page: {request.url.path}"}, 404)
+    return JSON({"error": f"no such page: {request.url.path}"}, 404)
 
   async def watch():  # reaps finished children, so their exit status is recorded
     while True:
@@ -256,4 +358,4 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
   app = Starlette(routes=routes, lifespan=lifespan,
                   exception_handlers={BadRequest: bad_request, 404: not_found})
   app.state.jobs, app.state.chat = jobs, chat
-  return Guard(app, token)
+  return Guard(app, token, max_body)

@@ -8,29 +8,23 @@ import time
 from typing import Callable
 
 from vesperjax.studio import runs
-from vesperjax.studio.paths import BadRequest
+from vesperjax.studio.forms import as_float, as_int
+from vesperjax.studio.paths import BadRequest, shown
+
+MAX_PROMPT_CHARS = 100_000
 
 
 def sampling_options(form: dict) -> dict:
-  """temperature / top-k / top-p / max tokens / seed of a chat request, checked."""
-  def number(key, default, kind, ok, why):
-    value = form.get(key, default)
-    try:
-      value = kind(value)
-    except (TypeError, ValueError):
-      raise BadRequest(f"{key}: {value!r} is not a number") from None
-    if not ok(value):
-      raise BadRequest(f"{key}: {value!r} {why}")
-    return value
-
+  """temperature / top-k / top-p / max tokens / seed of a chat request, checked: finite,
+  in range, and whole where a count is meant (1.9 tokens is refused, not cut to 1)."""
   return dict(
-      temperature=number("temperature", 0.8, float, lambda x: 0 <= x <= 10,
-                         "must be in [0, 10] (0: greedy)"),
-      top_k=number("top_k", 40, int, lambda x: x >= 0, "must be >= 0 (0: off)"),
-      top_p=number("top_p", 0.95, float, lambda x: 0 < x <= 1, "must be in (0, 1]"),
-      max_new_tokens=number("max_tokens", 100, int, lambda x: 1 <= x <= 4096,
-                            "must be from 1 to 4096"),
-      seed=number("seed", 0, int, lambda x: x >= 0, "must be >= 0"))
+      temperature=as_float(form.get("temperature", 0.8), "temperature",
+                           lambda x: 0 <= x <= 10, "must be in [0, 10] (0: greedy)"),
+      top_k=as_int(form.get("top_k", 40), "top_k", 0, 1 << 20),
+      top_p=as_float(form.get("top_p", 0.95), "top_p", lambda x: 0 < x <= 1,
+                     "must be in (0, 1]"),
+      max_new_tokens=as_int(form.get("max_tokens", 100), "max_tokens", 1, 4096),
+      seed=as_int(form.get("seed", 0), "seed", 0, (1 << 32) - 1))
 
 
 class Chat:
@@ -58,11 +52,15 @@ class Chat:
     from vesperjax.generate import TextStream, fit_prompt
     from vesperjax.sampling import generate
     if checkpoint not in ("latest", "best"):
-      raise BadRequest(f"checkpoint: {checkpoint!r} is not latest or best")
+      raise BadRequest(f"checkpoint: {shown(checkpoint)} is not latest or best")
     if _newest(workdir, checkpoint) is None:
       raise BadRequest(f"this run has no {checkpoint} checkpoint yet", status=409)
     if not isinstance(prompt, str) or not prompt:
       raise BadRequest("prompt: write something to continue")
+    if len(prompt) > MAX_PROMPT_CHARS:
+      raise BadRequest(f"prompt: at most {MAX_PROMPT_CHARS} characters")
+    # the model loader opens the run's files (config.json, tokenizer.json, checkpoints)
+    runs.refuse_links_out(workdir)
     with self._lock:
       model, tokenizer = self._load(workdir, checkpoint)
       ids = tokenizer.encode(prompt) or [tokenizer.eod_id]

@@ -1,60 +1,29 @@
-"""Training and benchmark jobs: child processes started from validated, typed form
-values (an argv list, never a shell string). Each runs in its own session, so closing
+"""Training and benchmark jobs: child processes started from checked, typed form values
+(forms.py; an argv list, never a shell string). Each runs in its own session, so closing
 the browser or stopping the studio leaves it running; its output goes to the run's
-console.log and its command and exit status to studio_job.json."""
+console.log, and its form, command, pid and exit status to studio_job.json.
+
+A run folder may hold files from anyone who can write there, so nothing read from one is
+executed or signalled as given: Resume checks the recorded form again, as a new form is
+checked, and builds the command itself; Stop signals a pid read from a file only when it
+is verifiably that run's process (procs.py)."""
 from __future__ import annotations
 
 import json
 import os
-import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
-from vesperjax.studio import runs
-from vesperjax.studio.paths import BadRequest, data_file, run_dir
+from vesperjax.studio import forms, procs, runs, safe_files
+from vesperjax.studio.paths import BadRequest, run_dir
 
-CONFIG_PY = "studio_config.py"
 CONFIG_JSON = "studio_config.json"
-TOKENIZER = re.compile(r"byte|bpe:[0-9]{3,6}")
-# The config file a job's command names: the run's config, from the JSON beside it.
-_LOADER = '''"""Written by vesperjax.studio: this run's config, read from {json!r}."""
-import json
-
-from vesperjax.run_config import RunConfig
-
-
-def get_config():
-  with open({path!r}) as f:
-    return RunConfig.from_dict(json.load(f), ignore_unknown=True).to_config_dict()
-'''
-
-
-def _int(form: dict, key: str, lo: int, hi: int, default=None) -> int:
-  value = form.get(key, default)
-  if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-    value = int(value)
-  if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-    raise BadRequest(f"{key}: give a whole number from {lo} to {hi}")
-  return value
-
-
-def _float(value, key: str) -> float:
-  try:
-    x = float(value)
-  except (TypeError, ValueError):
-    raise BadRequest(f"{key}: {value!r} is not a number") from None
-  if not (x > 0 and x < 1):
-    raise BadRequest(f"{key}: {value!r} must be a positive number below 1")
-  return x
-
-
-def _choice(form: dict, key: str, choices, default=None) -> str:
-  value = form.get(key, default)
-  if value not in choices:
-    raise BadRequest(f"{key}: {value!r} is not one of {', '.join(choices)}")
-  return value
+# The --config file of every job: in the package, reading the config from its argument
+# (so a job runs no Python from its run folder)
+LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job_config.py")
 
 
 class Jobs:
@@ -63,6 +32,7 @@ class Jobs:
   def __init__(self, runs_root: str, data_roots: list[str], max_jobs: int = 2):
     self.runs_root, self.data_roots, self.max_jobs = runs_root, data_roots, max_jobs
     self.procs: dict[str, subprocess.Popen] = {}
+    self.records: dict[str, dict] = {}  # each child's job record, as this studio wrote it
 
   # -- watching ----------------------------------------------------------------------
   def poll(self) -> set[str]:
@@ -72,11 +42,15 @@ class Jobs:
       if code is None:
         continue
       del self.procs[name]
-      workdir = run_dir(self.runs_root, name)
-      job = runs.read_json(os.path.join(workdir, runs.JOB)) or {}
-      if job.get("pid") == proc.pid:
-        _write_json(os.path.join(workdir, runs.JOB),
-                    dict(job, exit_code=code, finished=time.time()))
+      record = self.records.pop(name, {})
+      try:
+        workdir = run_dir(self.runs_root, name)
+        job = runs.read_json(workdir, runs.JOB) or {}
+        if job.get("pid") == proc.pid:  # not a later job's file (another studio's)
+          _write_json(workdir, runs.JOB, dict(record, exit_code=code,
+                                               finished=time.time()))
+      except (BadRequest, OSError):
+        pass  # the run folder was moved away: nowhere to record it
     return set(self.procs)
 
   def running(self, name: str) -> int | None:
@@ -93,138 +67,151 @@ class Jobs:
       raise BadRequest(f"{self.max_jobs} job(s) running, the limit (--max-jobs); stop one "
                        "or wait for it", status=409)
 
-  def _run_config(self, form: dict, steps: int) -> dict:
-    """The typed, validated run config of a form (a BadRequest naming the bad field)."""
-    from vesperjax.config import PRESET_NAMES
-    from vesperjax.run_config import ModelOverrides, RunConfig, model_config, validate
-    preset = _choice(form, "preset", PRESET_NAMES, "tiny")
-    dataset = form.get("dataset") or "stdlib"
-    if dataset != "stdlib":
-      dataset = data_file(self.data_roots, dataset)
-    tokenizer = form.get("tokenizer") or "bpe:8192"
-    if not isinstance(tokenizer, str) or not TOKENIZER.fullmatch(tokenizer):
-      raise BadRequest(f"tokenizer: {tokenizer!r}: use byte or bpe:N (e.g. bpe:8192)")
-    model = form.get("model") or {}
-    if not isinstance(model, dict):
-      raise BadRequest("model: give overrides as {field: value}")
-    d = RunConfig(model=ModelOverrides(preset=preset)).to_dict()
-    d["model"].update(model)
-    d["data"].update(dataset=dataset, tokenizer=tokenizer,
-                     seq_len=_int(form, "seq_len", 8, 1 << 16, 256))
-    d["train"].update(max_steps=steps, batch_size=_int(form, "batch_size", 1, 4096, 8),
-                      eval_every=min(200, steps), save_every=min(500, steps),
-                      log_every=max(1, min(10, steps // 20)))
-    d["optim"].update(lr=_float(form.get("lr", 5e-4), "lr"),
-                      warmup_steps=min(100, steps // 10))
-    if form.get("optimizer") is not None:
-      d["optim"]["name"] = _choice(form, "optimizer", ("velvet", "adamw"))
-    try:
-      run = validate(RunConfig.from_dict(d))
-      model_config(run)  # the model's own rules (a layer count, head sizes, ...)
-    except (TypeError, ValueError) as e:
-      raise BadRequest(str(e).splitlines()[0]) from None
-    return run.to_dict()
-
   def _new_run(self, form: dict) -> tuple[str, str]:
     name = form.get("name")
     workdir = run_dir(self.runs_root, name, must_exist=False)
-    if os.path.exists(workdir):
+    if os.path.lexists(workdir):
       raise BadRequest(f"a run named {name!r} exists; choose another name", status=409)
     return name, workdir
+
+  def _make(self, name: str, workdir: str) -> None:
+    try:
+      os.mkdir(workdir)
+    except FileExistsError:  # made by someone else since _new_run looked
+      raise BadRequest(f"a run named {name!r} exists; choose another name",
+                       status=409) from None
+    except OSError as e:
+      raise BadRequest(f"cannot make the run folder {name!r}: {e.strerror}",
+                       status=500) from None
 
   def start_train(self, form: dict) -> str:
     """A new training run from the New run form; returns its name."""
     self._check_capacity()
     name, workdir = self._new_run(form)
-    config = self._run_config(form, _int(form, "steps", 1, 10_000_000))
-    os.makedirs(workdir)
-    cfg = _write_config(workdir, config)
-    self._spawn(name, workdir, dict(kind="train"), ["-m", "vesperjax.train", "--config",
-                                                    cfg, "--workdir", workdir])
+    typed = forms.train_form(form, self.data_roots)
+    config = forms.run_config(typed)
+    self._make(name, workdir)
+    self._spawn(name, workdir, "train", typed, config)
     return name
 
   def start_benchmark(self, form: dict) -> str:
     """A Velvet-vs-AdamW benchmark (`vesperjax.benchmark optimizers`); returns its name."""
-    from vesperjax.bench.optimizers import ARMS
     self._check_capacity()
     name, workdir = self._new_run(form)
-    steps = _int(form, "steps", 1, 1_000_000)
-    config = self._run_config(form, steps)
-    arms = form.get("arms") or ["velvet", "adamw"]
-    if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms):
-      raise BadRequest(f"arms: choose from {', '.join(ARMS)}")
-    lrs = form.get("lrs") or [config["optim"]["lr"]]
-    if not isinstance(lrs, list) or not 1 <= len(lrs) <= 12:
-      raise BadRequest("lrs: give 1 to 12 learning rates")
-    lrs = [_float(x, "lrs") for x in lrs]
-    seeds = _int(form, "seeds", 1, 16, 1)
-    os.makedirs(workdir)
-    cfg = _write_config(workdir, config)
-    argv = ["-m", "vesperjax.benchmark", "optimizers", "--config", cfg, "--workdir",
-            workdir, "--steps", str(steps), "--seeds", str(seeds), "--lrs",
-            ",".join(repr(x) for x in lrs), "--optimizers", ",".join(dict.fromkeys(arms))]
-    self._spawn(name, workdir, dict(kind="benchmark", arms=list(dict.fromkeys(arms)),
-                                    steps=steps), argv)
+    typed = forms.benchmark_form(form, self.data_roots)
+    config = forms.run_config(typed)
+    self._make(name, workdir)
+    self._spawn(name, workdir, "benchmark", typed, config)
     return name
 
   def resume(self, name: str) -> None:
-    """Train run `name` on from its latest checkpoint, or rerun its benchmark command
-    (which keeps the finished runs)."""
+    """Train run `name` on from its latest checkpoint, or rerun its benchmark (which
+    keeps the finished runs): from the form its job file records (or, for a run the
+    studio did not start, config.json's form fields), checked as a new form is."""
     workdir = run_dir(self.runs_root, name)
     if self.running(name):
       raise BadRequest(f"run {name!r} is running", status=409)
     self._check_capacity()
-    job = runs.read_json(os.path.join(workdir, runs.JOB)) or {}
-    if job.get("kind") == "benchmark":
-      self._spawn(name, workdir, {k: job[k] for k in ("kind", "arms", "steps")},
-                  job["argv"][1:])
-      return
-    if not runs.checkpoints(workdir):
-      raise BadRequest(f"run {name!r} has no checkpoint to resume from", status=409)
-    config = runs.read_json(os.path.join(workdir, "config.json"))
-    if config is None:
-      raise BadRequest(f"run {name!r} has no readable config.json", status=409)
-    cfg = _write_config(workdir, config)
-    self._spawn(name, workdir, dict(kind="train"), ["-m", "vesperjax.train", "--config",
-                                                    cfg, "--workdir", workdir, "--resume"])
+    try:
+      runs.refuse_links_out(workdir)  # the trainer opens the run's files following links
+      job = runs.read_json(workdir, runs.JOB) or {}
+      kind = "benchmark" if job.get("kind") == "benchmark" else "train"
+      if kind == "train" and not runs.checkpoints(workdir):
+        raise BadRequest("it has no checkpoint to resume from", status=409)
+      saved = None
+      roots = self.data_roots
+      if kind == "benchmark":
+        typed = forms.benchmark_form(forms.recorded_form(job.get("form"), roots), roots)
+      elif "form" in job:
+        typed = forms.train_form(forms.recorded_form(job["form"], roots), roots)
+      else:  # a run from a shell, or from an older studio
+        saved = runs.read_json(workdir, "config.json")
+        typed = forms.train_form(forms.recorded_form(forms.form_of_config(saved), roots),
+                                 roots)
+      config = forms.run_config(typed)
+      changed = forms.config_differences(saved, config) if saved is not None else []
+      if changed:
+        raise BadRequest(f"its config.json sets {', '.join(changed[:4])} unlike the "
+                         "studio's form; resume it from a shell", status=409)
+    except BadRequest as e:
+      raise BadRequest(f"cannot resume run {name!r}: {e}",
+                       status=409 if e.status == 400 else e.status) from None
+    self._spawn(name, workdir, kind, typed, config, resume=True)
 
-  def _spawn(self, name: str, workdir: str, job: dict, args: list[str]) -> None:
-    argv = [sys.executable, *args]
+  def _spawn(self, name: str, workdir: str, kind: str, typed: dict, config: dict,
+             resume: bool = False) -> None:
+    argv = [sys.executable, "-P", *_args(kind, typed, config, workdir, resume)]
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [package_parent,
                                                         os.environ.get("PYTHONPATH")])))
-    with open(os.path.join(workdir, runs.CONSOLE), "ab") as console:
-      console.write(f"$ {' '.join(argv)}\n".encode())
-      console.flush()
+    try:
+      _write_json(workdir, CONFIG_JSON, config)  # for a shell: job_config.py:PATH
+      console = safe_files.open_append(workdir, runs.CONSOLE)
+    except OSError as e:
+      raise BadRequest(f"run {name!r}: cannot write into its folder: {e}",
+                       status=409) from None
+    try:
+      os.write(console, f"$ {shlex.join(argv)}\n".encode())
+      # -P: the run folder (the child's working directory) is not put on sys.path, so
+      # a module placed there is never imported
       proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, cwd=workdir, env=env,
                               start_new_session=True)
-    self.procs[name] = proc
-    _write_json(os.path.join(workdir, runs.JOB),
-                dict(job, argv=argv, pid=proc.pid, started=time.time(), exit_code=None))
+    finally:
+      os.close(console)
+    record = dict(kind=kind, form=typed, argv=argv, **procs.identity(proc.pid),
+                  started=time.time(), exit_code=None)
+    if kind == "benchmark":
+      record.update(arms=typed["arms"], steps=typed["steps"])
+    self.procs[name], self.records[name] = proc, record
+    _write_json(workdir, runs.JOB, record)
 
   # -- stopping ----------------------------------------------------------------------
   def stop(self, name: str) -> int:
-    """SIGTERM to the run's process (a trainer saves a checkpoint, then exits)."""
-    pid = self.running(name)
-    if pid is None:
-      raise BadRequest(f"run {name!r} is not running", status=409)
-    os.kill(pid, signal.SIGTERM)
-    return pid
+    """SIGTERM to the run's process (a trainer saves a checkpoint, then exits): our own
+    child, or a process a run file names that is verifiably this run's."""
+    workdir = run_dir(self.runs_root, name)
+    if name in self.poll():
+      proc = self.procs[name]
+      proc.send_signal(signal.SIGTERM)  # not yet reaped: its pid is still its own
+      return proc.pid
+    holders = [h for h in (runs.lock_holder(workdir), runs.read_json(workdir, runs.JOB))
+               if h and h.get("exit_code") is None and procs.alive(h.get("pid"))]
+    for holder in holders:
+      if procs.is_runs_process(holder, workdir):
+        try:
+          os.kill(holder["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+          continue  # it ended meanwhile
+        except PermissionError:
+          raise BadRequest(f"run {name!r} is held by pid {holder['pid']}, which the "
+                           "studio may not signal; stop it where it runs",
+                           status=409) from None
+        return holder["pid"]
+    if holders:
+      raise BadRequest(f"run {name!r} is held by pid {holders[0]['pid']}, a process the "
+                       "studio did not start and cannot tell is this run's (its command "
+                       "line names no --workdir of this run); stop it where it runs",
+                       status=409)
+    raise BadRequest(f"run {name!r} is not running", status=409)
 
 
-def _write_config(workdir: str, config: dict) -> str:
-  path = os.path.join(workdir, CONFIG_JSON)
-  _write_json(path, config)
-  loader = os.path.join(workdir, CONFIG_PY)
-  with open(loader, "w") as f:
-    f.write(_LOADER.format(json=CONFIG_JSON, path=path))
-  return loader
+def _args(kind: str, typed: dict, config: dict, workdir: str, resume: bool) -> list[str]:
+  """The command line of a job, built from checked values only."""
+  if ":" in LOADER:  # config_flags splits FILE:ARG at the first colon
+    raise BadRequest(f"the studio's package path {LOADER} holds ':'; install it "
+                     "elsewhere", status=500)
+  config_arg = f"{LOADER}:{json.dumps(config, separators=(',', ':'))}"
+  if kind == "train":
+    return ["-m", "vesperjax.train", "--config", config_arg, "--workdir", workdir,
+            *(["--resume"] if resume else [])]
+  return ["-m", "vesperjax.benchmark", "optimizers", "--config", config_arg, "--workdir",
+          workdir, "--steps", str(typed["steps"]), "--seeds", str(typed["seeds"]),
+          "--lrs", ",".join(repr(x) for x in typed["lrs"]), "--optimizers",
+          ",".join(typed["arms"])]
 
 
-def _write_json(path: str, obj: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
+def _write_json(workdir: str, name: str, obj: dict) -> None:
+  safe_files.write_file(workdir, name, json.dumps(obj, indent=1).encode())

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling *_checks
 from gpu_kernel_checks import (BF16, F32, THRESHOLDS, _err, check_ce, check_era,  # noqa: E402,F401
                                rel_err, section_kernels)
+from checkout import mount_kernels  # noqa: E402
 from gpu_throughput_checks import (MEM_FRACTION, MODELS, VOCAB, model_run,  # noqa: E402,F401
                                    plan_figure, section_throughput, throughput_one)
 # kernels/bench.py at half its "full" shapes: every operand still >> the 50 MB L2 and each
@@ -49,7 +50,7 @@ REDUCED_JOBS = JOBS[:2] + [("throughput", "small,medium,xlarge", 205), JOBS[-1]]
 def _use_deps(deps):
   if (Path(deps) / "site").is_dir():
     sys.path.append(str(Path(deps) / "site"))  # after the installed packages: theirs win
-  sys.path.insert(0, str(ROOT))
+  mount_kernels(ROOT)  # from a checkout with nothing installed: kernels/ as vesperjax.kernels
 
 
 def _clean(x):  # strict JSON: NaN / inf -> null
@@ -251,10 +252,12 @@ def prepare(dest):
   for whl in (dest / "wheels").glob("*.whl"):
     zipfile.ZipFile(whl).extractall(dest / "site")
   probe = ("import sys, importlib.abc as a, importlib.machinery as m\nsite = sys.argv[1]\n"
+           "sys.path.insert(0, 'benchmarks')\nfrom checkout import mount_kernels\n"
            "class Device(a.MetaPathFinder):\n def find_spec(self, n, p=None, t=None):\n"
            "  if n.split('.')[0] in ('grain', 'tensorboardX'): raise ImportError(n)\n"
            "  if n == 'ml_collections': return m.PathFinder.find_spec(n, [site]) or 1 / 0\n"
            "sys.meta_path.insert(0, Device())\n"
+           "mount_kernels()\n"
            "import vesperjax.train_step, vesperjax.run_config, ml_collections\n"
            "print('import chain ok without grain / tensorboardX; ml_collections from', "
            "ml_collections.__file__)")

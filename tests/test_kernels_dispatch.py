@@ -50,13 +50,14 @@ def test_lazy_exports():
     kernels.bogus  # pylint: disable=pointless-statement
 
 
-# The package imports no Pallas until a kernel is used, and a plain source checkout on
-# sys.path (no install: how the GPU acceptance run starts) finds it through
-# vesperjax._kernels_mount.
+# The package imports no Pallas until a kernel is used, and a plain source checkout
+# (no install: how the GPU acceptance run starts) finds it through benchmarks/checkout.py.
 _SOURCE_CHECKOUT = """
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from checkout import mount_kernels
+mount_kernels()
 import vesperjax.kernels as k
 assert not [m for m in sys.modules if "pallas" in m], "importing the package imported Pallas"
 print(k.era.__module__, k.__file__)

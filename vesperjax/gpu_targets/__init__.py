@@ -6,9 +6,8 @@ XLA compiles for a GPU it has never seen from a description of it (a
 a jitted function traced on arguments placed on those devices compiles with every XLA:GPU
 pass, Triton kernels down to cubin included, and reports per-device memory. What it
 needs: the ``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` wheels of the installed jax's
-version (``pip install 'vesperjax[gpu-compile]'`` pins nothing, so install them as
-``pip install jax-cuda12-plugin==$V jax-cuda12-pjrt==$V`` with ``V`` the jax version),
-no NVIDIA libraries and no GPU. cuDNN and Mosaic GPU custom calls are compiled on the
+version (``pip install 'vesperjax[gpu-compile]'``, which pins them through jax's
+``cuda12-local`` extra), no NVIDIA libraries and no GPU. cuDNN and Mosaic GPU custom calls are compiled on the
 device at run time, so for them a deviceless compile checks the lowering only.
 
 Importing this module sets ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` (unless set): without it

@@ -257,6 +257,10 @@ def test_plot_command_redraws_a_report(capsys, tmp_path, gz):
   code, out, err = run_main(capsys, "table", "--report", str(path))
   assert code == 0, err
   assert out.strip() == markdown_table(summarize(fake_report()))
+  code, out, err = run_main(capsys, "table", "--report", str(path), "--seed", "1")
+  assert code == 0, err
+  # seed 1: velvet 4.01 + 1e-3 * 10 = 4.02 at 1e-3, 4.03 at 2e-3 (fake_report's values)
+  assert out.strip().splitlines()[2] == "| velvet | **4.020** | 4.030 |"
 
 
 @pytest.mark.parametrize("args,message", [

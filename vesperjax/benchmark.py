@@ -9,7 +9,8 @@ throughput: times the trainer's jit train step (after compiling it) on synthetic
   one JSON line (`bench.throughput`).
 plot: redraws the plots of a report: `plot --report WORKDIR/benchmark_report.json` (or
   a gzipped `.json.gz`).
-table: prints a report's one-row-per-arm markdown table: `table --report REPORT`.
+table: prints a report's one-row-per-arm markdown table: `table --report REPORT`
+  (`--seed 0`: every arm at every LR of that seed instead).
 
 `--config.key=value` overrides apply as in `vesperjax.train`. Bad input ends with one
 `error:` line on stderr and exit status 2.
@@ -26,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vesperjax.bench.optimizers import ARMS, OPTIMIZERS, run_optimizers, summarize
-from vesperjax.bench.tables import format_table, markdown_table
+from vesperjax.bench.tables import first_seed_grid, format_table, markdown_table
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
 from vesperjax.cli import load_run_config, run_cli
@@ -69,6 +70,9 @@ _SEQ = flags.DEFINE_integer("seq-len", None, "throughput: sequence length (defau
                             "config.data.seq_len).", flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "throughput: untimed steps after compiling.",
                                flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", None, "table: every arm's validation loss at each LR "
+                              "for this seed (the sweep's grid) instead of the best-LR "
+                              "rows.", flag_values=FLAGS)
 _REPORT = flags.DEFINE_string("report", None, "plot, table: a benchmark_report.json.",
                               flag_values=FLAGS)
 
@@ -106,7 +110,8 @@ def _command(name: str) -> int:
         raise ValueError(f"{path}: not a JSON report ({e})") from None
     report["summary"] = summarize(report)  # as this version reads the runs
     if name == "table":
-      print(markdown_table(report["summary"]))
+      print(markdown_table(report["summary"]) if _SEED.value is None
+            else first_seed_grid(report, _SEED.value))
       return 0
     for p in plot_report(report, os.path.join(os.path.dirname(path) or ".", "plots")):
       print(p)

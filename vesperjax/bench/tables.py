@@ -48,3 +48,21 @@ def markdown_table(summary: dict) -> str:
     rows.append(f"| {name} | {b['lr']:.3g}{edge} | {b.get('seeds', '')} | "
                 f"{b['val_mean']:.3f} ± {b['val_std']:.3f} | {gap} | {beyond} |")
   return "\n".join(rows)
+
+
+def first_seed_grid(report: dict, seed: int = 0) -> str:
+  """Every arm's validation loss at each LR of its sweep for one seed (the study's
+  first stage, before the other seeds), best per arm in bold; `-` where not run."""
+  runs = [r for r in report["runs"] if r["seed"] == seed]
+  lrs = sorted({r["lr"] for r in runs})
+  rows = ["| arm \\ peak LR | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |",
+          "|---|" + "---|" * len(lrs)]
+  for arm in dict.fromkeys(r["optimizer"] for r in runs):
+    vals = {r["lr"]: r["final_val_loss"] for r in runs if r["optimizer"] == arm}
+    finite = [v for v in vals.values() if math.isfinite(v)]
+    best = min(finite) if finite else None
+    cells = ["-" if lr not in vals else
+             (f"**{vals[lr]:.3f}**" if vals[lr] == best else f"{vals[lr]:.3f}")
+             for lr in lrs]
+    rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)

@@ -54,17 +54,30 @@ def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
 
 
 def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path):  # noqa: F811
-  run = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)
-  run.optim.update(dict(lr=1e6, warmup_steps=2))
-  trainer = Trainer(run, str(tmp_path))
-  with pytest.raises(RunError, match="the run diverged at step"):
+  """Steps 1-4 train normally and are checkpointed; the run resumed with lr=1e6 diverges
+  and stops non-zero, and checkpoint 4 is still there, the newest, whole and unchanged."""
+  good = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)
+  first = Trainer(good, str(tmp_path))
+  first.train(stop_at=4)
+  first.close()
+  assert first.ckpt.latest_step() == 4
+  kept = jax.tree.map(np.asarray, (first.state.params, first.state.opt_state))
+
+  bad = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)
+  bad.optim.update(dict(lr=1e6, warmup_steps=0))
+  trainer = Trainer(bad, str(tmp_path))
+  assert int(trainer.state.step) == 4
+  with pytest.raises(RunError, match="the run diverged at step .*the latest checkpoint is "
+                                     "step 4"):
     trainer.train()
   stopped = int(trainer.state.step)
-  latest = trainer.ckpt.latest_step()
-  assert stopped < 30 and (latest is None or latest < stopped)
+  assert 4 < stopped < 30
+  assert trainer.ckpt.latest_step() == 4 and 4 in trainer.ckpt.latest.all_steps()
   trainer.close()
-  if latest is not None:  # what it kept is a whole, finite state
-    resumed = Trainer(run, str(tmp_path))
-    assert int(resumed.state.step) == latest
-    assert bool(all_finite((resumed.state.params, resumed.state.opt_state)))
-    resumed.close()
+
+  resumed = Trainer(good, str(tmp_path))  # what it kept is the whole, finite state of step 4
+  assert int(resumed.state.step) == 4
+  assert bool(all_finite((resumed.state.params, resumed.state.opt_state)))
+  jax.tree.map(np.testing.assert_array_equal, kept,
+               jax.tree.map(np.asarray, (resumed.state.params, resumed.state.opt_state)))
+  resumed.close()

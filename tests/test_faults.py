@@ -30,7 +30,8 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage", ["truncated array", "garbled json"])
-def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damage):  # noqa: F811
+def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damage,  # noqa: F811
+                                              monkeypatch):
   want, part = reference
   work = tmp_path / "run"
   os.system(f"cp -r {part} {work}")
@@ -39,11 +40,21 @@ def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damag
     _truncate_largest_array(step6)
   else:
     (step6 / "state" / "_METADATA").write_text("{garbage")
-  logged = []
+  logged = []  # every status line, those of the constructor (where the fallback is) too
+  monkeypatch.setattr(Trainer, "_log_line", lambda self, text: logged.append(text))
   trainer = Trainer(tiny_run(corpus, max_steps=8, save_every=2, keep_checkpoints=5),
                     str(work))
-  trainer._log_line = logged.append  # pylint: disable=protected-access
   assert int(trainer.state.step) == 4
+  # one line for the damaged checkpoint, naming its step (and the file, for JSON) and
+  # where it was moved; then the resume
+  damaged = [line for line in logged if "unreadable" in line]
+  assert len(damaged) == 1, logged
+  assert "\n" not in damaged[0]
+  assert damaged[0].startswith(f"checkpoint 6 in {work / 'checkpoints'} is unreadable ("), logged
+  assert f"; moved to {work / 'corrupt' / 'checkpoints-6-'}" in damaged[0], logged
+  if damage == "garbled json":
+    assert f"{step6 / 'state' / '_METADATA'}: not valid JSON" in damaged[0], logged
+  assert logged.index(damaged[0]) < logged.index("resumed from step 4"), logged
   trainer.train()
   trainer.close()
   got = losses(work)

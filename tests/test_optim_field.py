@@ -78,10 +78,14 @@ def test_each_choice_trains_a_quadratic(name):
   tx = field.make_optimizer(opt, 200, 64)
   state = tx.init(params)
   start = float(loss(params))
+
+  @jax.jit
+  def step(params, state):
+    u, state = tx.update(jax.grad(loss)(params), state, params, loss=jnp.float32(1.0),
+                         entropy=jnp.float32(1.0))
+    return optax.apply_updates(params, u), state
   for _ in range(200):
-    g = jax.grad(loss)(params)
-    u, state = tx.update(g, state, params, loss=jnp.float32(1.0), entropy=jnp.float32(1.0))
-    params = optax.apply_updates(params, u)
+    params, state = step(params, state)
   assert float(loss(field.eval_params(state, params))) < 0.7 * start
 
 

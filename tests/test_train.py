@@ -65,6 +65,17 @@ def test_end_to_end_run_writes_everything(corpus, tmp_path):
   for key in ("learning_rate", "b1", "entropy_scale", "perplexity_scale", "grad_norm",
               "entropy", "perplexity"):
     assert all(np.isfinite(r[key]) for r in steps), key
+  # Velvet's scales through the trainer: the formula's (float64 numpy) for each step's
+  # logged loss and entropy with ln V of the run's tokenizer, and not the neutral 1.0
+  # that a step handing Velvet no signal would log
+  from tests.test_velvet import np_scales
+  from vesperjax.data import Tokenizer
+  vocab = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).vocab_size
+  for r in steps:
+    es, ps = np_scales(r["loss"], r["entropy"], vocab=vocab)
+    assert r["entropy_scale"] == pytest.approx(es, rel=1e-5), r
+    assert r["perplexity_scale"] == pytest.approx(ps, rel=1e-5), r
+    assert es != 1.0 and ps != 1.0, r
   assert any("eval_loss" in r for r in recs)
   assert any(tb.startswith("events") for tb in os.listdir(tmp_path / "tb"))
 

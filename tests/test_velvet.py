@@ -34,22 +34,24 @@ def np_scales(loss, entropy, *, ea=True, pg=True, vocab=V):
 
 
 class NpVelvet:
-  """Float64 Velvet; one leaf list; sparse rule: exact-zero grad -> untouched."""
+  """Float64 Velvet; one leaf list; sparse rule: exact-zero grad -> untouched.
+  (Also the train step's reference in test_train_step_reference.py.)"""
 
   def __init__(self, params, lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, wd=1e-3,
-               max_norm=1.0, ea=True, pg=True, sparse=True):
+               max_norm=1.0, ea=True, pg=True, sparse=True, vocab=V):
     self.p = [np.asarray(x, np.float64) for x in params]
     self.m = [np.zeros_like(x) for x in self.p]
     self.v = [np.zeros_like(x) for x in self.p]
     self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
     self.max_norm, self.ea, self.pg, self.sparse = max_norm, ea, pg, sparse
+    self.vocab = vocab
     self.t = 0
 
   def step(self, grads, loss=None, entropy=None):
     lr = self.lr(self.t) if callable(self.lr) else self.lr
     self.t += 1
     t = self.t
-    es, ps = np_scales(loss, entropy, ea=self.ea, pg=self.pg)
+    es, ps = np_scales(loss, entropy, ea=self.ea, pg=self.pg, vocab=self.vocab)
     # The in-graph scalars are fp32 (not float64): round them like it does,
     # else b1_t = 0.999 alone differs by 1.3e-5 in (1 - b1_t).
     f32 = lambda x: float(np.float32(x))

@@ -241,6 +241,24 @@ def test_protocol_brackets_each_optimum_then_adds_seeds_at_the_best_lrs(
   assert summary["best"]["adamw"]["seeds"] == 3 and summary["bracketed"]["adamw"]
 
 
+def test_a_gzipped_report_is_read_and_grown_in_place(tmp_path):
+  from vesperjax.bench import optimizers as bench_optimizers
+  from vesperjax.run_config import RunConfig
+  work = tmp_path / "study"
+  work.mkdir()
+  run = RunConfig()
+  report = dict(fake_report(), config=run.to_dict(), started="then")
+  with gzip.open(work / "benchmark_report.json.gz", "wt") as f:
+    json.dump(report, f)
+  path = bench_optimizers.report_path(str(work))
+  assert path.endswith(".json.gz")
+  assert bench_optimizers.read_report(path) == json.loads(json.dumps(report))
+  bench_optimizers.write_report(path, dict(report, started="now"))
+  with gzip.open(path, "rt") as f:  # rewritten gzipped, in place
+    assert json.load(f)["started"] == "now"
+  assert not (work / "benchmark_report.json").exists()
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_plot_command_redraws_a_report(capsys, tmp_path, gz):
   path = tmp_path / ("benchmark_report.json" + (".gz" if gz else ""))
@@ -292,5 +310,5 @@ def test_plot_of_a_damaged_report_is_one_error_line(capsys, tmp_path, name, cont
   path = tmp_path / name
   path.write_bytes(content)
   code, _, err = run_main(capsys, "plot", "--report", str(path))
-  assert code == 2 and err.startswith("error: ") and "not a JSON report" in err
+  assert code == 2 and err.startswith("error: ") and "not a readable JSON report" in err
   assert len(err.strip().splitlines()) == 1

@@ -2,8 +2,8 @@
 
 optimizers: Velvet vs AdamW (and the ablation arms) on the same data, model init and
   batches, each over a learning-rate sweep, several seeds, judged by held-out validation
-  loss (`bench.optimizers`). Writes WORKDIR/benchmark_report.json after every run (a
-  rerun keeps the finished runs) and WORKDIR/plots/*.png (`bench.plots`), prints a table.
+  loss (`bench.optimizers`). Writes WORKDIR/benchmark_report.json after every run (or
+  grows a gzipped benchmark_report.json.gz in place; a rerun keeps the finished runs) and WORKDIR/plots/*.png (`bench.plots`), prints a table.
 throughput: times the trainer's jit train step (after compiling it) on synthetic
   tokens of the model's vocabulary (no data, no tokenizer) on the run's mesh; prints
   one JSON line (`bench.throughput`).
@@ -17,7 +17,6 @@ table: prints a report's one-row-per-arm markdown table: `table --report REPORT`
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -26,7 +25,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.bench.optimizers import ARMS, OPTIMIZERS, run_optimizers, summarize
+from vesperjax.bench.optimizers import (ARMS, OPTIMIZERS, read_report, report_path,
+                                         run_optimizers, summarize)
 from vesperjax.bench.tables import first_seed_grid, format_table, markdown_table
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
@@ -102,12 +102,7 @@ def _command(name: str) -> int:
     path = _REPORT.value
     if not path or not os.path.isfile(path):
       raise ValueError(f"{name} needs --report REPORT.json (got {path!r})")
-    opener = gzip.open if path.endswith(".gz") else open  # large sweeps are kept gzipped
-    with opener(path, "rt") as f:
-      try:
-        report = json.load(f)
-      except (json.JSONDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a JSON report ({e})") from None
+    report = read_report(path)  # large sweeps are kept gzipped
     report["summary"] = summarize(report)  # as this version reads the runs
     if name == "table":
       print(markdown_table(report["summary"]) if _SEED.value is None
@@ -147,7 +142,7 @@ def _command(name: str) -> int:
                           bracket=_BRACKET.value)
   print(format_table(report["summary"]))
   paths = plot_report(report, os.path.join(workdir, "plots"))
-  print(f"report: {os.path.join(workdir, 'benchmark_report.json')}")
+  print(f"report: {report_path(workdir)}")
   print("plots: " + ", ".join(paths))
   return 0
 

@@ -11,6 +11,7 @@ formats it).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   t = run.train
   seq_len = run.data.seq_len
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "benchmark_report.json")
+  path = report_path(workdir)
   done, started = _finished_runs(path, run, steps)
   data = build.prepare_data(run, workdir, progress=False)
   if data.val_cache is None:
@@ -195,7 +196,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
           first_step_s=times[0], step_s=steady, wall_s=took))
       log(f"{arm:>17} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
           f"{report['runs'][-1]['final_train_loss']:.4f}  ({took:.1f} s)")
-      _write(path, report)
+      write_report(path, report)
 
   for arm in optimizers:
     if not top_lrs and not bracket:
@@ -223,7 +224,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
     report["eval_tokens"] = int(sum(b.size for b in inputs["eval"]))
   report["wall_s"] = float(sum(r["wall_s"] for r in report["runs"]))
   report["summary"] = summarize(report)
-  _write(path, report)
+  write_report(path, report)
   return report
 
 
@@ -239,17 +240,40 @@ def _val(report: dict, arm: str, lr: float, seed: int) -> float:
   return v if math.isfinite(v) else math.inf
 
 
+def report_path(workdir: str) -> str:
+  """WORKDIR/benchmark_report.json, or its gzipped form where only that exists (a long
+  study's report is committed gzipped and keeps growing in that form)."""
+  path = os.path.join(workdir, "benchmark_report.json")
+  return path + ".gz" if os.path.exists(path + ".gz") and not os.path.exists(path) else path
+
+
+def read_report(path: str) -> dict:
+  """A report, plain or gzipped (by its suffix); a damaged one is a one-line ValueError."""
+  try:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+      return json.load(f)
+  except (OSError, EOFError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable JSON report ({e})") from None
+
+
+def write_report(path: str, report: dict) -> None:
+  """Write `report` to `path` (gzipped for a .gz path) through a temporary file, so an
+  interrupted write leaves the previous report whole."""
+  tmp = path + ".tmp"
+  with (gzip.open(tmp, "wt") if path.endswith(".gz") else open(tmp, "w")) as f:
+    json.dump(report, f, separators=(",", ":"))
+  os.replace(tmp, path)
+
+
 def _finished_runs(path: str, run: RunConfig, steps: int) -> tuple[dict, str | None]:
   """(arm, lr, seed) -> run of WORKDIR's existing report, if it is of this benchmark,
   and when that report was started."""
   if not os.path.exists(path):
     return {}, None
   try:
-    with open(path) as f:
-      old = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} exists but is not a readable report ({e}); move it away "
-                     "or choose another --workdir") from None
+    old = read_report(path)
+  except ValueError as e:
+    raise ValueError(f"{e}; move it away or choose another --workdir") from None
   same_config = old.get("config") == _as_old(json.loads(json.dumps(run.to_dict())),
                                             old.get("config") or {})
   if not same_config or old.get("steps") != steps:
@@ -267,12 +291,6 @@ def _as_old(config: dict, old: dict) -> dict:
   return {sec: {k: v for k, v in vals.items()
                 if k in old.get(sec, {}) or v != default.get(sec, {}).get(k)}
           if isinstance(vals, dict) else vals for sec, vals in config.items()}
-
-
-def _write(path: str, report: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(report, f, separators=(",", ":"))
-  os.replace(path + ".tmp", path)
 
 
 def _tail_mean(xs, frac: float = 0.1) -> float:

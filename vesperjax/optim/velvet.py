@@ -63,6 +63,7 @@ from vesperjax.optim.velvet_math import (bias_corrections, map_leaves3,  # noqa:
                                          velvet_update_reference)
 from vesperjax.optim.velvet_rules import adapted_b1  # noqa: F401  (public here too)
 
+
 class VelvetScales(NamedTuple):
   """Multipliers for the learning rate and beta1 (fp32 scalars)."""
   entropy_scale: jax.Array

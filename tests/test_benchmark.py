@@ -236,6 +236,7 @@ def test_protocol_brackets_each_optimum_then_adds_seeds_at_the_best_lrs(
   assert sorted(seeds[0.008]) == [0, 1, 2] and sorted(seeds[0.004]) == [0, 1, 2]
   assert all(s == [0] for lr, s in seeds.items() if lr not in (0.008, 0.004))
   assert len(ran) == 5 + 4
+  assert all(r["date"] and "commit" in r for r in report["runs"])  # provenance per run
   summary = report["summary"]
   assert summary["best"]["adamw"]["lr"] == pytest.approx(8e-3)
   assert summary["best"]["adamw"]["seeds"] == 3 and summary["bracketed"]["adamw"]

@@ -147,6 +147,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
       device=f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
       machine=f"{platform.machine()}, {os.cpu_count()} CPUs", jax=jax.__version__,
       started=started or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[])
+  commit = source_commit()
   # An earlier report's other arms, LRs and seeds stay in the report: a sweep can grow.
   wanted = {(a, float(lr), s) for a in optimizers for lr in lrs for s in range(seeds)}
   report["runs"] = [r for key, r in done.items() if key not in wanted]
@@ -193,7 +194,8 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
       report["runs"].append(dict(
           optimizer=arm, lr=float(lr), seed=s, curves=curves, evals=evals,
           final_val_loss=evals[-1][1], final_train_loss=_tail_mean(curves["loss"]),
-          first_step_s=times[0], step_s=steady, wall_s=took))
+          first_step_s=times[0], step_s=steady, wall_s=took, commit=commit,
+          date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
       log(f"{arm:>17} lr={lr:<9.3g} seed={s}: val {evals[-1][1]:.4f}  train "
           f"{report['runs'][-1]['final_train_loss']:.4f}  ({took:.1f} s)")
       write_report(path, report)
@@ -226,6 +228,19 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   report["summary"] = summarize(report)
   write_report(path, report)
   return report
+
+
+def source_commit() -> str | None:
+  """`git describe --always --dirty` of the checkout vesperjax runs from (None for an
+  installed wheel): a report that grows over sessions records it per run."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _listed(report: dict, arm: str, lr: float, seed: int) -> bool:

@@ -134,6 +134,7 @@ def test_entropy_lr_multiplies_any_optimizer_by_velvets_entropy_scale():
     (dict(name="sgd"), "optim.name"),
     (dict(velvet_rules="fancy"), "optim.velvet_rules"),
     (dict(velvet_rules="original:b1_max=2"), "optim.velvet_rules"),
+    (dict(name="velvet", entropy_lr=True), "optim.entropy_lr"),
 ])
 def test_bad_optim_config_is_one_line(optim, message):
   with pytest.raises(ValueError, match=message):

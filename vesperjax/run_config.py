@@ -264,6 +264,9 @@ def validate(run: RunConfig) -> RunConfig:
   t, d, o = run.train, run.data, run.optim
   need(o.name in OPTIMIZERS, "optim.name",
        f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+  need(not (o.entropy_lr and o.name == "velvet"), "optim.entropy_lr",
+       "Velvet has its own entropy rule (optim.entropy_adaptive); entropy_lr is for the "
+       "other optimizers")
   from vesperjax.optim.velvet_rules import resolve_rules  # jax only once validating
   try:
     resolve_rules(o.velvet_rules)

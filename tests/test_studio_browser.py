@@ -16,6 +16,7 @@ if CHROMIUM is None:
               allow_module_level=True)
 
 from tests.studio_server import FORM, TOY, Server, make_data, wait_for  # noqa: E402
+from vesperjax.bench.optimizers import ARMS  # noqa: E402
 from vesperjax.studio.app import create_app  # noqa: E402
 
 expect = sync_api.expect
@@ -77,7 +78,8 @@ def test_studio_in_a_real_browser(tmp_path):
                                                              re.compile(r"^[1-9]"))
       page.screenshot(path=os.path.join(shots, "compare.png"), full_page=True)
       page.goto(url + "#/benchmark")
-      expect(page.locator("input.arm")).to_have_count(6)
+      expect(page.locator("input.arm")).to_have_count(len(ARMS))  # one box per arm
+      assert page.locator("input.arm").evaluate_all("els => els.map(e => e.value)") == list(ARMS)
       page.screenshot(path=os.path.join(shots, "benchmark.png"), full_page=True)
 
       page.goto(url + "#/chat?run=long")  # a few thousand steps: text, not noise

@@ -102,6 +102,10 @@ def run_cli(argv: list[str], body: Callable[[], int],
     print("interrupted", file=sys.stderr)
     return 130
   except user_errors() as e:
+    # what the failed work leaves unawaited (orbax's save and read coroutines) is
+    # finalized after this line; the failure it would repeat is reported here
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"coroutine '.*' was never awaited")
     print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   finally:  # main() may run again in the same process (tests, notebooks)

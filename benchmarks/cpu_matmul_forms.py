@@ -1,4 +1,4 @@
-"""XLA:CPU costs behind the model's matmul forms (docs/benchmarks.md, session 3).
+"""XLA:CPU costs behind the model's matmul forms (docs/benchmarks.md, "The measurement behind each CPU choice").
 
 1. A linear layer's fwd+bwd on [batch, seq, d] activations against the same rows
    flattened to [tokens, d] (`layers.flat_tokens`): the 3-D weight gradient contracts

@@ -1,4 +1,4 @@
-"""Decode speed of `vesperjax.sampling.generate` at batch 1 (random-init model).
+"""Decode speed of `vesperjax.inference.sampling.generate` at batch 1 (random-init model).
 
   python benchmarks/decode_bench.py [--preset tiny] [--vocab 8192] [--tokens 256]
       [--unrolled] [--repetition-penalty 1.0] [--paths loop,streaming]
@@ -24,7 +24,7 @@ from flax import nnx  # noqa: E402
 
 import vesperjax as vj  # noqa: E402
 from vesperjax.model.size import num_params  # noqa: E402
-from vesperjax.sampling import generate  # noqa: E402
+from vesperjax.inference.sampling import generate  # noqa: E402
 
 PATHS = {"loop": None, "streaming": lambda t: None}
 

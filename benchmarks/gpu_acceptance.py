@@ -5,7 +5,7 @@ settling `auto`. Writes OUT/acceptance.json, .md and .log and prints the markdow
 last; docs/gpu-acceptance.md says what is measured and the thresholds.
 
 1. Here, once: fetch what the device lacks (of grain, tensorboardX and ml_collections, the
-   import chain of vesperjax.train_step / run_config needs only ml_collections, pure
+   import chain of vesperjax.training.train_step / run_config needs only ml_collections, pure
    Python; its absl-py and PyYAML are there; and tokamax with its needs, for the
    tokamax candidates) into a git-ignored folder, check the chain
    against it, and precompute the deviceless memory plans where vesperjax.plan works:
@@ -258,14 +258,14 @@ def prepare(dest):
            "  if n == 'ml_collections': return m.PathFinder.find_spec(n, [site]) or 1 / 0\n"
            "sys.meta_path.insert(0, Device())\n"
            "mount_kernels()\n"
-           "import vesperjax.train_step, vesperjax.run_config, ml_collections\n"
+           "import vesperjax.training.train_step, vesperjax.run_config, ml_collections\n"
            "print('import chain ok without grain / tensorboardX; ml_collections from', "
            "ml_collections.__file__)")
   subprocess.run([sys.executable, "-c", probe, str(dest / "site")], check=True, cwd=ROOT,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
   plans = {}
   try:
-    from vesperjax.plan import plan_step  # pylint: disable=g-import-not-at-top
+    from vesperjax.planning.program import plan_step  # pylint: disable=g-import-not-at-top
     for preset in MODELS:
       run, batch, seq = model_run(preset, False)
       for target in ("h100-80gb", "h200"):

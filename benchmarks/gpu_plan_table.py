@@ -11,7 +11,7 @@ bf16 compute (auto on GPU), Velvet, grad_accum 1, default_run_config(preset) oth
 
 H100-80GB and H200 share one Hopper description apart from memory, so one program has
 the same per-device bytes on both: each cell's curve is compiled on h100-80gb
-(`plan.max_batch`: two compiles, a line, then the prediction and one step above), the
+(`program.max_batch`: two compiles, a line, then the prediction and one step above), the
 H200 boundary is predicted from those points and confirmed by one compile on the h200
 target (more only when that compile disagrees with the line), and once per preset and
 mesh the H100 boundary batch is recompiled on h200 to compare the two targets' bytes
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vesperjax import gpu_targets  # noqa: E402  first: lets the CUDA plugin register
+from vesperjax.planning import gpu_targets  # noqa: E402  first: lets the CUDA plugin register
 
 PRESETS_1 = ("tiny", "small", "tiny-moe", "medium", "medium-moe", "large", "xlarge",
              "large-moe")
@@ -109,7 +109,7 @@ def one_cell(preset, devices, seq, remat, none_cell: dict | None) -> dict:
   at none's H100 boundary, with none's intercept (the batch-independent bytes: state and
   fixed buffers) as a point at batch 0.
   """
-  from vesperjax import plan
+  from vesperjax.planning import program
   run = run_config(preset, devices, seq, remat)
   seed, start = [], None
   if none_cell is not None:
@@ -117,13 +117,13 @@ def one_cell(preset, devices, seq, remat, none_cell: dict | None) -> dict:
     seed = [] if a is None else [(0, a)]
     start = none_cell["h100-80gb"]["max_batch"] or None
   t0 = time.time()
-  h100 = plan.max_batch(run, target="h100-80gb", devices=devices, remat=remat,
+  h100 = program.max_batch(run, target="h100-80gb", devices=devices, remat=remat,
                         mem_fraction=MEM_FRACTION, seed=seed, start=start, progress=log)
   if remat == "none":
     h100["intercept_bytes"] = intercept(h100["points"])
   t1 = time.time()
   a = intercept(h100["points"]) if remat == "none" else (seed[0][1] if seed else None)
-  h200 = plan.max_batch(run, target="h200", devices=devices, remat=remat,
+  h200 = program.max_batch(run, target="h200", devices=devices, remat=remat,
                         mem_fraction=MEM_FRACTION,
                         seed=h100["points"] + ([[0, a]] if a is not None else []),
                         confirm_above=False, progress=log)
@@ -140,13 +140,13 @@ def one_cell(preset, devices, seq, remat, none_cell: dict | None) -> dict:
 def same_program_check(preset, devices, seq, h100: dict) -> list[dict]:
   """Recompile the H100 boundary batch (remat none) on h200: same bytes for the same
   program on both targets?"""
-  from vesperjax import plan
+  from vesperjax.planning import program
   points = dict(h100["points"])
   batch = h100["max_batch"]
   if batch not in points:
     return []
   run = run_config(preset, devices, seq).replace(train=dict(batch_size=batch))
-  got = plan.plan_step(run, target="h200", devices=devices, mem_fraction=MEM_FRACTION,
+  got = program.plan_step(run, target="h200", devices=devices, mem_fraction=MEM_FRACTION,
                        progress=log)["per_device_bytes"]["total"]
   return [dict(batch=batch, seq=seq, remat="none", h100_bytes=points[batch],
                h200_bytes=got, same=got == points[batch])]
@@ -165,14 +165,14 @@ ORIGINAL = [  # preset, batch, remat, the original's words
 
 def original_rows(path: str) -> dict:
   """Plan the original's published memory rows on one H100-80GB at seq 512."""
-  from vesperjax import plan
+  from vesperjax.planning import program
   out = load(path)
   for preset, batch, remat, words in ORIGINAL:
     k = f"{preset}|{batch}|{remat}"
     if k in out:
       continue
     run = run_config(preset, 1, 512, remat).replace(train=dict(batch_size=batch))
-    p = plan.plan_step(run, target="h100-80gb", mem_fraction=MEM_FRACTION, progress=log)
+    p = program.plan_step(run, target="h100-80gb", mem_fraction=MEM_FRACTION, progress=log)
     out[k] = dict(preset=preset, batch=batch, seq=512, remat=remat, original=words,
                   per_device_bytes=p["per_device_bytes"], params_total=p["params_total"],
                   compile_s=p["compile_s"])
@@ -275,8 +275,8 @@ def main() -> int:
     args.table_only = True
   if not args.table_only:
     import jax
-    from vesperjax import plan
-    plan.check_target("h100-80gb")
+    from vesperjax.planning import program
+    program.check_target("h100-80gb")
     data["meta"] = dict(command=command, jax=jax.__version__, vocab=VOCAB,
                         mem_fraction=MEM_FRACTION, optimizer="velvet", dtype="auto (bf16)",
                         budget_bytes={t: int(MEM_FRACTION * gpu_targets.device_memory_bytes(t))

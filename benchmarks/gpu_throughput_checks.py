@@ -34,15 +34,15 @@ def model_run(preset, reduced):
 
 
 def _peak_flops(kind):
-  # vesperjax.actions, not the trainer: the trainer imports grain, absent on the device
-  from vesperjax.actions import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
+  # vesperjax.training.actions, not the trainer: the trainer imports grain, absent on the device
+  from vesperjax.training.actions import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
   return next((p for k, p in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
 def throughput_one(ctx, preset):
   from vesperjax import sharding
   from vesperjax.run_config import model_config
-  from vesperjax.train_step import flops_per_token, sharded_steps
+  from vesperjax.training.train_step import flops_per_token, sharded_steps
   run, batch, seq = model_run(preset, ctx.reduced)
   config, rng = model_config(run), np.random.default_rng(0)
   warmup, n = (1, 3) if ctx.reduced else (2, 10)
@@ -97,7 +97,7 @@ def plan_figure(ctx, row, run):
   if ctx.reduced:
     return dict(plan_note="reduced mode: no deviceless plan")
   try:
-    from vesperjax.plan import plan_step  # pylint: disable=g-import-not-at-top
+    from vesperjax.planning.program import plan_step  # pylint: disable=g-import-not-at-top
     out = plan_step(run, target=target, devices=1, mem_fraction=MEM_FRACTION)
     return dict(plan_bytes=out["per_device_bytes"]["total"], plan_target=target,
                 plan_fits=out.get("fits"))

@@ -29,10 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vesperjax import calibration  # noqa: E402
+from vesperjax.training import calibration  # noqa: E402
 from vesperjax import data as vdata  # noqa: E402
 from vesperjax import sharding  # noqa: E402
-from vesperjax.train_step import meta_outputs, token_outputs  # noqa: E402
+from vesperjax.training.train_step import meta_outputs, token_outputs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"none": dict(meta_head=False),
@@ -75,7 +75,7 @@ def make_evaluate(graphdef, valid_vocab, eod_id, head):
 
 
 def run_variant(name, args, dataset, workdir):
-  from vesperjax.trainer import Trainer
+  from vesperjax.training.trainer import Trainer
   run = tiny_config()
   run.model.update(VARIANTS[name])
   run.data.dataset = dataset

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
   from ml_collections import config_flags
   from absl import flags
 
-  from vesperjax import build, sharding
+  from vesperjax import sharding
+  from vesperjax.training import build
   from vesperjax.run_config import RunConfig
 
   fv = flags.FlagValues()

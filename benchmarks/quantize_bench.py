@@ -6,9 +6,9 @@
 For each mode, from one model (a run's checkpoint, or a preset at random init):
 
 - fp32: the model as trained; bf16: every parameter cast to bfloat16 and computed in it;
-  int8 / int4: `vesperjax.quantize.quantize_for_inference` (qwix, weight-only, per output
+  int8 / int4: `vesperjax.inference.quantize.quantize_for_inference` (qwix, weight-only, per output
   channel), computed in the run's compute dtype.
-- decode tokens/s: `vesperjax.sampling.generate`, batch 1, a --prompt-len prompt, --tokens
+- decode tokens/s: `vesperjax.inference.sampling.generate`, batch 1, a --prompt-len prompt, --tokens
   new tokens, greedy, the compiled loop (no on_token); the median of --repeats calls
   after one call that compiles;
 - weights MiB: the model's arrays as stored (int4 at half a byte);
@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import vesperjax as vj  # noqa: E402
-from vesperjax.quantize import quantize_for_inference, weight_bytes  # noqa: E402
-from vesperjax.sampling import generate  # noqa: E402
+from vesperjax.inference.quantize import quantize_for_inference, weight_bytes  # noqa: E402
+from vesperjax.inference.sampling import generate  # noqa: E402
 
 MODES = ("fp32", "bf16", "int8", "int4")
 MIB = 1 << 20
@@ -110,7 +110,7 @@ def decode_speed(model, prompt, new_tokens: int, repeats: int):
 def eval_perplexity(model, val_cache, batch_size: int, seq_len: int, batches: int,
                     valid_vocab: int) -> float:
   from vesperjax import data as vdata
-  from vesperjax.train_step import token_losses
+  from vesperjax.training.train_step import token_losses
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -130,7 +130,8 @@ def eval_perplexity(model, val_cache, batch_size: int, seq_len: int, batches: in
 def load(a):
   """(model, validation cache or None, batch size, seq_len, valid vocab, prompt ids)."""
   if a.workdir:
-    from vesperjax.build import load_model, prepare_data
+    from vesperjax.inference.loading import load_model
+    from vesperjax.training.build import prepare_data
     model, tokenizer, run = load_model(a.workdir, a.step)
     data = prepare_data(run, a.workdir, progress=False)
     val = data.val_cache

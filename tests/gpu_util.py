@@ -10,7 +10,7 @@ import re
 import jax
 import pytest
 
-from vesperjax import gpu_targets
+from vesperjax.planning import gpu_targets
 
 GPU_COMPILE_PROBLEM = gpu_targets.plugin_problem()
 needs_gpu_compile = pytest.mark.skipif(GPU_COMPILE_PROBLEM is not None,

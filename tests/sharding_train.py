@@ -55,8 +55,9 @@ def train(cfg, mesh, steps: int = 3, data=None, hlo: bool = False):
   """
   import jax
 
-  from vesperjax import build, sharding
-  from vesperjax.trainer import StepLoop
+  from vesperjax import sharding
+  from vesperjax.training import build
+  from vesperjax.training.trainer import StepLoop
 
   data = batches(steps) if data is None else data
   model = build.build_model(tiny_run(cfg, steps), mesh, vocab_size=cfg.vocab_size)

@@ -4,9 +4,9 @@ import signal
 import numpy as np
 import pytest
 
-from vesperjax import actions as act
-from vesperjax.divergence import DivergenceGuard
-from vesperjax.trainer import StepLoop
+from vesperjax.training import actions as act
+from vesperjax.training.divergence import DivergenceGuard
+from vesperjax.training.trainer import StepLoop
 
 
 class Clock:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from tests.test_train import corpus, tiny_run  # noqa: F401
-from vesperjax.divergence import DivergenceGuard
+from vesperjax.training.divergence import DivergenceGuard
 from vesperjax.run_config import RunConfig
-from vesperjax.train_step import all_finite
-from vesperjax.trainer import RunError, Trainer
+from vesperjax.training.train_step import all_finite
+from vesperjax.training.trainer import RunError, Trainer
 
 
 def test_guard_rules():

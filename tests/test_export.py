@@ -17,9 +17,9 @@ from safetensors import safe_open
 import vesperjax as vj
 from vesperjax import export as ex
 from vesperjax import generate as gen
-from vesperjax import pretrained as fmt
+from vesperjax.inference import pretrained as fmt
 from vesperjax import sharding as vj_sharding
-from vesperjax.build import load_model
+from vesperjax.inference.loading import load_model
 from vesperjax.run_config import default_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def save_run(workdir, mesh=None, **model):
   """A run directory whose checkpoint (step 2) holds a freshly initialised 2-layer model
   with FlyLoRA's B and routing biases moved off their zero init, as training does; the
   state is built and saved sharded on `mesh` (default: 8-way data parallel)."""
-  from vesperjax import build
+  from vesperjax.training import build
   from vesperjax.checkpoint import Checkpointer
   from vesperjax.data import padded_vocab_size
   from vesperjax.data.tokenizer import byte_tokenizer

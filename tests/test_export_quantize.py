@@ -13,10 +13,10 @@ import vesperjax as vj
 from tests.test_export import logits, one_error, runs, stored  # noqa: F401  (runs: a fixture)
 from vesperjax import export as ex
 from vesperjax import generate as gen
-from vesperjax import pretrained as fmt
-from vesperjax import quantize as qz
+from vesperjax.inference import pretrained as fmt
+from vesperjax.inference import quantize as qz
 from vesperjax import sharding as vj_sharding
-from vesperjax.build import load_model
+from vesperjax.inference.loading import load_model
 
 BITS = {"int8": 8, "int4": 4}
 

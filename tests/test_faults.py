@@ -8,7 +8,7 @@ import pytest
 from tests.test_train import cli, corpus, losses, overrides, tiny_run  # noqa: F401
 from vesperjax.checkpoint import CheckpointError
 from vesperjax.train import train
-from vesperjax.trainer import Trainer
+from vesperjax.training.trainer import Trainer
 
 
 def _truncate_largest_array(step_dir):

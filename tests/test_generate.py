@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import vesperjax as vj
-from vesperjax import sampling
-from vesperjax.sampling import generate, sample_logits
+from vesperjax.inference import sampling
+from vesperjax.inference.sampling import generate, sample_logits
 
 
 def toy(**kw):

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import pytest
 
 from tests import gpu_util
-from vesperjax import gpu_targets, kernels, sharding
+from vesperjax import kernels, sharding
+from vesperjax.planning import gpu_targets
 from vesperjax.run_config import RunConfig, default_run_config, model_config
-from vesperjax.train_step import sharded_steps
+from vesperjax.training.train_step import sharded_steps
 
 VOCAB = 2048
 
@@ -138,7 +139,8 @@ def _compiled(target, count, run):
 @pytest.mark.parametrize("target,count,preset,mesh", [
     ("h100-80gb", 1, "tiny", {}),
     ("h200", 1, "tiny-moe", {}),
-    ("h100-80gb", 8, "tiny-moe", dict(data=2, expert=4)),
+    # slow: test_moe_matmul_gpu compiles the same expert-parallel step with its kernels
+    pytest.param("h100-80gb", 8, "tiny-moe", dict(data=2, expert=4), marks=pytest.mark.slow),
     ("h200", 8, "tiny", dict(data=2, fsdp=4)),
 ])
 def test_train_step_compiles_for_gpu_targets(target, count, preset, mesh):
@@ -157,7 +159,7 @@ def test_train_step_compiles_for_gpu_targets(target, count, preset, mesh):
 
 
 @gpu_util.needs_gpu_compile
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_remat_saves_memory_on_gpu(scan_layers):
   """remat='full' keeps only each layer's input for the backward, scanned or unrolled
   (unrolled layers need prevent_cse, or XLA merges the recomputation away). XLA:CPU's

@@ -40,8 +40,12 @@ def test_cli_start_keeps_freed_memory():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_opt_out_and_accelerators_leave_glibc_alone(monkeypatch):
+@pytest.mark.slow  # a second CLI start, beside test_cli_start_keeps_freed_memory's
+def test_opt_out_leaves_glibc_alone():
   assert not probe("cli", JAX_PLATFORMS="cpu", VESPERJAX_HOST_MALLOC="default")[0]
+
+
+def test_accelerators_leave_glibc_alone(monkeypatch):
   from vesperjax import host_memory
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
   assert not host_memory._cpu_only()

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 import vesperjax as vj
-from vesperjax import calibration
+from vesperjax.training import calibration
 from vesperjax.kernels import linear_cross_entropy
 from vesperjax.model.meta_head import meta_head_params, meta_loss, meta_probs
-from vesperjax.train_step import meta_outputs, token_outputs
+from vesperjax.training.train_step import meta_outputs, token_outputs
 
 CFG = dict(vocab_size=67, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
            max_seq_len=64, lora_rank=4, lora_topk=2, meta_head=True)
@@ -166,8 +166,9 @@ def test_binned_sums_over_batches_equal_the_exact_numbers():
 
 def test_training_logs_head_metrics_and_checkpoints_keep_it(tmp_path, capsys):
   from tests.test_train import tiny_run
-  from vesperjax.build import RunError, load_model
-  from vesperjax.trainer import Trainer
+  from vesperjax.training.build import RunError
+  from vesperjax.inference.loading import load_model
+  from vesperjax.training.trainer import Trainer
 
   text = "\n\n".join(open(m.__file__).read() for m in (json.decoder, os))
   path = tmp_path / "corpus.txt"
@@ -225,7 +226,7 @@ def _generating_model(end_bias=0.0):
 
 def test_generate_confidence_matches_a_full_forward():
   from vesperjax.model.meta_head import logit_stats
-  from vesperjax.sampling import generate
+  from vesperjax.inference.sampling import generate
   model = _generating_model()
   prompt = np.random.RandomState(0).randint(0, 67, (2, 5))
   seen = []
@@ -247,7 +248,7 @@ def test_generate_confidence_matches_a_full_forward():
 
 
 def test_stop_when_confident_ends_rows_where_the_head_says_so():
-  from vesperjax.sampling import generate
+  from vesperjax.inference.sampling import generate
   eos = 3
   model = _generating_model()
   prompt = np.random.RandomState(1).randint(4, 67, (2, 4))
@@ -274,7 +275,7 @@ def test_stop_when_confident_ends_rows_where_the_head_says_so():
 
 
 def test_generate_confidence_errors():
-  from vesperjax.sampling import generate
+  from vesperjax.inference.sampling import generate
   plain = toy(meta_head=False)
   with pytest.raises(ValueError, match="metacognition head"):
     generate(plain, [1, 2], max_new_tokens=2, with_confidence=True)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import gpu_util
 from tests.test_gpu_steps import _run, _steps
-from vesperjax import gpu_targets
+from vesperjax.planning import gpu_targets
 from vesperjax.kernels import grouped_matmul, platform
 from vesperjax.kernels._grouped_matmul import tokamax_ragged_dot
 

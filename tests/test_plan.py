@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.gpu_util import needs_gpu_compile
-from vesperjax import gpu_targets, plan
+from vesperjax.planning import gpu_targets, program, search
 from vesperjax.model.size import num_params
 from vesperjax.data import cache as token_cache
 from vesperjax.run_config import RunConfig, default_run_config, model_config
@@ -36,7 +36,7 @@ def _run(**mesh):
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-  return plan.plan_step(_run(), target="h100-80gb")
+  return program.plan_step(_run(), target="h100-80gb")
 
 
 @needs_gpu_compile
@@ -44,7 +44,7 @@ def test_plan_keys_and_values(tiny_plan):
   p = tiny_plan
   assert KEYS <= set(p), KEYS - set(p)
   json.dumps(p)  # the --json object
-  config = model_config(_run(), plan.DEFAULT_VOCAB)
+  config = model_config(_run(), search.DEFAULT_VOCAB)
   assert p["vocab_size"] == 32768 and p["target"] == "h100-80gb" and p["devices"] == 1
   assert p["params_trainable"] == num_params(config)
   # frozen: per layer, FlyLoRA's A [hidden, rank] and routing bias [rank] in gate and up
@@ -68,7 +68,7 @@ def test_plan_keys_and_values(tiny_plan):
 
 @needs_gpu_compile
 def test_fsdp_over_eight_devices_shards_the_state(tiny_plan):
-  p8 = plan.plan_step(_run(data=1, fsdp=8), target="h100-80gb", devices=8)
+  p8 = program.plan_step(_run(data=1, fsdp=8), target="h100-80gb", devices=8)
   assert p8["mesh"]["fsdp"] == 8 and p8["devices"] == 8
   assert p8["params_total"] == tiny_plan["params_total"]  # global counts
   one, eight = tiny_plan["per_device_bytes"], p8["per_device_bytes"]
@@ -82,7 +82,7 @@ def test_max_batch_finds_the_boundary(tiny_plan):
   """A budget of exactly the batch-8 figure: B fits, B + 1 does not, both recompiled."""
   total = tiny_plan["per_device_bytes"]["total"]
   fraction = (total + 0.5) / tiny_plan["device_memory_bytes"]
-  found = plan.max_batch(_run(), target="h100-80gb", mem_fraction=fraction)
+  found = program.max_batch(_run(), target="h100-80gb", mem_fraction=fraction)
   b, d = found["max_batch"], found["divisor"]
   assert d == 1 and b >= 1 and found["compiles"] <= 4, found
   assert found["budget_bytes"] == total and found["per_device_bytes"] <= total
@@ -90,9 +90,9 @@ def test_max_batch_finds_the_boundary(tiny_plan):
   if b == 8:
     at = tiny_plan  # itself an independent compile at batch 8
   else:
-    at = plan.plan_step(run.replace(train=dict(batch_size=b)), target="h100-80gb",
+    at = program.plan_step(run.replace(train=dict(batch_size=b)), target="h100-80gb",
                         mem_fraction=fraction)
-  above = plan.plan_step(run.replace(train=dict(batch_size=b + d)), target="h100-80gb",
+  above = program.plan_step(run.replace(train=dict(batch_size=b + d)), target="h100-80gb",
                          mem_fraction=fraction)
   assert at["per_device_bytes"]["total"] <= total < above["per_device_bytes"]["total"]
   assert at["per_device_bytes"]["total"] == found["per_device_bytes"]
@@ -103,21 +103,21 @@ def test_search_on_a_known_curve():
   """The search itself, on a made-up curve that is affine with a kink: exact boundary."""
   curve = lambda b: 1000 + 37 * b + (500 if b > 60 else 0)
   calls = []
-  found = plan.search_max_batch(lambda b: calls.append(b) or curve(b), 4000, 4)
+  found = search.search_max_batch(lambda b: calls.append(b) or curve(b), 4000, 4)
   best = max(b for b in range(4, 200, 4) if curve(b) <= 4000)
   assert found["max_batch"] == best and curve(best + 4) > 4000
   assert found["compiles"] == len(calls) <= 6
   assert found["next_bytes"] == curve(best + 4) and not found["above_predicted"]
-  assert plan.search_max_batch(curve, 900, 4)["max_batch"] == 0
+  assert search.search_max_batch(curve, 900, 4)["max_batch"] == 0
   # hints: an intercept at batch 0 and a first batch (affine: start, boundary, above)
   calls.clear()
   affine = lambda b: 1000 + 37 * b
-  hinted = plan.search_max_batch(lambda b: calls.append(b) or affine(b), 4000, 4,
+  hinted = search.search_max_batch(lambda b: calls.append(b) or affine(b), 4000, 4,
                                  seed=[(0, 1000)], start=40)
   assert hinted["max_batch"] == 80 and calls == [40, 80, 84], calls
   # another card's curve as seed; the step above left to the line
   calls.clear()
-  seeded = plan.search_max_batch(lambda b: calls.append(b) or curve(b) + 100, 4000, 4,
+  seeded = search.search_max_batch(lambda b: calls.append(b) or curve(b) + 100, 4000, 4,
                                  seed=found["points"], confirm_above=False)
   assert seeded["max_batch"] == max(b for b in range(4, 200, 4) if curve(b) + 100 <= 4000)
   assert seeded["above_predicted"] and len(calls) <= 3, calls
@@ -126,7 +126,7 @@ def test_search_on_a_known_curve():
 def test_chinchilla_hand_derived():
   # batch 8 x accum 1 x seq 256, vocab 32768
   run = RunConfig.from_config_dict(default_run_config("tiny"))
-  c = plan.chinchilla(run, 2_000_000_000)
+  c = search.chinchilla(run, 2_000_000_000)
   # medium at vocab 32768 (hidden 768, 12 layers, ffn 3072, FlyLoRA rank 16):
   ffn = 2 * (768 * 3072 + 3072) + 2 * 16 * 3072 + (3072 * 768 + 768)
   attention = 768 * 3 * 768 + 3 * 768 + 768 * 768 + 768
@@ -137,7 +137,7 @@ def test_chinchilla_hand_derived():
   assert c["preset_params"] == medium
   assert c["tokens_per_step"] == 8 * 1 * 256 and c["steps"] == 976_563  # ceil(2e9 / 2048)
   run = run.replace(train=dict(grad_accum=4), data=dict(seq_len=2048))
-  c = plan.chinchilla(run, 26_000_000_000)  # 1.3e9 params: xlarge (1,286,297,600)
+  c = search.chinchilla(run, 26_000_000_000)  # 1.3e9 params: xlarge (1,286,297,600)
   assert c["preset"] == "xlarge" and c["steps"] == -(-26_000_000_000 // (8 * 4 * 2048))
 
 
@@ -145,17 +145,17 @@ def test_chinchilla_hand_derived():
     ("2e9", 2_000_000_000), ("2_000_000_000", 2_000_000_000), ("2B", 2_000_000_000),
     ("500M", 500_000_000), ("1.5T", 1_500_000_000_000), ("750k", 750_000)])
 def test_parse_tokens(text, value):
-  assert plan.parse_tokens(text) == value
+  assert search.parse_tokens(text) == value
 
 
 def test_input_checks():
   for args, words in [(("h100",), "unknown --target"), (("h200", 0), "--devices"),
                       (("h200", 1, 1.5), "--mem-fraction"), (("h200", 1, 0.0), "--mem-fraction")]:
     with pytest.raises(ValueError, match=words):
-      plan.check_target(*args)
+      program.check_target(*args)
   for text in ("", "-5", "2X", "1e", "0"):
     with pytest.raises(ValueError, match="--tokens"):
-      plan.parse_tokens(text)
+      search.parse_tokens(text)
 
 
 def _fake_cache(path, n_tokens=123_457):
@@ -177,7 +177,7 @@ def _plan_cli(*args, env=None):
 
 def test_cli_tokens_from_a_cache_without_compiling(tmp_path):
   cache = _fake_cache(str(tmp_path / "stdlib-train-0123"))
-  assert plan.parse_tokens(cache) == 123_457
+  assert search.parse_tokens(cache) == 123_457
   proc = _plan_cli("--config", "experiments/tiny.py", "--tokens", cache, "--json")
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err

@@ -1,4 +1,4 @@
-"""Weight-only INT8 / INT4 quantization with qwix (vesperjax.quantize): the stored weights
+"""Weight-only INT8 / INT4 quantization with qwix (vesperjax.inference.quantize): the stored weights
 against a numpy per-channel reference, logits through the KV-cache prefill and decode
 within a derived error bound (dense, FlyLoRA, MoE), greedy decode and eval perplexity of
 a briefly trained run, `generate --quantize`, and the missing-qwix error.
@@ -24,8 +24,8 @@ import pytest
 from flax import nnx
 
 import vesperjax as vj
-from vesperjax import quantize as qz
-from vesperjax.sampling import generate
+from vesperjax.inference import quantize as qz
+from vesperjax.inference.sampling import generate
 
 KINDS = {"dense": dict(lora_rank=0), "flylora": dict(lora_rank=8, lora_topk=2),
          "moe": dict(lora_rank=4, lora_topk=2, num_experts=4, top_k=2)}
@@ -229,7 +229,8 @@ def bench_module():
 
 def test_int8_greedy_decode_and_perplexity_stay_with_fp32(trained_run):
   eval_perplexity = bench_module().eval_perplexity
-  from vesperjax.build import load_model, prepare_data
+  from vesperjax.inference.loading import load_model
+  from vesperjax.training.build import prepare_data
   model, tokenizer, run = load_model(trained_run)
   val = prepare_data(run, trained_run, progress=False).val_cache
   int8 = qz.quantize_for_inference(model, "int8")
@@ -251,7 +252,7 @@ def test_int8_greedy_decode_and_perplexity_stay_with_fp32(trained_run):
 
 def test_generate_cli_quantize_equals_the_library(trained_run, capsys):
   from vesperjax import generate as cli
-  from vesperjax.build import load_model
+  from vesperjax.inference.loading import load_model
   args = ["generate", f"--workdir={trained_run}", "--prompt=def main(", "--max-tokens=24",
           "--temperature=0", "--quantize=int4"]
   assert cli.main(args) == 0

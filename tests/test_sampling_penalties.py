@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 import vesperjax as vj
-from vesperjax import sampling
-from vesperjax.penalties import Penalties, TokenHistory, apply_penalties
-from vesperjax.sampling import generate
+from vesperjax.inference import sampling
+from vesperjax.inference.penalties import Penalties, TokenHistory, apply_penalties
+from vesperjax.inference.sampling import generate
 
 from tests.test_generate import greedy_by_recompute
 

@@ -13,7 +13,7 @@ import pytest
 
 from vesperjax.run_config import default_run_config, model_config
 from vesperjax.train import train
-from vesperjax.trainer import Trainer
+from vesperjax.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,7 +238,7 @@ def test_moe_run_logs_expert_load(corpus, tmp_path):
 def test_checkpoint_from_8_device_mesh_loads_on_one_device(corpus, tmp_path):
   from flax import nnx
 
-  from vesperjax.build import load_model
+  from vesperjax.inference.loading import load_model
   run = tiny_run(corpus, max_steps=2, eval_every=2, save_every=2)
   run.mesh.update(dict(data=1, fsdp=-1))  # params really split over the 8 devices
   trainer = Trainer(run, str(tmp_path))
@@ -259,7 +259,7 @@ def test_load_model_reads_adamw_and_best_checkpoints(corpus, tmp_path):
   does not matter; --best reads the best checkpoint, --step any kept one."""
   from flax import nnx
 
-  from vesperjax.build import load_model
+  from vesperjax.inference.loading import load_model
   run = tiny_run(corpus, max_steps=3, eval_every=2, save_every=1)
   run.optim.name = "adamw"
   trainer = Trainer(run, str(tmp_path))

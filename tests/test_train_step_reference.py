@@ -25,7 +25,7 @@ from vesperjax import sharding
 from vesperjax.model import trainable_filter
 from vesperjax.optim.velvet import VelvetState
 from vesperjax.run_config import OptimConfig
-from vesperjax.train_step import sharded_steps
+from vesperjax.training.train_step import sharded_steps
 
 VOCAB, VALID = 64, 60  # ids 60..63 are vocab padding: masked out of the softmax
 KINDS = {

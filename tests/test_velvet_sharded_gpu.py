@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from tests import gpu_util
 from vesperjax import sharding
 from vesperjax.run_config import RunConfig, default_run_config, model_config
-from vesperjax.train_step import sharded_steps
+from vesperjax.training.train_step import sharded_steps
 
 VOCAB = 32768
 TRITON = "__gpu$xla.gpu.triton"

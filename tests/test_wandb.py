@@ -16,8 +16,8 @@ from vesperjax.config import ModelConfig
 from vesperjax.model.size import num_params
 from vesperjax.run_config import RunConfig
 from vesperjax.train import train
-from vesperjax.trainer import RunError, Trainer
-from vesperjax.wandb_tracking import RUN_ID_FILE, parse_tags
+from vesperjax.training.trainer import RunError, Trainer
+from vesperjax.training.wandb_tracking import RUN_ID_FILE, parse_tags
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402  (after the skip)
@@ -204,7 +204,7 @@ def test_online_mode_without_an_api_key_is_one_cli_error(corpus, tmp_path):  # n
 def test_online_api_key_is_checked_without_the_network(monkeypatch):
   """A key of the right form passes (it is not verified: no network); a malformed one
   is refused in one line."""
-  from vesperjax.wandb_tracking import require_wandb
+  from vesperjax.training.wandb_tracking import require_wandb
   monkeypatch.setenv("WANDB_MODE", "online")
   monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
   monkeypatch.setenv("WANDB_API_KEY", "k" * 40)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vesperjax.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
+from vesperjax.training.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
 
 
 def test_second_holder_is_refused_until_release(tmp_path):
@@ -22,7 +22,7 @@ def test_second_holder_is_refused_until_release(tmp_path):
 
 
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
-  code = ("import os, signal, sys; from vesperjax.workdir_lock import WorkdirLock; "
+  code = ("import os, signal, sys; from vesperjax.training.workdir_lock import WorkdirLock; "
           f"WorkdirLock({str(tmp_path)!r}).acquire(); print(os.getpid(), flush=True); "
           "os.kill(os.getpid(), signal.SIGKILL)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,9 +5,13 @@ if sys.argv[:1] == ["-m"]:  # `python -m vesperjax.<command>` is starting: tune 
   from vesperjax.host_memory import keep_freed_memory  # before numpy/XLA start threads
   keep_freed_memory()
 
+from vesperjax import old_paths  # noqa: E402
+
+old_paths.install()
+
 _EXPORTS = {"ModelConfig": "config", "model_preset": "config", "num_params": "model.size",
             "PRESET_NAMES": "config", "VesperLM": "model", "trainable_filter": "model",
-            "load_pretrained": "pretrained"}
+            "load_pretrained": "inference.pretrained"}
 
 
 def __getattr__(name):

@@ -30,7 +30,7 @@ from vesperjax.bench.optimizers import (ARMS, OPTIMIZERS, read_report, report_pa
 from vesperjax.bench.tables import first_seed_grid, format_table, markdown_table
 from vesperjax.bench.plots import plot_report
 from vesperjax.bench.throughput import run_throughput
-from vesperjax.cli import load_run_config, run_cli
+from vesperjax.cli import asked_for, load_run_config, run_cli, warn
 
 COMMANDS = ("optimizers", "throughput", "plot", "table")
 
@@ -135,6 +135,9 @@ def _command(name: str) -> int:
   steps = _STEPS.value or run.train.max_steps
   if steps < 1:
     raise ValueError(f"--steps {steps}: must be >= 1")
+  from vesperjax.optim.field import adjusted_values
+  for line in adjusted_values(run.optim, steps):  # every run of the sweep has `steps`
+    warn(line)
   workdir = _WORKDIR.value or os.path.join("runs", f"benchmark-{_config_name()}")
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   report = run_optimizers(run, workdir, seeds=_SEEDS.value, lrs=lrs, steps=steps,
@@ -150,6 +153,8 @@ def _command(name: str) -> int:
 def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) > 1 and argv[1] not in COMMANDS and asked_for(argv[:2]):
+    return run_cli(argv[:2], lambda: 0, flag_values=FLAGS)  # --help / --version
   if len(argv) < 2 or argv[1] not in COMMANDS:
     got = repr(argv[1]) if len(argv) > 1 else "nothing"
     print(f"error: expected a command ({', '.join(COMMANDS)}), got {got}; e.g. "

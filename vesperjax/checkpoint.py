@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: the train state plus the data iterator.
 
-(`build.load_model` reads a model's weights back for inference.)
+(`inference.loading.load_model` reads a model's weights back for inference.)
 
 WORKDIR/checkpoints/<step>/  latest N: {state, data}  (periodic, final, emergency)
 WORKDIR/best/<step>/         lowest eval loss: {state}
@@ -11,6 +11,9 @@ Files damaged later (truncated, garbled) are found at restore: `restore_newest` 
 to the newest checkpoint that reads, latest first, then best, and sets the unreadable
 newer ones aside (never deletes them). A save that fails (a full disk) removes its
 temporary directory and raises `CheckpointSaveError`: the checkpoints before it stay whole.
+Readers of a run still training (`read_model_checkpoint`: export, generate) take the
+newest complete checkpoint, and the then-newest once more when the trainer rotates the
+first out while it is being read.
 """
 from __future__ import annotations
 
@@ -229,17 +232,6 @@ def _choose(manager, workdir: str, step: int | None, best: bool) -> int:
   return step
 
 
-def choose_step(workdir: str, step: int | None = None, best: bool = False) -> int:
-  """The checkpoint step to read: `step` if saved, else the latest (or the best with
-  `best=True`); a CheckpointError naming what exists otherwise."""
-  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False,
-                     best=best)
-  try:
-    return _choose(manager, workdir, step, best)
-  finally:
-    manager.close()
-
-
 def read_json(path: str) -> dict[str, Any]:
   try:
     with open(path) as f:
@@ -250,17 +242,50 @@ def read_json(path: str) -> dict[str, Any]:
     raise CheckpointError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def read_model_variables(workdir: str, target: dict, *, step: int | None = None,
-                         best: bool = False) -> dict:
-  """The model's variables alone from a run's checkpoint: the subtrees of the saved train
-  state named in `target` (e.g. {"params": ..., "rest": ...} of abstract arrays with
-  their shardings; Orbax reshards), never the optimizer state. `step=None`: the latest
-  checkpoint, or the best one with `best=True`."""
-  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False)
+def read_model_checkpoint(workdir: str, target: dict, *, step: int | None = None,
+                          best: bool = False,
+                          log: Callable[[str], None] = lambda line: None) -> tuple[int, dict]:
+  """(step, the model's variables) from a run's checkpoint: the subtrees of the saved
+  train state named in `target` (e.g. {"params": ..., "rest": ...} of abstract arrays
+  with their shardings; Orbax reshards), never the optimizer state.
+
+  `step=None`: the newest checkpoint complete when called (the best one with
+  `best=True`). A trainer still running in `workdir` keeps only its newest few and may
+  remove that one while it is read; then the newest one at that moment is read instead,
+  once, said through `log`. Any other failure is a one-line CheckpointError naming the
+  step: one asked for and removed, or one that is still there and does not read
+  (damaged, or saved from another model).
+  """
+  manager = _manager(os.path.join(workdir, BEST if best else CHECKPOINTS), 1, False,
+                     best=best)
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
   try:
-    step = _choose(manager, workdir, step, best)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
+    chosen = _choose(manager, workdir, step, best)
+    try:
+      return chosen, manager.restore(chosen, args=args)["state"]
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception)
+      manager.reload()
+      steps = manager.all_steps()
+      newest = (manager.best_step() if best else manager.latest_step()) if steps else None
+      # gone, or a newer one saved (the trainer deletes the oldest after that): the
+      # failure was the rotation, and says nothing about the checkpoint itself
+      rotated = chosen not in steps or (step is None and newest != chosen)
+      if not rotated:
+        raise CheckpointError(f"cannot read checkpoint {chosen} of {workdir}: "
+                              f"{one_line(e)}") from None
+      if step is not None or newest is None:
+        raise CheckpointError(
+            f"checkpoint {chosen} of {workdir} was removed while being read (a running "
+            f"trainer keeps only its newest); have {sorted(steps)}") from None
+    log(f"checkpoint {chosen} of {workdir} was rotated out while being read (a running "
+        f"trainer keeps only its newest); reading {newest} instead")
+    try:
+      return newest, manager.restore(newest, args=args)["state"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"cannot read checkpoint {newest} of {workdir} either (read after {chosen} was "
+          f"rotated out while being read; try again): {one_line(e)}") from None
   finally:
     manager.close()

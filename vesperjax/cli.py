@@ -1,7 +1,12 @@
-"""What every vesperjax command shares: absl flag parsing and one-line errors.
+"""What every vesperjax command shares: absl flag parsing, --help and --version, one-line
+errors and warnings.
 
 A user's mistake (unknown config key, wrong type, missing file, bad data) is reported as
 a single `error: ...` line on stderr with exit status 2; bugs still show a traceback.
+A value a run uses other than the one given is named in a `warning: ...` line.
+`--help` prints the command's module docstring (its usage), its flags and, for a command
+taking `--config`, the config keys with their schema defaults; `--version` prints
+`vesperjax <version>`; both exit 0.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import warnings
 from typing import Callable
 
@@ -64,9 +70,111 @@ def _not_orbax_thread_error(record) -> bool:
               and "/orbax/" in record.pathname)
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
+VERSION_FLAG = "--version"
+
+
+def asked_for(argv: list[str]) -> str | None:
+  """"help" or "version" when argv (after the program name, before a `--`) asks for it."""
+  for arg in argv[1:]:
+    if arg == "--":
+      return None
+    if arg in HELP_FLAGS:
+      return "help"
+    if arg == VERSION_FLAG:
+      return "version"
+  return None
+
+
+def version_line() -> str:
+  import vesperjax
+  return f"vesperjax {vesperjax.__version__}"
+
+
+def _show(value) -> str:
+  """A default as the command line takes it (a string with spaces, or empty, quoted)."""
+  if isinstance(value, (list, tuple)):
+    return ",".join(map(str, value))
+  if isinstance(value, str) and (not value or " " in value):
+    return repr(value)
+  return str(value)
+
+
+def _flag_line(flag) -> str:
+  if isinstance(flag, flags.BooleanFlag):
+    head = f"--[no]{flag.name}"
+  else:
+    values = getattr(flag.parser, "enum_values", None)
+    kind = "FILE" if flag.name == "config" else flag.flag_type().split()[-1].upper()
+    head = f"--{flag.name}=" + ("|".join(values) if values else kind)
+  # absl adds its own list of enum values, and a note to multi-value flags
+  text = re.sub(r"^<[^>]*>: ", "", flag.help or "")
+  text = re.sub(r";?\s*repeat this option to specify a list of values$", "", text)
+  unset = flag.default is None or flag.default is False or flag.default == []
+  if not unset and "default" not in text:
+    text += f" (default: {_show(flag.default)})"
+  return head + "\n" + textwrap.fill(text, 88, initial_indent=" " * 6,
+                                     subsequent_indent=" " * 6)
+
+
+def config_keys_help() -> str:
+  """Every `--config.SECTION.KEY` with the schema's default (from `run_config`'s typed
+  sections, so a new key shows at once)."""
+  import dataclasses
+  import typing
+
+  from vesperjax.run_config import RunConfig
+  lines = [textwrap.fill(
+      "config keys: --config.SECTION.KEY=VALUE overrides a value of the --config file. "
+      "Shown: the schema's defaults (an experiment file may set others); each key is "
+      "explained in docs/configuration.md.", 88)]
+  for name, section in typing.get_type_hints(RunConfig).items():
+    fields = dataclasses.fields(section)
+    if name == "model":
+      items = [f"preset={section().preset};", "any ModelConfig field, None (the preset's "
+               "value) by default:"] + [f.name for f in fields if f.name != "preset"]
+    else:
+      items = [f"{f.name}={_show(f.default)}" for f in fields]
+    lines.append(textwrap.fill(" ".join(items), 88, initial_indent=f"  {name}: ",
+                               subsequent_indent=" " * 6, break_on_hyphens=False))
+  return "\n".join(lines)
+
+
+def help_text(doc: str | None, flag_values: flags.FlagValues) -> str:
+  """A command's --help: its docstring, its own flags (absl's are left out), and its
+  config keys when it takes --config."""
+  own = [f for module, defined in flag_values.flags_by_module_dict().items()
+         if not module.startswith("absl") for f in defined
+         if not f.name.startswith("config.")]
+  parts = [textwrap.dedent(doc or "").strip(), "flags:"]
+  parts += ["  " + _flag_line(f) for f in sorted(own, key=lambda f: f.name)]
+  parts += ["  --help\n      This text.", f"  --version\n      Print '{version_line()}'."]
+  text = "\n\n".join(parts[:2]) + "\n" + "\n".join(parts[2:])
+  if "config" in flag_values:
+    text += "\n\n" + config_keys_help()
+  return text
+
+
+def warn(message: str) -> None:
+  """`warning: <message>` on stderr, from process 0 only (each process would repeat it)."""
+  import jax
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def run_cli(argv: list[str], body: Callable[[], int],
             flag_values: flags.FlagValues = flags.FLAGS) -> int:
-  """Parse flags from argv, run body(), and turn user errors into one line + status 2."""
+  """Parse flags from argv, run body(), and turn user errors into one line + status 2.
+  `--help` prints the usage of body's module (its docstring) and the flags, `--version`
+  the version; both return 0 without parsing anything else."""
+  asked = asked_for(argv)
+  if asked == "version":
+    print(version_line())
+    return 0
+  if asked == "help":
+    print(help_text(getattr(sys.modules.get(body.__module__), "__doc__", None),
+                    flag_values))
+    return 0
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   sys.unraisablehook = _quiet_orbax_leftovers
   logging.getLogger("asyncio").addFilter(_not_orbax_task)
@@ -88,6 +196,8 @@ def run_cli(argv: list[str], body: Callable[[], int],
     text = one_line(e)
     if re.match(r"flag --config\.[\w.]+=None: ", text):  # a None default is no flag value
       text += "; leave the key out to keep its default (a model key: the preset's value)"
+    if text.startswith("Unknown command line flag"):
+      text += " (--help lists the flags)"
     print(f"error: {text}", file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001  (the --config file's own code raised)

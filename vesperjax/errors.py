@@ -24,5 +24,5 @@ def one_line(e: BaseException) -> str:
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that describe bad input rather than a bug."""
   from absl import flags
-  from vesperjax.workdir_lock import WorkdirBusy
+  from vesperjax.training.workdir_lock import WorkdirBusy
   return (ValueError, OSError, RunError, CheckpointError, WorkdirBusy, flags.Error)

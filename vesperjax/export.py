@@ -2,7 +2,7 @@
 [--quantize int8|int4] --out DIR`.
 
 Writes a run's model as safetensors beside its config.json and tokenizer.json (the
-layout and names: `vesperjax.pretrained`, docs/export.md), for `vesperjax.load_pretrained`,
+layout and names: `vesperjax.inference.pretrained`, docs/export.md), for `vesperjax.load_pretrained`,
 `python -m vesperjax.generate --model DIR` and other tools. Past `--max-shard-size` the
 tensors are split over `model-0000i-of-0000N.safetensors` files with a
 `model.safetensors.index.json`, as Hugging Face does.
@@ -10,7 +10,7 @@ tensors are split over `model-0000i-of-0000N.safetensors` files with a
 The checkpoint is restored sharded over every device (FSDP), and each tensor (one layer of
 a stacked variable) is gathered on its own and written straight to its file: no host
 holds more than one tensor beyond its share of the model. With several processes all of
-them gather; process 0 writes. With --quantize, each weight that `vesperjax.quantize`
+them gather; process 0 writes. With --quantize, each weight that `vesperjax.inference.quantize`
 quantizes is quantized one layer at a time by the qwix call `quantize_for_inference`
 makes and stored as its codes and scales. Everything is written into a temporary folder
 beside --out and renamed into place at the end, so a failure never leaves half an export.
@@ -28,7 +28,7 @@ from typing import Callable
 
 from absl import flags
 
-from vesperjax import pretrained as fmt
+from vesperjax.inference import pretrained as fmt
 from vesperjax.cli import one_line, run_cli, user_errors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's save_pretrained default
@@ -114,26 +114,31 @@ def safetensors_header(entries: list[fmt.Entry], weights_dtype: str) -> bytes:
   return struct.pack("<Q", len(text)) + text
 
 
-def restore_variables(workdir: str, config, step: int, best: bool, mesh) -> dict:
-  """{variable path: jax.Array} of the model at `step`, sharded on `mesh` by the logical
-  rules (`build.load_model`'s restore, onto every device instead of one)."""
+def restore_variables(workdir: str, config, step: int | None, best: bool, mesh,
+                      log: Callable[[str], None] = lambda line: None) -> tuple[int, dict]:
+  """(step read, {variable path: jax.Array}) of the model at `step` (None: the newest,
+  or the best; the then-newest when a running trainer rotates it out while it is read,
+  said through `log`), sharded on `mesh` by the logical rules (`loading.load_model`'s
+  restore, onto every device instead of one)."""
   from flax import nnx
 
-  from vesperjax.build import restore_model_variables
+  from vesperjax.inference.loading import restore_model_variables
   from vesperjax.checkpoint import CheckpointError
 
   try:
-    _, params, rest = restore_model_variables(workdir, config, mesh, step=step, best=best)
+    step, _, params, rest = restore_model_variables(workdir, config, mesh, step=step,
+                                                    best=best, log=log)
   except user_errors():
     raise
   except Exception as e:  # noqa: BLE001  (orbax/tensorstore on a damaged checkpoint)
-    raise CheckpointError(f"cannot read checkpoint {step} of {workdir}: {one_line(e)}") \
+    which = "best" if best else "newest" if step is None else step
+    raise CheckpointError(f"cannot read checkpoint {which} of {workdir}: {one_line(e)}") \
         from None
   flat = {}
   for part in (params, rest):
     for path, var in nnx.to_flat_state(part):
       flat[tuple(str(p) for p in path)] = var[...]
-  return flat
+  return step, flat
 
 
 def _host_value(x):
@@ -151,7 +156,7 @@ class _Tensors:
   layer is quantized once for its codes and scales (adjacent entries) and then dropped."""
 
   def __init__(self, values: dict, weights_dtype: str, config, quantization: str | None):
-    from vesperjax.quantize import quantized_tensors
+    from vesperjax.inference.quantize import quantized_tensors
     self.values, self.weights_dtype, self.quantization = values, weights_dtype, quantization
     self.contracted = {t.module + (t.name,): t.contracted for t in quantized_tensors(config)}
     self.last = None  # ((path, layer), QArray) of the latest quantized layer
@@ -163,7 +168,7 @@ class _Tensors:
       return _host_value(x.astype(e.dtype(self.weights_dtype)))
     import jax.numpy as jnp
 
-    from vesperjax.quantize import quantize_array
+    from vesperjax.inference.quantize import quantize_array
     if self.last is None or self.last[0] != (e.path, e.layer):
       self.last = None  # drop the previous layer's before quantizing this one
       self.last = ((e.path, e.layer), quantize_array(x, self.quantization,
@@ -210,16 +215,18 @@ def _check_out(out: str, workdir: str, overwrite: bool) -> None:
 def export(workdir: str, out: str, *, step: int | None = None, best: bool = False,
            dtype: str = "fp32", quantize: str | None = None,
            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-           mesh=None,
-           log: Callable[[str], None] = lambda line: None) -> dict:
+           mesh=None, log: Callable[[str], None] = lambda line: None,
+           note: Callable[[str], None] = lambda line: None) -> dict:
   """Export a run's checkpoint (latest, `step`, or `best`) to the folder `out`.
 
   `dtype`: "fp32" or "bf16" for the parameters. `quantize`: None, or "int8" / "int4" to
-  store the weights `vesperjax.quantize.quantized_tensors` names as the codes and fp32
+  store the weights `vesperjax.inference.quantize.quantized_tensors` names as the codes and fp32
   scales that `quantize_for_inference` gives them (quantized from the checkpoint's fp32
   values, whatever `dtype`). `mesh`: where the checkpoint is restored
-  (default: FSDP over every device). Returns config.json's content plus "files" (the
-  safetensors files written) and "total_size" (their tensor bytes).
+  (default: FSDP over every device). `log`: a line per file written; `note`: a line
+  when a running trainer rotated the checkpoint out while it was read (the then-newest
+  is exported instead). Returns config.json's content plus "files" (the safetensors
+  files written) and "total_size" (their tensor bytes); "source" names the step read.
   """
   import jax
 
@@ -234,7 +241,7 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
     if quantize not in fmt.QUANTIZATION_MODES:
       raise ValueError(f"--quantize {quantize}: choose from "
                        f"{', '.join(fmt.QUANTIZATION_MODES)}")
-    from vesperjax.quantize import require_qwix
+    from vesperjax.inference.quantize import require_qwix
     require_qwix()  # before the checkpoint is read: one error line, at once
   limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
   if not os.path.isdir(workdir):
@@ -246,10 +253,8 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   tok_src = os.path.join(workdir, fmt.TOKENIZER_NAME)
   read_json(tok_src)  # present and JSON: a run directory
   kind = "best" if best else "latest" if step is None else "step"
-  from vesperjax.checkpoint import choose_step
-  step = choose_step(workdir, step, best)
   mesh = mesh or sharding.make_mesh(fsdp=-1)
-  values = restore_variables(workdir, config, step, best, mesh)
+  step, values = restore_variables(workdir, config, step, best, mesh, log=note)
 
   entries = fmt.layout(config, quantize)
   tensors = _Tensors(values, weights_dtype, config, quantize)
@@ -309,6 +314,12 @@ def _move_into_place(tmp: str, out: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _on_process_0(line: str) -> None:
+  import jax
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run() -> int:
   import jax
   if not _WORKDIR.value:
@@ -322,7 +333,7 @@ def run() -> int:
   maybe_initialize_distributed()
   result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, best=_BEST.value,
                   dtype=_DTYPE.value, quantize=_QUANTIZE.value, max_shard_size=limit,
-                  overwrite=_OVERWRITE.value)
+                  overwrite=_OVERWRITE.value, note=_on_process_0)
   if jax.process_index() == 0:
     print(f"exported step {result['source']['step']} of {_WORKDIR.value} to {_OUT.value}: "
           f"{len(result['files'])} safetensors file(s), {result['total_size'] / 1e6:.1f} MB "

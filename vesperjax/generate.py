@@ -52,7 +52,7 @@ _STOP_WHEN_CONFIDENT = flags.DEFINE_float(
     "(docs/metacognition.md).", flag_values=FLAGS)
 _QUANTIZE = flags.DEFINE_enum(
     "quantize", None, ["int8", "int4"], "Weight-only, per-channel quantization of the "
-    "attention and FFN weights with qwix (vesperjax.quantize; needs "
+    "attention and FFN weights with qwix (vesperjax.inference.quantize; needs "
     "'vesperjax[quantize]').", flag_values=FLAGS)
 _REPETITION_PENALTY = flags.DEFINE_float(
     "repetition-penalty", 1.0, "Divide the logit of every token already in the prompt "
@@ -124,10 +124,10 @@ def _prompts() -> list[str]:
 
 def _load(workdir: str, step: int | None, best: bool):
   """(model, tokenizer, RunConfig or None) from --workdir, or from --model (an export)."""
-  from vesperjax.build import load_model
+  from vesperjax.inference.loading import load_model
   from vesperjax.checkpoint import CheckpointError
   if _MODEL.value is not None:
-    from vesperjax.pretrained import load_pretrained
+    from vesperjax.inference.pretrained import load_pretrained
     if workdir:
       raise ValueError("give --model DIR or --workdir RUN, not both")
     if step is not None or best:
@@ -141,8 +141,9 @@ def _load(workdir: str, step: int | None, best: bool):
     raise ValueError(f"--workdir {workdir}: no such directory")
   if step is not None and step < 0:
     raise ValueError(f"--step {step}: must be >= 0")
-  try:
-    return load_model(workdir, step, best=best)
+  try:  # the step read goes to stderr: a running trainer's checkpoints rotate
+    return load_model(workdir, step, best=best,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
   except user_errors():
     raise
   except Exception as e:  # orbax/tensorstore on a damaged or foreign directory
@@ -170,7 +171,7 @@ def _check_penalty_flags() -> None:
 
 def print_confidence(rows, tokenizer, out=None) -> None:
   """One line per generated token: its text and the TokenConfidence it was sampled with
-  (`vesperjax.sampling.TokenConfidence`: the head's P(correct), P(end), max softmax)."""
+  (`vesperjax.inference.sampling.TokenConfidence`: the head's P(correct), P(end), max softmax)."""
   out = out or sys.stderr
   out.write(f"\n{'#':>4}  {'token':<16} {'P(correct)':>10} {'P(end)':>8} {'max p':>7}\n")
   for i, (tok, correct, end, top1) in enumerate(rows):
@@ -180,7 +181,7 @@ def print_confidence(rows, tokenizer, out=None) -> None:
 
 
 def run() -> int:
-  from vesperjax.sampling import generate
+  from vesperjax.inference.sampling import generate
 
   prompts = _prompts()
   if _MAX_TOKENS.value < 1:
@@ -197,11 +198,11 @@ def run() -> int:
     raise ValueError(f"--stop-when-confident {stop_p}: must be a probability in (0, 1)")
   use_compilation_cache()
   if _QUANTIZE.value:  # before loading: a missing qwix is one error line, at once
-    from vesperjax.quantize import require_qwix
+    from vesperjax.inference.quantize import require_qwix
     require_qwix()
   model, tokenizer, _ = _load(_WORKDIR.value, _STEP.value, _BEST.value)
   if _QUANTIZE.value:
-    from vesperjax.quantize import quantize_for_inference
+    from vesperjax.inference.quantize import quantize_for_inference
     model = quantize_for_inference(model, _QUANTIZE.value)
   confidence = _SHOW_CONFIDENCE.value or stop_p is not None
   if confidence and not model.config.meta_head:

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vesperjax.cli import load_run_config, run_cli, use_compilation_cache
+from vesperjax.cli import load_run_config, run_cli, use_compilation_cache, warn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _RESUME = flags.DEFINE_bool("resume", False,
@@ -29,9 +29,14 @@ def train(run, workdir: str, require_resume: bool = False) -> int:
   import jax
 
   from vesperjax import sharding
-  from vesperjax.trainer import Trainer, exit_status
+  from vesperjax.optim.field import adjusted_values
+  from vesperjax.run_config import as_run_config
+  from vesperjax.training.trainer import Trainer, exit_status
 
+  run = as_run_config(run)
   sharding.maybe_initialize_distributed()
+  for line in adjusted_values(run.optim, run.train.max_steps):
+    warn(line)
   trainer = Trainer(run, workdir, require_resume=require_resume)
   try:
     out = trainer.train()
@@ -58,7 +63,7 @@ def _summary(trainer, out) -> None:
 def _sample(trainer, n: int) -> str:
   from flax import nnx
 
-  from vesperjax.sampling import generate
+  from vesperjax.inference.sampling import generate
   tok = trainer.tokenizer
   model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest)
   prompt = tok.encode(trainer.run.train.sample_prompt) or [tok.eod_id]

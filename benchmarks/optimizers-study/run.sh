@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The optimizer study of issue #32 (docs/benchmarks.md#the-optimizer-study): one cell per
+# The optimizer study (docs/benchmarks.md#the-optimizer-study): one cell per
 # call, a report that grows (finished runs are kept), niced so other work goes first.
 #   benchmarks/optimizers-study/run.sh CELL [SEEDS] [ARMS]
 # CELL: code-2x128 | prose-2x128 | code-3x192 | prose-3x192. SEEDS 1 runs the LR sweep

@@ -124,7 +124,7 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
   """
   import jax
 
-  from vesperjax import build
+  from vesperjax.training import build
   from vesperjax import data as vdata
   from vesperjax import sharding
 

@@ -23,9 +23,10 @@ def run_throughput(run: RunConfig, *, batch_size: int | None = None,
   """Time the trainer's train step on synthetic tokens; a JSON-able result."""
   import jax
 
-  from vesperjax import build, sharding
-  from vesperjax.actions import device_peak_flops
-  from vesperjax.train_step import flops_per_token
+  from vesperjax import sharding
+  from vesperjax.training import build
+  from vesperjax.training.actions import device_peak_flops
+  from vesperjax.training.train_step import flops_per_token
 
   t = run.train
   batch_size = batch_size or t.batch_size

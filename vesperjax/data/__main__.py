@@ -8,6 +8,7 @@ import glob
 import os
 import sys
 
+from vesperjax.cli import version_line
 from vesperjax.data import errors
 from vesperjax.data.cache import HEADER, TokenCache
 from vesperjax.data.prepare import prepare_dataset, prepare_train_val
@@ -47,14 +48,17 @@ def info(args) -> None:
   if not dirs:
     raise errors.CacheError(f"{args.dir}: no token caches here")
   for d in dirs:
-    print(_describe(TokenCache.open(d)))
+    print(_describe(TokenCache.open(d, verify=True)))  # damage is reported here too
   for t in sorted(glob.glob(os.path.join(path, "tokenizer-*.json"))):
     print(f"tokenizer {t}")
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m vesperjax.data", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Each command's flags: python -m vesperjax.data "
+                              "build --help (or info --help).")
+  p.add_argument("--version", action="version", version=version_line())
   sub = p.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser("build", help="tokenize a dataset into token caches")
   b.add_argument("--dataset", required=True,

@@ -10,6 +10,7 @@ Every tokenizer has the end-of-document token `EOD` ("<|endoftext|>"); text that
 happens to contain that string is encoded as plain text, never as the special token.
 """
 import hashlib
+import json
 import os
 from typing import Iterable, Iterator
 
@@ -49,6 +50,22 @@ class Tokenizer:
     self.hash = hashlib.sha256(self._json.encode()).hexdigest()[:16]
 
   @property
+  def content_hash(self) -> str:
+    """What the ids mean, hashed in a normal form: the model section (vocabulary,
+    merges, its options) and the added tokens as sorted-key JSON, merges as pairs
+    (older `tokenizers` save "a b" strings), so two swapped ids change it while the
+    JSON's layout does not. What a checkpoint's embedding rows depend on."""
+    spec = json.loads(self._json)
+    model = dict(spec.get("model") or {})
+    if isinstance(model.get("merges"), list):
+      model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m)
+                         for m in model["merges"]]
+    added = sorted(spec.get("added_tokens") or [], key=lambda t: t.get("id", -1))
+    text = json.dumps({"model": model, "added_tokens": added}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+  @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -68,12 +85,21 @@ class Tokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str) -> None:
-    """Atomic write of tokenizer.json (temp file + rename)."""
+    """Atomic write of tokenizer.json (temp file + rename); a full disk removes the
+    temp file and raises DiskFullError naming `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(self._json)
-    os.replace(tmp, path)
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(self._json)
+      os.replace(tmp, path)
+    except OSError as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      full = errors.disk_full(e, path, "saving the tokenizer")
+      if full is not None:
+        raise full from None
+      raise
 
   @classmethod
   def from_file(cls, path: str) -> "Tokenizer":

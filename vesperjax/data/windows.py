@@ -39,7 +39,7 @@ class Windows:
 
   def window(self, i: int, epoch: int = 0) -> np.ndarray:
     start = self.offset(epoch) + i * self.seq_len
-    return np.asarray(self.cache.tokens[start:start + self.seq_len + 1], np.int32)
+    return self.cache.read(start, start + self.seq_len + 1)  # ids checked against the vocab
 
 
 class _Window:

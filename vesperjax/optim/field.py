@@ -45,9 +45,26 @@ _MUON_AXES = {"qkv_kernel": ((-4,), (-2, -1)), "out_kernel": ((-3, -2), (-1,)),
 _ADAM_ONLY = ("embed", "router", "meta")
 
 
+def warmup_steps(optim: OptimConfig, max_steps: int) -> int:
+  """The warmup a run of `max_steps` uses: optim.warmup_steps, at most max_steps - 1 (the
+  peak LR is reached before the last step, and the cosine has a step to decay over)."""
+  return min(optim.warmup_steps, max(max_steps - 1, 0))
+
+
+def adjusted_values(optim: OptimConfig, max_steps: int) -> list[str]:
+  """One line per `optim` value that a run of `max_steps` uses other than given (for a
+  `warning:` line: the key, the value given and the value used)."""
+  used = warmup_steps(optim, max_steps)
+  if used == optim.warmup_steps:
+    return []
+  return [f"config.optim.warmup_steps={optim.warmup_steps} is not below the run's "
+          f"{max_steps} steps: using {used} (the warmup must end before the last step)"]
+
+
 def lr_schedule(optim: OptimConfig, max_steps: int) -> optax.Schedule:
-  """Linear warmup to optim.lr, cosine decay to lr * min_lr_ratio at max_steps."""
-  warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
+  """Linear warmup to optim.lr (`warmup_steps`), cosine decay to lr * min_lr_ratio at
+  max_steps."""
+  warmup = warmup_steps(optim, max_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
       decay_steps=max(max_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
@@ -109,7 +126,7 @@ def make_optimizer(optim: OptimConfig, max_steps: int, vocab_size: int, *,
                         muon_weight_dimension_numbers=muon_dimension_numbers,
                         consistent_rms=MUON_CONSISTENT_RMS)
   elif optim.name == "schedule_free_adamw":
-    warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
+    warmup = warmup_steps(optim, max_steps)
     base = contrib.schedule_free_adamw(  # its warmup_steps=0 would hold the LR at 0
         optim.lr, warmup_steps=warmup or None,
         b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)

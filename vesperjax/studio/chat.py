@@ -39,7 +39,7 @@ class Chat:
   def _load(self, workdir: str, checkpoint: str):
     key = (workdir, checkpoint, _newest(workdir, checkpoint))
     if key != self._key:
-      from vesperjax.build import load_model
+      from vesperjax.inference.loading import load_model
       self._model = self._tokenizer = self._key = None  # free the old one first
       model, tokenizer, _ = load_model(workdir, None, best=checkpoint == "best")
       self._model, self._tokenizer, self._key = model, tokenizer, key
@@ -50,7 +50,7 @@ class Chat:
     """Generates a continuation of `prompt`, calling `on_text(delta)` as text appears;
     returns {tokens, seconds, step}."""
     from vesperjax.generate import TextStream, fit_prompt
-    from vesperjax.sampling import generate
+    from vesperjax.inference.sampling import generate
     if checkpoint not in ("latest", "best"):
       raise BadRequest(f"checkpoint: {shown(checkpoint)} is not latest or best")
     if _newest(workdir, checkpoint) is None:

@@ -13,6 +13,7 @@ import os
 import socket
 
 from vesperjax.studio import procs, safe_files
+from vesperjax.training import metrics_log
 from vesperjax.studio.paths import BadRequest, run_dir
 
 CONSOLE = "console.log"
@@ -62,17 +63,10 @@ def read_lines(workdir: str, rel: str, offset: int = 0,
 
 def read_metrics(workdir: str, offset: int = 0,
                  limit: int | None = None) -> tuple[list[dict], int]:
-  """metrics.jsonl's records from byte `offset` (malformed lines skipped)."""
-  lines, end = read_lines(workdir, "metrics.jsonl", offset, limit)
-  records = []
-  for line in lines:
-    try:
-      r = parse_json(line)
-    except ValueError:
-      continue
-    if isinstance(r, dict) and _is_int(r.get("step")):
-      records.append(r)
-  return records, end
+  """metrics.jsonl's records from byte `offset` (`metrics_log.parse_records`: malformed
+  lines skipped, non-finite values None) and the offset after them."""
+  lines, end = read_lines(workdir, metrics_log.FILE, offset, limit)
+  return metrics_log.parse_records(lines), end
 
 
 def _is_int(x) -> bool:

@@ -19,7 +19,6 @@ Actions take plain values (cadences, callables), never the run config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -30,7 +29,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from vesperjax.divergence import DivergenceGuard
+from vesperjax.training import metrics_log
+from vesperjax.training.divergence import DivergenceGuard
 
 # Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -87,7 +87,8 @@ class ThroughputWindow:
 
 
 class MetricsSink:
-  """Scalars to TensorBoard (WORKDIR/tb), WORKDIR/metrics.jsonl and, when given, a
+  """Scalars to TensorBoard (WORKDIR/tb), WORKDIR/metrics.jsonl (`metrics_log`: repaired
+  for a run continuing after `step` before anything is appended) and, when given, a
   tracker (`wandb_tracking.WandbRun`: `log(step, scalars)`, `finish(exit_code)`), and
   the progress bar; process 0 only (elsewhere every method does nothing)."""
 
@@ -96,6 +97,10 @@ class MetricsSink:
     self.writer = self.bar = self.tracker = None
     if jax.process_index() != 0:
       return
+    self.path = os.path.join(workdir, metrics_log.FILE)
+    # a crash may have torn the last line, and rows after `step` are logged again
+    for note in metrics_log.prepare_for_append(self.path, step):
+      print(note, file=sys.stderr, flush=True)
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
     self.writer = SummaryWriter(os.path.join(workdir, "tb"))
@@ -112,8 +117,8 @@ class MetricsSink:
       return
     for k, v in scalars.items():
       self.writer.add_scalar(k, v, step)
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    with open(self.path, "a") as f:
+      f.write(metrics_log.encode(step, scalars))
     if self.tracker is not None:
       self.tracker.log(step, scalars)
 

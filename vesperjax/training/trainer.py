@@ -3,7 +3,7 @@
 `build.build_run` sets everything up (mesh, data, model, steps, state, checkpointer); the
 device side lives in `train_step`; what happens between steps (logging, evaluation with
 the best checkpoint, the divergence guard, signals, checkpoints) are the small actions of
-`vesperjax.actions`. This module feeds batches, runs the actions after each step, and
+`vesperjax.training.actions`. This module feeds batches, runs the actions after each step, and
 saves at the end or before failing. Metrics are fetched from the device only on log
 steps, so the host never waits on a step it did not need to see.
 """
@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from vesperjax import actions as act
-from vesperjax import calibration
+from vesperjax.training import actions as act
+from vesperjax.training import calibration
 from vesperjax import data as vdata
 from vesperjax import sharding
-from vesperjax import wandb_tracking
-from vesperjax.actions import device_peak_flops
+from vesperjax.training import wandb_tracking
+from vesperjax.training.actions import device_peak_flops
 # RunError is imported from here too (tests)
-from vesperjax.build import RunError, build_run, log_line  # noqa: F401
+from vesperjax.training.build import RunError, build_run, log_line  # noqa: F401
 from vesperjax.checkpoint import CheckpointSaveError
-from vesperjax.divergence import DivergenceGuard
+from vesperjax.training.divergence import DivergenceGuard
 from vesperjax.run_config import as_run_config
-from vesperjax.train_step import all_finite, flops_per_token
+from vesperjax.training.train_step import all_finite, flops_per_token
 
 if TYPE_CHECKING:
   from ml_collections import ConfigDict

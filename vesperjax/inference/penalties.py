@@ -5,7 +5,7 @@ every token in the prompt or generated so far has its logit divided by the penal
 positive, multiplied by it otherwise. Frequency and presence (OpenAI's definitions, over
 generated tokens only): `logit - count * frequency - (count > 0) * presence`.
 
-`vesperjax.sampling` carries a per-row `TokenHistory` through its loop: the prompt's
+`vesperjax.inference.sampling` carries a per-row `TokenHistory` through its loop: the prompt's
 tokens and a count of each generated token, updated by one scatter of B ids a step
 (rebuilding the counts from the output buffer would scan the whole buffer every step).
 The settings are traced values (`Penalties`), so changing them does not recompile.

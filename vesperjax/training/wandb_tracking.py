@@ -24,7 +24,7 @@ import secrets
 import string
 from typing import Any
 
-from vesperjax.build import RunError, log_line
+from vesperjax.training.build import RunError, log_line
 
 RUN_ID_FILE = "wandb_run_id"  # in WORKDIR: the W&B run a resumed training run continues
 _LOCAL_MODES = ("offline", "dryrun", "disabled")  # modes that need no API key

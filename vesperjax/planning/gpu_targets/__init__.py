@@ -102,7 +102,7 @@ def devices(name: str, count: int = 1) -> tuple:
     raise TargetUnavailable(
         "deviceless GPU compile unavailable: the CUDA plugin did not register (set "
         "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts, or import "
-        f"vesperjax.gpu_targets first): {e}") from None
+        f"vesperjax.planning.gpu_targets first): {e}") from None
   return tuple(topo.devices)
 
 

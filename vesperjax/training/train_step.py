@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vesperjax import calibration
+from vesperjax.training import calibration
 from vesperjax.config import ModelConfig
 from vesperjax.model import VesperLM, abstract_model, trainable_filter
 from vesperjax.model.meta_head import meta_loss, meta_probs, meta_targets

@@ -8,7 +8,7 @@ dequantizes it with `qwix.dequantize`, so every matmul form the model uses (eins
 FlyLoRA's joint base + adapter matmul, the CPU row matmul, the experts' grouped matmuls)
 runs unchanged in the compute dtype, inside the compiled step: the weights live in memory
 as 8- or 4-bit integers, and where the layers run under `lax.scan` (decoding always does)
-each step of the scan widens only its own layer's. `vesperjax.sampling.generate` takes
+each step of the scan widens only its own layer's. `vesperjax.inference.sampling.generate` takes
 the result as it takes any model.
 
 Full precision stays on:
@@ -122,7 +122,7 @@ def quantize_for_inference(model, mode: str | None):
 
   mode: "int8", "int4" (weight-only, symmetric, per output channel, qwix absmax) or
   None (the model itself, unchanged). Returns a new model; `model` is left as it was.
-  The result runs under `vesperjax.sampling.generate` and `model(tokens)` like the
+  The result runs under `vesperjax.inference.sampling.generate` and `model(tokens)` like the
   original, in the config's compute dtype, and is for inference only (its quantized
   weights are not `nnx.Param`s). A model already quantized to `mode` (a quantized
   export) is returned as it is; one quantized to the other mode raises ValueError, since

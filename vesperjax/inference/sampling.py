@@ -11,7 +11,7 @@ no Python dispatch per token.
 
 Random draws use `fold_in(key(seed), step)`, so both paths give the same tokens.
 
-Penalties: `vesperjax.penalties`, applied to each step's logits before sampling.
+Penalties: `vesperjax.inference.penalties`, applied to each step's logits before sampling.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from vesperjax.penalties import Penalties, TokenHistory, apply_penalties, check_penalties
+from vesperjax.inference.penalties import Penalties, TokenHistory, apply_penalties, check_penalties
 
 LENGTH_BUCKET = 64  # cache lengths and padded prompt lengths are multiples of this
 

@@ -16,7 +16,7 @@ frozen down-projections (`lora_a`) and routing biases stay float32: they decide 
 ranks each token uses, and a rounded value could flip that discrete choice.
 
 A quantized export (`--quantize int8|int4`) stores each weight that
-`vesperjax.quantize.quantized_tensors` names as its qwix codes and scales instead:
+`vesperjax.inference.quantize.quantized_tensors` names as its qwix codes and scales instead:
 `layers.{i}.<name>.qvalue` (int8: I8 codes of the weight's shape; int4: `pack_int4`'s
 U8 bytes) and `layers.{i}.<name>.scale` (F32, the weight's shape with 1 on the
 contracted axes). `load_pretrained` rebuilds the `QuantizedWeight`s that
@@ -78,7 +78,7 @@ def abstract_model(config, quantization: str | None = None):
     return vmodel.abstract_model(config)
 
   def create():
-    from vesperjax.quantize import quantize_for_inference
+    from vesperjax.inference.quantize import quantize_for_inference
     return quantize_for_inference(vmodel.VesperLM(config, rngs=nnx.Rngs(0)), quantization)
   return nnx.eval_shape(create)
 
@@ -124,7 +124,7 @@ def layout(config, quantization: str | None = None) -> list[Entry]:
   in file order (sorted by name within the unstacked variables, then layer by layer)."""
   from flax import nnx
 
-  from vesperjax.quantize import QuantizedWeight
+  from vesperjax.inference.quantize import QuantizedWeight
   entries = []
   for path, var in nnx.to_flat_state(nnx.state(abstract_model(config, quantization))):
     path = tuple(str(p) for p in path)
@@ -236,7 +236,7 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
   (`vesperjax.sharding.make_mesh`) shards it by the logical axis rules. The files are
   memory-mapped and read one variable (all its layers) at a time. The model is in eval
   mode. A quantized export (config.json "quantization") loads as the model
-  `vesperjax.quantize.quantize_for_inference` makes, bit for bit; it needs qwix, and
+  `vesperjax.inference.quantize.quantize_for_inference` makes, bit for bit; it needs qwix, and
   `dtype` casts only the unquantized parameters.
   """
   import jax
@@ -258,7 +258,7 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None) -> Pretrained:
         from None
   quantization = saved.get("quantization")
   if quantization:
-    from vesperjax.quantize import require_qwix
+    from vesperjax.inference.quantize import require_qwix
     require_qwix()
   files = weight_files(directory)
   entries = layout(config, quantization)

@@ -26,19 +26,21 @@ import jax
 
 from vesperjax import data as vdata
 from vesperjax import sharding
-from vesperjax.checkpoint import (CHECKPOINTS, Checkpointer, CheckpointError, read_json,
-                                  read_model_variables)
+from vesperjax.checkpoint import CHECKPOINTS, Checkpointer, read_json
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.errors import RunError
 from vesperjax.data.mixture import parse_mixture
 from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
 from vesperjax.optim.field import lr_schedule
-from vesperjax.train_step import ShardedSteps, sharded_steps
-from vesperjax.workdir_lock import acquire_for_job, describe_holder
+from vesperjax.training.train_step import ShardedSteps, sharded_steps
+from vesperjax.training.workdir_lock import acquire_for_job, describe_holder
 
 if TYPE_CHECKING:
   from ml_collections import ConfigDict
+
+TOKENIZER_HASH = "tokenizer_hash.json"  # the workdir's record of its tokenizer's content
+
 
 def log_line(text: str) -> None:
   """A status line on stderr, from process 0 only."""
@@ -103,13 +105,16 @@ def prepare_data(run: RunConfig, workdir: str, *, progress: bool = True) -> Data
 def _prepare_data_here(d: DataConfig, workdir: str, progress: bool) -> Data:
   tokenizer = d.tokenizer
   saved = os.path.join(workdir, "tokenizer.json")
-  if os.path.exists(saved):  # a resumed run keeps its tokenizer: its spec must match
+  kept = os.path.exists(saved)
+  if kept:  # a resumed run keeps its tokenizer: its spec must match
     config_path = os.path.join(workdir, "config.json")
     before = (read_json(config_path).get("data", {}).get("tokenizer")
               if os.path.exists(config_path) else None)
     if before is not None and before != d.tokenizer:
       raise RunError(f"{workdir} was trained with data.tokenizer={before!r}, not "
                      f"{d.tokenizer!r}; use a new --workdir")
+    # and its content too, before any cache is tokenized with a changed one
+    check_same_tokenizer(workdir, vdata.Tokenizer.from_file(saved), saved)
     tokenizer = saved
   cache_dir = d.cache_dir or os.path.join(workdir, "data")
   kw = dict(val_dataset=d.val_dataset, text_field=d.text_field, val_percent=d.val_percent,
@@ -120,7 +125,25 @@ def _prepare_data_here(d: DataConfig, workdir: str, progress: bool) -> Data:
   else:
     train_cache, val_cache, tok = vdata.prepare_train_val(d.dataset, tokenizer, cache_dir,
                                                           **kw)
+  if not kept:  # a record without tokenizer.json (deleted): the spec's must match it
+    check_same_tokenizer(workdir, tok, f"the tokenizer of data.tokenizer={tokenizer!r}")
   return Data(tok, train_cache, val_cache)
+
+
+def check_same_tokenizer(workdir: str, tokenizer, what: str) -> None:
+  """A workdir's checkpoints mean the ids of the tokenizer it started with: `tokenizer`
+  (`what`, for the message) must have the content hash recorded in TOKENIZER_HASH then
+  (vocabulary, merges, added tokens: `Tokenizer.content_hash`). A workdir without the
+  record (from before it was kept) gets one when this run writes its files."""
+  record = os.path.join(workdir, TOKENIZER_HASH)
+  if not os.path.exists(record):
+    return
+  want, got = read_json(record).get("content_hash"), tokenizer.content_hash
+  if want != got:
+    raise RunError(f"{what}: content hash {got} differs from {want}, recorded in {record} "
+                   "when this workdir's run began (its vocabulary, merges or added tokens "
+                   "changed); restore the tokenizer it was trained with or use a new "
+                   "--workdir")
 
 
 @dataclasses.dataclass
@@ -165,17 +188,25 @@ def check_same_model(workdir: str, config: ModelConfig) -> None:
 
 
 def write_run_files(workdir: str, run: RunConfig, config: ModelConfig, tokenizer) -> None:
-  """config.json, model_config.json and tokenizer.json, each replaced atomically."""
+  """config.json, model_config.json, tokenizer.json and its content hash
+  (TOKENIZER_HASH), each replaced atomically."""
   if jax.process_index() != 0:
     return
   files = {"config.json": json.dumps(run.to_dict(), indent=2, sort_keys=True),
            "model_config.json": config.to_json()}
   for name, text in files.items():
-    tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    _replace(workdir, name, text)
   tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+  # after tokenizer.json: a crash between the two leaves no record, never a wrong one
+  _replace(workdir, TOKENIZER_HASH, json.dumps(
+      {"content_hash": tokenizer.content_hash, "vocab_size": tokenizer.vocab_size}))
+
+
+def _replace(workdir: str, name: str, text: str) -> None:
+  tmp = os.path.join(workdir, f".{name}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, name))
 
 
 def restore_or_init(model: Model, ckpt: Checkpointer, data_iter, *, seed: int,
@@ -256,52 +287,3 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
     _close(ckpt, lock)
     raise
   return Run(run, workdir, model, data, ckpt, data_iter, state, lock)
-
-
-def load_model(workdir: str, step: int | None = None, *, best: bool = False):
-  """(model in eval mode, tokenizer, RunConfig) of a run, on one device.
-
-  `step=None` takes the latest checkpoint (or the best one with `best=True`). Only the
-  model's variables are read (the `params` and `rest` of the saved train state, restored
-  into an abstract model's shapes and shardings); the optimizer state is never built.
-  """
-  from flax import nnx
-
-  from vesperjax.data import Tokenizer
-
-  # an older workdir's config.json may hold keys the schema has since dropped
-  run = RunConfig.from_dict(read_json(os.path.join(workdir, "config.json")),
-                            ignore_unknown=True)
-  config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(tok_path):
-    raise CheckpointError(f"{tok_path} not found: is this a vesperjax run directory?")
-  tokenizer = Tokenizer.from_file(tok_path)
-
-  one_device = sharding.make_mesh(devices=jax.devices()[:1])  # whatever it was saved on
-  graphdef, params, rest = restore_model_variables(workdir, config, one_device, step=step,
-                                                   best=best)
-  model = nnx.merge(graphdef, params, rest)
-  model.eval()
-  return model, tokenizer, run
-
-
-def restore_model_variables(workdir: str, config: ModelConfig, mesh, *,
-                            step: int | None = None, best: bool = False):
-  """(graphdef, params, rest) of the model saved in `workdir`'s checkpoint (`step`, else
-  the latest, or the best), placed on `mesh` by the logical rules (Orbax reshards);
-  never the optimizer state."""
-  from flax import nnx
-
-  from vesperjax.model import abstract_model, trainable_filter
-  graphdef, params, rest = nnx.split(abstract_model(config), trainable_filter(config), ...)
-  target = {"params": restore_target(params, mesh), "rest": restore_target(rest, mesh)}
-  saved = read_model_variables(workdir, target, step=step, best=best)
-  return graphdef, saved["params"], saved["rest"]
-
-
-def restore_target(tree, mesh):
-  """ShapeDtypeStructs carrying the rule-given shardings on `mesh`: Orbax reshards."""
-  shardings = sharding.state_shardings(tree, mesh)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

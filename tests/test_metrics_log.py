@@ -118,3 +118,20 @@ def test_a_crashed_run_resumed_from_an_older_checkpoint_logs_each_step_once(
 def test_encode_keeps_the_key_of_a_non_finite_value(value):
   assert json.loads(metrics_log.encode(3, {"a": value, "b": 2})) == {"step": 3, "a": None,
                                                                      "b": 2}
+
+
+def test_a_studio_reader_following_the_file_sees_a_resume_rewrite_it(tmp_path, capsys):
+  path = str(tmp_path / metrics_log.FILE)
+  with open(path, "w") as f:
+    f.writelines(metrics_log.encode(s, {"loss": 5.0 - s / 10}) for s in (10, 20, 30))
+  records, offset = runs.read_metrics(str(tmp_path))
+  replaced, followed = runs.metrics_replaced(str(tmp_path), None, offset)
+  assert [r["step"] for r in records] == [10, 20, 30] and not replaced
+  with open(path, "a") as f:  # the run appends: the same file, followed on
+    f.write(metrics_log.encode(40, {"loss": 1.0}))
+  replaced, followed = runs.metrics_replaced(str(tmp_path), followed, offset)
+  assert not replaced and [r["step"] for r in runs.read_metrics(str(tmp_path), offset)[0]] == [40]
+  metrics_log.prepare_for_append(path, 20)  # a resume from step 20 rewrites the file
+  replaced, _ = runs.metrics_replaced(str(tmp_path), followed, offset)
+  assert replaced
+  assert [r["step"] for r in runs.read_metrics(str(tmp_path))[0]] == [10, 20]

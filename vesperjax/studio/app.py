@@ -227,8 +227,12 @@ def create_app(runs_root: str, data_roots: list[str] = (), *, token: str | None 
 
     async def stream():
       m_off = c_off = 0
-      last, latest = None, {}
+      last, latest, followed = None, {}, None
       while not await request.is_disconnected():
+        replaced, followed = runs.metrics_replaced(path, followed, m_off)
+        if replaced:  # a resume rewrote it: the page draws the records again
+          m_off, latest = 0, {}
+          yield _sse("metrics-reset", [])
         records, m_off = runs.read_metrics(path, m_off, EVENT_READ)
         if records:
           yield _sse("metrics", records)

@@ -69,6 +69,17 @@ def read_metrics(workdir: str, offset: int = 0,
   return metrics_log.parse_records(lines), end
 
 
+def metrics_replaced(workdir: str, followed: tuple[int, int] | None,
+                     offset: int) -> tuple[bool, tuple[int, int] | None]:
+  """(whether metrics.jsonl is no longer the file read up to `offset`, its current
+  (device, inode)): a resumed run rewrites it (`metrics_log.prepare_for_append`)."""
+  found = safe_files.identity(workdir, metrics_log.FILE)
+  if found is None:
+    return False, followed
+  now = found[:2]
+  return (followed is not None and now != followed) or found[2] < offset, now
+
+
 def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 

@@ -92,6 +92,17 @@ def read_bytes(root: str, rel: str, offset: int = 0, limit: int | None = None) -
     return f.read(-1 if limit is None else limit)
 
 
+def identity(root: str, rel: str) -> tuple[int, int, int] | None:
+  """(device, inode, size) of `rel` under `root`, or None when it cannot be opened: a
+  reader that follows a file by offset sees it replaced (a new inode) or cut."""
+  try:
+    with open_read(root, rel) as f:
+      st = os.fstat(f.fileno())
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino, st.st_size
+
+
 def tail_bytes(root: str, rel: str, n: int) -> bytes:
   """The last `n` bytes of `rel` under `root` (OSError as open_read)."""
   with open_read(root, rel) as f:

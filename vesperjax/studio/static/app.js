@@ -154,6 +154,7 @@ async function pageRun(el, name) {
   const timer = setInterval(redraw, 500);
   const src = new EventSource(`/api/runs/${encodeURIComponent(name)}/events`);
   src.addEventListener("metrics", (e) => { records[""].push(...JSON.parse(e.data)); dirty = true; });
+  src.addEventListener("metrics-reset", () => { records[""] = []; dirty = true; });
   src.addEventListener("console", (e) => {
     const box = $("#console");
     box.textContent += JSON.parse(e.data).join("\n") + "\n";

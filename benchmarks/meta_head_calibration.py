@@ -84,16 +84,16 @@ def run_variant(name, args, dataset, workdir):
                         eval_batches=args.eval_batches))
   trainer = Trainer(run, os.path.join(workdir, name))
   trainer.train()
-  tok = trainer.tokenizer
-  evaluate = make_evaluate(trainer.graphdef, tok.vocab_size, tok.eod_id,
+  tok = trainer.built.data.tokenizer
+  evaluate = make_evaluate(trainer.built.model.steps.graphdef, tok.vocab_size, tok.eod_id,
                            VARIANTS[name]["meta_head"])
   total = count = 0.0
   stats = {}
-  with jax.set_mesh(trainer.mesh):
-    for host in vdata.eval_batches(trainer.val_cache, run.train.batch_size,
+  with jax.set_mesh(trainer.built.model.mesh):
+    for host in vdata.eval_batches(trainer.built.data.val_cache, run.train.batch_size,
                                    run.data.seq_len, args.eval_batches):
-      batch = sharding.global_batch_from_host(host.astype(np.int32), trainer.mesh,
-                                              trainer.eval_sharding)
+      batch = sharding.global_batch_from_host(host.astype(np.int32), trainer.built.model.mesh,
+                                              trainer.built.model.steps.eval_sharding)
       loss_sum, n, batch_stats = evaluate(trainer.state, batch)
       total, count = total + float(loss_sum), count + float(n)
       stats = {k: calibration.add_stats(stats.get(k), v)

@@ -57,7 +57,7 @@ def train(cfg, mesh, steps: int = 3, data=None, hlo: bool = False):
 
   from vesperjax import sharding
   from vesperjax.training import build
-  from vesperjax.training.trainer import StepLoop
+  from vesperjax.training.loop import StepLoop
 
   data = batches(steps) if data is None else data
   model = build.build_model(tiny_run(cfg, steps), mesh, vocab_size=cfg.vocab_size)

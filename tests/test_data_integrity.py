@@ -108,7 +108,7 @@ def test_ids_damaged_after_the_open_are_named_not_diverged(corpus, tmp_path):  #
           rf"vocabulary of {BYTE_VOCAB} ids \(the file changed after its checksums were "
           rf"verified\); delete {re.escape(cache_of(work, split))} or run .* to rebuild it",
           line), line
-    assert trainer.ckpt.latest_step() >= 2  # the steps before the failure were saved
+    assert trainer.built.ckpt.latest_step() >= 2  # the steps before the failure were saved
     assert all(np.isfinite(v) for v in losses(work).values())  # no step on the damage
     assert int(trainer.state.skipped) == 0
   finally:

@@ -43,8 +43,9 @@ def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
   run = RunConfig.from_config_dict(cd).replace(optim=dict(lr=float("inf")))
   trainer = Trainer(run, str(tmp_path))  # a RunConfig is taken as it is
   before = jax.tree.map(np.asarray, (trainer.state.params, trainer.state.opt_state))
-  with jax.set_mesh(trainer.mesh):
-    state, metrics = trainer.train_step(trainer.state, trainer._next_batch())  # pylint: disable=protected-access
+  with jax.set_mesh(trainer.built.model.mesh):
+    batch = trainer._next_batch()  # pylint: disable=protected-access
+    state, metrics = trainer.built.model.steps.train_step(trainer.state, batch)
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert not bool(metrics["finite"]) and int(state.skipped) == 1
   after = jax.tree.map(np.asarray, (state.params, state.opt_state))
@@ -60,7 +61,7 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path
   first = Trainer(good, str(tmp_path))
   first.train(stop_at=4)
   first.close()
-  assert first.ckpt.latest_step() == 4
+  assert first.built.ckpt.latest_step() == 4
   kept = jax.tree.map(np.asarray, (first.state.params, first.state.opt_state))
 
   bad = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)
@@ -72,7 +73,7 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path
     trainer.train()
   stopped = int(trainer.state.step)
   assert 4 < stopped < 30
-  assert trainer.ckpt.latest_step() == 4 and 4 in trainer.ckpt.latest.all_steps()
+  assert trainer.built.ckpt.latest_step() == 4 and 4 in trainer.built.ckpt.latest.all_steps()
   trainer.close()
 
   resumed = Trainer(good, str(tmp_path))  # what it kept is the whole, finite state of step 4

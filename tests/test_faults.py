@@ -88,7 +88,7 @@ def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path): 
     with open(path, "w") as f:
       f.write("{garbage")
   trainer = Trainer(tiny_run(corpus, max_steps=8), str(work))
-  assert int(trainer.state.step) == 6 and trainer.ckpt.best_loss == float("inf")
+  assert int(trainer.state.step) == 6 and trainer.built.ckpt.best_loss == float("inf")
   trainer.close()
 
 
@@ -98,10 +98,10 @@ def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):  # noqa
   import shutil
   trainer = Trainer(tiny_run(corpus, max_steps=8, eval_every=3, save_every=100),
                     str(tmp_path))
-  shutil.rmtree(trainer.val_cache.path)
+  shutil.rmtree(trainer.built.data.val_cache.path)
   with pytest.raises(OSError):
     trainer.train()
-  assert trainer.ckpt.latest_step() == 3
+  assert trainer.built.ckpt.latest_step() == 3
   trainer.close()
   resumed = Trainer(tiny_run(corpus, max_steps=8, eval_every=100), str(tmp_path))
   assert int(resumed.state.step) == 3

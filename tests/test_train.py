@@ -93,7 +93,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
   assert int(second.state.step) == 4
   evals = [json.loads(line)["eval_loss"] for line in open(split / "metrics.jsonl")
            if "eval_loss" in line]
-  assert second.ckpt.best_loss == pytest.approx(min(evals))  # a worse eval won't replace it
+  assert second.built.ckpt.best_loss == pytest.approx(min(evals))  # a worse eval won't replace it
   second.train()
   second.close()
 
@@ -126,7 +126,7 @@ def test_batch_must_split_over_the_mesh(corpus, tmp_path):
 def test_non_finite_step_is_skipped_and_counted(corpus, tmp_path):
   trainer = Trainer(tiny_run(corpus), str(tmp_path))
   batch = trainer._next_batch()
-  state, m = trainer.train_step(trainer.state, batch)
+  state, m = trainer.built.model.steps.train_step(trainer.state, batch)
   assert bool(m["finite"]) and int(m["skipped"]) == 0
 
   # poison one weight: the loss turns NaN and the update must not touch anything
@@ -134,7 +134,7 @@ def test_non_finite_step_is_skipped_and_counted(corpus, tmp_path):
   emb = poisoned.params["embed"]
   emb[...] = emb[...].at[:, 0].set(jnp.nan)
   before = jax.tree.map(np.asarray, (poisoned.params, poisoned.opt_state, poisoned.rest))
-  after_state, m = trainer.train_step(poisoned, batch)
+  after_state, m = trainer.built.model.steps.train_step(poisoned, batch)
   assert not bool(m["finite"]) and int(m["skipped"]) == 1
   assert int(after_state.step) == 2
   after = jax.tree.map(np.asarray, (after_state.params, after_state.opt_state,
@@ -143,8 +143,8 @@ def test_non_finite_step_is_skipped_and_counted(corpus, tmp_path):
   trainer.state = after_state
   assert not trainer._finite()
   trainer._save(2)
-  trainer.ckpt.wait()
-  assert trainer.ckpt.latest_step() is None  # a NaN state is never checkpointed
+  trainer.built.ckpt.wait()
+  assert trainer.built.ckpt.latest_step() is None  # a NaN state is never checkpointed
   trainer.close()
 
 
@@ -251,7 +251,7 @@ def test_checkpoint_from_8_device_mesh_loads_on_one_device(corpus, tmp_path):
   assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(loaded))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded),
                jax.tree.map(np.asarray, trainer.state.params))
-  assert tok.vocab_size == trainer.tokenizer.vocab_size and run.train.max_steps == 2
+  assert tok.vocab_size == trainer.built.data.tokenizer.vocab_size and run.train.max_steps == 2
 
 
 def test_load_model_reads_adamw_and_best_checkpoints(corpus, tmp_path):

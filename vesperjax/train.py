@@ -64,8 +64,8 @@ def _sample(trainer, n: int) -> str:
   from flax import nnx
 
   from vesperjax.inference.sampling import generate
-  tok = trainer.tokenizer
-  model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest)
+  tok = trainer.built.data.tokenizer
+  model = nnx.merge(trainer.built.model.steps.graphdef, trainer.state.params, trainer.state.rest)
   prompt = tok.encode(trainer.run.train.sample_prompt) or [tok.eod_id]
   ids = generate(model, [prompt], max_new_tokens=n, temperature=0.8, top_k=40,
                  seed=trainer.run.train.seed, eos_id=tok.eod_id)

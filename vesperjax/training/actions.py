@@ -1,24 +1,26 @@
-"""The training loop's periodic actions, each a small callable run after every step.
+"""The training loop's periodic actions: each a callable on a finished step's
+`StepInfo`, with no cadence of its own (`loop.Hook` holds when it runs). In the
+trainer's order, with the cadence it registers:
 
-The loop (`trainer.Trainer.train`) runs one jit step, then hands a `StepInfo` to each
-action in turn; an action that sets `info.stop` ends the loop after that step (the
-actions after it do not run). In the trainer's order:
+  ThroughputWindow.count    every step: tokens/s over training time only
+  MetricsSink.advance       every step: the progress bar
+  LogMetrics                log steps and the last: fetches the step's metrics (the only
+                            sync with the device on the training path) and writes them:
+                            TensorBoard, metrics.jsonl, progress bar
+  GuardDivergence.record    every step: the step's finite flag (no sync)
+  GuardDivergence.check     log and save steps, and the last: stops a run whose steps
+                            keep being skipped or whose loss spikes
+  EvaluateAndKeepBest       eval steps and the last: validation loss, best checkpoint
+  StopOnSignal              every step: the first SIGTERM/SIGINT stops after this step
+  PeriodicCheckpoint        save steps: the latest checkpoint, never while steps are
+                            being skipped
+  ThroughputWindow.restart  eval and save steps: that time is not training time
 
-  ThroughputWindow.count    tokens/s over training time only (not compile, eval, save)
-  LogMetrics                fetches the step's metrics (the only sync with the device
-                            on the training path) and writes them: TensorBoard,
-                            metrics.jsonl, progress bar
-  GuardDivergence           stops a run whose steps keep being skipped or whose loss spikes
-  EvaluateAndKeepBest       validation loss; the best-so-far checkpoint
-  StopOnSignal              the first SIGTERM/SIGINT: stop (and save) after this step
-  PeriodicCheckpoint        the latest checkpoints, never while steps are being skipped
-  ThroughputWindow.restart  evaluating and saving do not count as training time
-
-Actions take plain values (cadences, callables), never the run config.
+Actions take plain values (callables, sizes), never the run config, and read no other
+action's output.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -31,6 +33,7 @@ import numpy as np
 
 from vesperjax.training import metrics_log
 from vesperjax.training.divergence import DivergenceGuard
+from vesperjax.training.loop import StepInfo
 
 # Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -45,29 +48,12 @@ def device_peak_flops() -> float | None:
   return None
 
 
-def due(step: int, every: int, last: int | None = None) -> bool:
-  """True on every `every`-th step, and on `last`."""
-  return step % every == 0 or step == last
-
-
-@dataclasses.dataclass
-class StepInfo:
-  """One finished step, as the actions see it."""
-  step: int
-  state: Any  # TrainState after the step
-  metrics: dict  # the step's metrics, still on device
-  loss: float | None = None  # set by LogMetrics on log steps
-  stop: str | None = None  # why the loop ends after this step, once an action says so
-
-
 class ThroughputWindow:
   """Counts steps since the window opened; the first step of a run (it compiles) and
   the time spent evaluating or saving are left out."""
 
-  def __init__(self, first_step: int, eval_every: int, save_every: int,
-               clock: Callable[[], float] = time.perf_counter):
-    self.first_step, self.eval_every, self.save_every = first_step, eval_every, save_every
-    self.clock = clock
+  def __init__(self, first_step: int, clock: Callable[[], float] = time.perf_counter):
+    self.first_step, self.clock = first_step, clock
     self.reset()
 
   def reset(self) -> None:
@@ -82,8 +68,8 @@ class ThroughputWindow:
     return self.steps / (self.clock() - self.start) if self.steps else None
 
   def restart(self, info: StepInfo) -> None:
-    if info.step % self.eval_every == 0 or info.step % self.save_every == 0:
-      self.reset()
+    """After an eval or a save: the window reopens."""
+    self.reset()
 
 
 class MetricsSink:
@@ -156,20 +142,18 @@ def step_scalars(host: dict, step: int, lr: Callable[[int], Any], tokens_per_s,
 
 
 class LogMetrics:
-  """Every `every` steps and at `last`: fetch, compute and write the step's scalars."""
+  """Fetch, compute and write the step's scalars."""
 
-  def __init__(self, every: int, last: int, sink: MetricsSink, window: ThroughputWindow,
-               *, tokens_per_step: int, lr, flops_per_token: float, peak: float | None,
+  def __init__(self, sink: MetricsSink, window: ThroughputWindow, *, tokens_per_step: int,
+               lr, flops_per_token: float, peak: float | None,
                data_shares: Callable[[int], dict] | None = None):
-    self.every, self.last, self.sink, self.window = every, last, sink, window
+    self.sink, self.window = sink, window
     self.data_shares = data_shares  # step -> `data/share/NAME` scalars (a mixture's)
     self.tokens_per_step, self.lr = tokens_per_step, lr
     self.flops, self.peak = flops_per_token, peak
     self.last_loss = None
 
   def __call__(self, info: StepInfo) -> None:
-    if not due(info.step, self.every, self.last):
-      return
     host = jax.device_get(info.metrics)
     rate = self.window.steps_per_s()
     tps = None if rate is None else rate * self.tokens_per_step
@@ -179,45 +163,41 @@ class LogMetrics:
     self.sink.write(info.step, scalars)
     self.sink.postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps or 0:,.0f}")
     self.window.reset()
-    info.loss = self.last_loss = scalars["loss"]
+    self.last_loss = scalars["loss"]
 
 
 class GuardDivergence:
-  """Records each step's finite flag (no sync); on log and save steps asks the guard,
-  so a save never keeps a diverging state. Stops the loop with `diverged` set."""
+  """`record`: each step's finite flag (no sync); `check` (on log and save steps, so a
+  save never keeps a diverging state): asks the guard, and stops the loop with
+  `diverged` set."""
 
-  def __init__(self, guard: DivergenceGuard, *, log_every: int, save_every: int, last: int):
-    self.guard, self.last = guard, last
-    self.log_every, self.save_every = log_every, save_every
+  def __init__(self, guard: DivergenceGuard):
+    self.guard = guard
     self.diverged: str | None = None
 
-  def __call__(self, info: StepInfo) -> None:
+  def record(self, info: StepInfo) -> None:
     self.guard.record(info.metrics["finite"])
-    logged = due(info.step, self.log_every, self.last)
-    if not (logged or info.step % self.save_every == 0):
-      return
-    loss = info.loss if logged else float(info.metrics["loss"])
-    self.diverged = self.guard.check(info.step, loss)
+
+  def check(self, info: StepInfo) -> None:
+    self.diverged = self.guard.check(info.step, float(info.metrics["loss"]))
     if self.diverged:
       info.stop = "diverged"
 
 
 class EvaluateAndKeepBest:
-  """Every `every` steps and at `last`: the validation loss, logged, and the state kept
-  as the best checkpoint when it beats every earlier one (and is finite).
-  `extra_metrics()`: more numbers of the same evaluation, logged beside it."""
+  """The validation loss, logged, and the state kept as the best checkpoint when it
+  beats every earlier one (and is finite). `extra_metrics()`: more numbers of the same
+  evaluation, logged beside it."""
 
-  def __init__(self, every: int, last: int, evaluate: Callable[[Any], float | None],
+  def __init__(self, evaluate: Callable[[Any], float | None],
                save_best: Callable[[int, Any, float], Any], finite: Callable[[Any], bool],
                sink: MetricsSink, extra_metrics: Callable[[], dict] | None = None):
-    self.every, self.last, self.evaluate = every, last, evaluate
+    self.evaluate = evaluate
     self.save_best, self.finite, self.sink = save_best, finite, sink
     self.extra_metrics = extra_metrics
     self.eval_loss = None
 
   def __call__(self, info: StepInfo) -> None:
-    if not due(info.step, self.every, self.last):
-      return
     self.eval_loss = self.evaluate(info.state)
     if self.eval_loss is None:
       return
@@ -262,16 +242,14 @@ class StopOnSignal:
 
 
 class PeriodicCheckpoint:
-  """Every `every` steps: save the latest checkpoint, unless the last steps were skipped
-  (a run that is diverging keeps its last good checkpoint as the latest)."""
+  """Save the latest checkpoint, unless the last steps were skipped (a run that is
+  diverging keeps its last good checkpoint as the latest)."""
 
-  def __init__(self, every: int, save: Callable[[int, Any], Any], guard: DivergenceGuard,
+  def __init__(self, save: Callable[[int, Any], Any], guard: DivergenceGuard,
                log: Callable[[str], None]):
-    self.every, self.save, self.guard, self.log = every, save, guard, log
+    self.save, self.guard, self.log = save, guard, log
 
   def __call__(self, info: StepInfo) -> None:
-    if info.step % self.every:
-      return
     if self.guard.streak:
       self.log(f"step {info.step}: not saved while steps are being skipped")
     else:

@@ -11,8 +11,8 @@ The stages, and the commands that take them:
   `load_model`             the model's variables alone, restored into an  generate
                            abstract model (no optimizer, no steps)
 
-Everything here takes the typed `RunConfig` (or its sections); `build_run` also takes an experiment's ConfigDict, converted at the door
-(`run_config.as_run_config`).
+Everything here takes the typed `RunConfig` (or its sections); `build_run` also takes an
+experiment's ConfigDict, converted at the door (`run_config.as_run_config`).
 """
 from __future__ import annotations
 
@@ -273,9 +273,9 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
   try:
     data = prepare_data(run, workdir, progress=jax.process_index() == 0)
     vocab = data.tokenizer.vocab_size
-    check_same_model(workdir, model_config(run, vdata.padded_vocab_size(vocab)))
     model = build_model(run, mesh, vocab_size=vdata.padded_vocab_size(vocab),
                         valid_vocab=vocab, eod_id=data.tokenizer.eod_id)
+    check_same_model(workdir, model.config)  # before anything compiles or is written
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, log=log)
     data_iter = vdata.train_iterator(data.train_cache, run.data.seq_len, t.batch_size,
                                      seed=t.seed, num_workers=run.data.num_workers)

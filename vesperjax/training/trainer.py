@@ -27,6 +27,7 @@ from vesperjax.training.actions import device_peak_flops
 from vesperjax.training.build import RunError, build_run, log_line  # noqa: F401
 from vesperjax.checkpoint import CheckpointSaveError
 from vesperjax.training.divergence import DivergenceGuard
+from vesperjax.training.loop import Hook, StepLoop
 from vesperjax.run_config import as_run_config
 from vesperjax.training.train_step import all_finite, flops_per_token
 
@@ -61,43 +62,33 @@ class Trainer:
     self.built = build_run(run, workdir, require_resume=require_resume,
                            log=lambda text: self._log_line(text))
     self.run: RunConfig = self.built.run
-    model, data = self.built.model, self.built.data
-    self.mesh, self.config = model.mesh, model.config
-    self.tokenizer, self.val_cache = data.tokenizer, data.val_cache
-    self.ckpt, self.data_iter, self.state = (
-        self.built.ckpt, self.built.data_iter, self.built.state)
-    steps = model.steps
-    self.graphdef = steps.graphdef
-    self.batch_sharding, self.eval_sharding = steps.batch_sharding, steps.eval_sharding
-    self.train_step, self.eval_step = steps.train_step, steps.eval_step
-    self.eval_calibration = steps.eval_calibration  # None without the meta head
+    self.state = self.built.state  # the loop's, from here on
     self.eval_extras: dict[str, float] = {}  # the last evaluation's calibration numbers
-    self.schedule = model.lr
     self.all_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
 
   # -- batches -------------------------------------------------------------------------
   def _next_batch(self) -> jax.Array:
-    host = np.stack([next(self.data_iter) for _ in range(self.run.train.grad_accum)])
-    return sharding.global_batch_from_host(host.astype(np.int32), self.mesh,
-                                           self.batch_sharding)
+    host = np.stack([next(self.built.data_iter) for _ in range(self.run.train.grad_accum)])
+    return sharding.global_batch_from_host(host.astype(np.int32), self.built.model.mesh,
+                                           self.built.model.steps.batch_sharding)
 
   def evaluate(self, state=None) -> float | None:
     """Mean validation token loss of `state` (default: the current one), or None when
     the run has no validation data or evaluates no batches."""
     t = self.run.train
-    if self.val_cache is None or t.eval_batches == 0:
+    if self.built.data.val_cache is None or t.eval_batches == 0:
       return None
     state = self.state if state is None else state
     total, count, stats = 0.0, 0.0, {}
-    with jax.set_mesh(self.mesh):
-      for host in vdata.eval_batches(self.val_cache, t.batch_size, self.run.data.seq_len,
+    with jax.set_mesh(self.built.model.mesh):
+      for host in vdata.eval_batches(self.built.data.val_cache, t.batch_size, self.run.data.seq_len,
                                      t.eval_batches):
-        batch = sharding.global_batch_from_host(host.astype(np.int32), self.mesh,
-                                                self.eval_sharding)
-        if self.eval_calibration is None:
-          loss_sum, n = self.eval_step(state, batch)
+        batch = sharding.global_batch_from_host(host.astype(np.int32), self.built.model.mesh,
+                                                self.built.model.steps.eval_sharding)
+        if self.built.model.steps.eval_calibration is None:
+          loss_sum, n = self.built.model.steps.eval_step(state, batch)
         else:  # the meta head: the same loss, and its calibration sums
-          loss_sum, n, batch_stats = self.eval_calibration(state, batch)
+          loss_sum, n, batch_stats = self.built.model.steps.eval_calibration(state, batch)
           stats = {k: calibration.add_stats(stats.get(k), v)
                    for k, v in jax.device_get(batch_stats).items()}
         total, count = total + float(loss_sum), count + float(n)
@@ -112,27 +103,29 @@ class Trainer:
     step = int(self.state.step)
     tracker = self._start_tracker(step) if step < end else None  # no steps, no W&B run
     sink = act.MetricsSink(self.workdir, s.max_steps, step, tracker)
-    window = act.ThroughputWindow(step + 1, s.eval_every, s.save_every)
-    guard = act.GuardDivergence(DivergenceGuard(s.max_skipped_steps, s.loss_spike_factor),
-                                log_every=s.log_every, save_every=s.save_every,
-                                last=s.max_steps)
-    log = act.LogMetrics(s.log_every, s.max_steps, sink, window,
-                         tokens_per_step=s.batch_size * s.grad_accum * seq_len, lr=self.schedule,
-                         flops_per_token=flops_per_token(self.config, seq_len),
+    window = act.ThroughputWindow(step + 1)
+    guard = act.GuardDivergence(DivergenceGuard(s.max_skipped_steps, s.loss_spike_factor))
+    log = act.LogMetrics(sink, window, lr=self.built.model.lr,
+                         tokens_per_step=s.batch_size * s.grad_accum * seq_len,
+                         flops_per_token=flops_per_token(self.built.model.config, seq_len),
                          peak=device_peak_flops(),
                          data_shares=lambda step: self.built.data.share_scalars(
                              step * s.batch_size * s.grad_accum))
-    evaluate = act.EvaluateAndKeepBest(s.eval_every, s.max_steps, self.evaluate,
-                                       self.ckpt.save_best, self._finite, sink,
-                                       extra_metrics=lambda: self.eval_extras)
+    evaluate = act.EvaluateAndKeepBest(self.evaluate, self.built.ckpt.save_best, self._finite,
+                                       sink, extra_metrics=lambda: self.eval_extras)
     # under the ambient mesh the model pins activations and the MoE goes expert-parallel
-    with act.Signals() as signals, jax.set_mesh(self.mesh):
-      actions = [window.count, sink.advance, log, guard, evaluate,
-                 act.StopOnSignal(signals),
-                 act.PeriodicCheckpoint(s.save_every, self._save, guard.guard,
-                                        self._log_line),
-                 window.restart]
-      loop = StepLoop(self.train_step, self._next_batch, actions, self.state, step)
+    with act.Signals() as signals, jax.set_mesh(self.built.model.mesh):
+      hooks = [Hook(window.count), Hook(sink.advance),
+               Hook(log, s.log_every, at_end=True),
+               Hook(guard.record),
+               Hook(guard.check, (s.log_every, s.save_every), at_end=True),
+               Hook(evaluate, s.eval_every, at_end=True),
+               Hook(act.StopOnSignal(signals)),
+               Hook(act.PeriodicCheckpoint(self._save, guard.guard, self._log_line),
+                    s.save_every),
+               Hook(window.restart, (s.eval_every, s.save_every))]
+      loop = StepLoop(self.built.model.steps.train_step, self._next_batch, hooks, self.state, step,
+                      last=s.max_steps)
       exit_code = 1  # the tracker's, until the run ends as planned
       try:
         try:
@@ -147,13 +140,13 @@ class Trainer:
         self.state, step = loop.state, loop.step
         if not guard.diverged:  # a diverged state is not saved: the last good one stays
           self._save(step, force=True)
-        self.ckpt.wait()
+        self.built.ckpt.wait()
         exit_code = exit_status(stop, guard.diverged)
       finally:
         sink.close(exit_code)  # before the error line, if any
     if guard.diverged:
       raise RunError(f"the run diverged at {guard.diverged}; the latest checkpoint is step "
-                     f"{self.ckpt.latest_step()}")
+                     f"{self.built.ckpt.latest_step()}")
     return Outcome(step, log.last_loss, evaluate.eval_loss, int(self.state.skipped), stop)
 
   def _start_tracker(self, step: int):
@@ -163,7 +156,7 @@ class Trainer:
       return None
     abstract = self.built.model.steps.abstract
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    config = {**self.run.to_dict(), "model_config": self.config.to_dict(),
+    config = {**self.run.to_dict(), "model_config": self.built.model.config.to_dict(),
               "params_trainable": count(abstract.params),
               "params_frozen": count(abstract.rest)}
     return wandb_tracking.WandbRun.start(
@@ -178,19 +171,19 @@ class Trainer:
     """Checkpoint `state` (default: the current one) as step `step`, unless that step is
     saved already or the state is not finite."""
     state = self.state if state is None else state
-    if self.ckpt.latest_step() == step:
+    if self.built.ckpt.latest_step() == step:
       return
     if not self._finite(state):
       self._log_line(f"step {step}: state is not finite; checkpoint not saved")
       return
-    self.ckpt.save(step, state, self.data_iter, force=force)
+    self.built.ckpt.save(step, state, self.built.data_iter, force=force)
 
   def _save_before_failing(self, step: int):
     """An error inside the loop: keep the steps since the last checkpoint if the state is
     still whole (a failure inside the step may have consumed its donated buffers)."""
     try:
       self._save(step, force=True)
-      self.ckpt.wait()
+      self.built.ckpt.wait()
       self._log_line(f"saved step {step} before failing")
     except Exception as e:  # noqa: BLE001  (the original error is what matters)
       self._log_line(f"step {step} could not be saved before failing: "
@@ -212,25 +205,3 @@ def exit_status(stop: str | None, diverged: str | None) -> int:
   if stop in ("SIGTERM", "SIGINT"):
     return 128 + signal.Signals[stop].value
   return 0
-
-
-class StepLoop:
-  """The step loop: the jit step on each next batch, then the actions on its StepInfo,
-  until step `end` or until an action stops it. `state` and `step` are always the last
-  finished step's, also when a step or an action raises."""
-
-  def __init__(self, train_step, next_batch, actions, state, step: int):
-    self.train_step, self.next_batch, self.actions = train_step, next_batch, actions
-    self.state, self.step = state, step
-
-  def run(self, end: int) -> str | None:
-    """Why the loop stopped before `end` (an action's reason), or None."""
-    while self.step < end:
-      self.state, metrics = self.train_step(self.state, self.next_batch())
-      self.step += 1
-      info = act.StepInfo(self.step, self.state, metrics)
-      for action in self.actions:
-        action(info)
-        if info.stop is not None:
-          return info.stop
-    return None

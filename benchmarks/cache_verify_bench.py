@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -27,8 +26,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling vs_original
 
 from vesperjax.data import cache as cache_lib  # noqa: E402
+from vs_original import machine_info  # noqa: E402
 from vesperjax.data.cache import TokenCache  # noqa: E402
 
 PIECE_TOKENS = 4 << 20  # ids per piece: 8 MiB of uint16, one write per piece
@@ -86,19 +87,6 @@ def timed(fn, repeats: int, before=None) -> list[float]:
   return out
 
 
-def machine_info() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f
-                  if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return dict(cpu_model=cpu, cpu_count=os.cpu_count(),
-              affinity=len(os.sched_getaffinity(0)), platform=platform.platform(),
-              nice=os.nice(0), loadavg_start=[round(x, 2) for x in os.getloadavg()])
-
-
 def commit() -> str | None:
   p = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                      capture_output=True, text=True)
@@ -110,7 +98,7 @@ def run(args, argv: list[str]) -> dict:
   report = dict(
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       command=shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv]),
-      commit=commit(), machine=machine_info(),
+      commit=commit(), machine=dict(machine_info(), nice=os.nice(0)),
       setting=dict(gb=args.gb, chunk_bytes=cache_lib.CHECK_CHUNK,
                    verify_threads=min(8, os.cpu_count() or 1), repeats=args.repeats))
   with tempfile.TemporaryDirectory(dir=args.dir) as scratch:

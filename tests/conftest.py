@@ -16,6 +16,19 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def mounted_tmpfs(folder, size: str):
+  """A tmpfs of `size` mounted on `folder` (a disk to fill up), unmounted afterwards;
+  the test skips where mounting is not allowed."""
+  import subprocess
+  folder.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
+  yield folder
+  subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 @pytest.fixture
 def fake_original(tmp_path):
   """An empty stand-in for a checkout of the original (python/train.py and

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import mounted_tmpfs
 from tests.test_train import ROOT, cli, corpus, losses, overrides, tiny_run  # noqa: F401
 from vesperjax.data import cache as cache_lib
 from vesperjax.data import errors, prepare_dataset, prepare_train_val, sources
@@ -218,14 +219,7 @@ def test_resume_with_swapped_tokenizer_ids_is_refused(runs, corpus, tmp_path):  
 @pytest.fixture
 def tiny_disk(tmp_path):
   """A 64 KB tmpfs: less than the corpus's token cache."""
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                         capture_output=True, text=True)
-  if mount.returncode:
-    pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
-  yield disk
-  subprocess.run(["umount", "-l", str(disk)], check=False)
+  yield from mounted_tmpfs(tmp_path / "disk", "64k")
 
 
 def test_disk_full_while_tokenizing_is_one_line(corpus, tmp_path, tiny_disk):  # noqa: F811

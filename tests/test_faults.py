@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from tests.conftest import mounted_tmpfs
 from tests.test_train import cli, corpus, losses, overrides, tiny_run  # noqa: F401
 from vesperjax.checkpoint import CheckpointError
 from vesperjax.train import train
@@ -111,15 +112,7 @@ def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):  # noqa
 @pytest.fixture
 def small_disk(tmp_path):
   """A 600 KB tmpfs: one checkpoint of the tiny run fits, the next does not."""
-  import subprocess
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
-                         capture_output=True, text=True)
-  if mount.returncode:
-    pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
-  yield disk
-  subprocess.run(["umount", "-l", str(disk)], check=False)
+  yield from mounted_tmpfs(tmp_path / "disk", "600k")
 
 
 def test_disk_full_during_save_is_one_line_and_keeps_the_last_checkpoint(

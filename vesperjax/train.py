@@ -75,7 +75,8 @@ def _sample(trainer, n: int) -> str:
 def main(argv=None) -> int:
   def body():
     run = load_run_config(_CONFIG)
-    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = os.path.splitext(os.path.basename(config_file))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
     use_compilation_cache()
     return train(run, workdir, require_resume=_RESUME.value)

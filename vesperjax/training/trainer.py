@@ -75,20 +75,20 @@ class Trainer:
   def evaluate(self, state=None) -> float | None:
     """Mean validation token loss of `state` (default: the current one), or None when
     the run has no validation data or evaluates no batches."""
-    t = self.run.train
-    if self.built.data.val_cache is None or t.eval_batches == 0:
+    t, model = self.run.train, self.built.model
+    val = self.built.data.val_cache
+    if val is None or t.eval_batches == 0:
       return None
     state = self.state if state is None else state
     total, count, stats = 0.0, 0.0, {}
-    with jax.set_mesh(self.built.model.mesh):
-      for host in vdata.eval_batches(self.built.data.val_cache, t.batch_size, self.run.data.seq_len,
-                                     t.eval_batches):
-        batch = sharding.global_batch_from_host(host.astype(np.int32), self.built.model.mesh,
-                                                self.built.model.steps.eval_sharding)
-        if self.built.model.steps.eval_calibration is None:
-          loss_sum, n = self.built.model.steps.eval_step(state, batch)
+    with jax.set_mesh(model.mesh):
+      for host in vdata.eval_batches(val, t.batch_size, self.run.data.seq_len, t.eval_batches):
+        batch = sharding.global_batch_from_host(host.astype(np.int32), model.mesh,
+                                                model.steps.eval_sharding)
+        if model.steps.eval_calibration is None:
+          loss_sum, n = model.steps.eval_step(state, batch)
         else:  # the meta head: the same loss, and its calibration sums
-          loss_sum, n, batch_stats = self.built.model.steps.eval_calibration(state, batch)
+          loss_sum, n, batch_stats = model.steps.eval_calibration(state, batch)
           stats = {k: calibration.add_stats(stats.get(k), v)
                    for k, v in jax.device_get(batch_stats).items()}
         total, count = total + float(loss_sum), count + float(n)

@@ -10,7 +10,8 @@ process-wide default) and ``interpret: bool | None``:
 * ``"pallas"``: the Pallas kernel; on a backend without a compiled Pallas GPU path it runs
   in interpret mode (slow, for tests), unless ``interpret=False`` is forced.
 * ``"auto"``: Pallas where its backend exists (``platform.CHOICES["pallas"]``: the
-  target platform is CUDA), the reference elsewhere.
+  target platform is CUDA), the reference elsewhere; the Velvet update also runs its
+  Mosaic TPU kernel on a TPU target (``_velvet_update.choose_kernel``).
 
 The process-wide default comes from ``set_default_impl(...)`` or, failing that, the
 ``VESPERJAX_KERNELS`` environment variable (``auto`` when unset). Attention has no Pallas

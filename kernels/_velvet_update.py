@@ -24,7 +24,8 @@ device packs and updates only its own shards.
 
 Backends (``impl=``): ``"triton"`` is this module's Pallas Triton kernel;
 ``"mosaic"`` the Pallas Mosaic GPU kernel of ``_velvet_mosaic.py`` (sm_90+; same buckets,
-scalars and element math); ``"pallas"`` and ``"auto"`` take the first that applies of
+scalars and element math); ``"tpu"`` the Pallas Mosaic TPU kernel of ``_velvet_tpu.py``;
+``"pallas"`` and ``"auto"`` take the first that applies of
 ``platform.CHOICES["velvet_kernel"]`` (``choose_kernel``).
 
 Cost note: packing into buckets and splitting back each add a pass over the data.
@@ -42,7 +43,7 @@ from vesperjax.optim.velvet_math import bias_corrections, velvet_element, velvet
 
 from . import _dispatch, platform
 
-KERNELS = ("triton", "mosaic")
+KERNELS = ("triton", "mosaic", "tpu")
 IMPLS = _dispatch.IMPLS + KERNELS
 
 _NUM_SCALARS = 8  # padded to a power of two (Triton block shapes)
@@ -84,6 +85,8 @@ def _kernel(s_ref, p_ref, g_ref, m_ref, v_ref, u_ref, mo_ref, vo_ref, *, skip_ze
 def default_block_size(n, interpret, kernel="triton"):
   """Large blocks in interpret mode (each grid step costs a pass), 4096 on GPU; Mosaic
   GPU's blocks stay within its TMA limit (``_velvet_mosaic.MAX_BLOCK_SIZE``)."""
+  if kernel == "tpu":
+    return _velvet_tpu().default_block_size(n, interpret)
   if interpret:
     size = min(pl.next_power_of_2(max(n, 128)), _INTERPRET_MAX_BLOCK)
     return min(size, _velvet_mosaic().MAX_BLOCK_SIZE) if kernel == "mosaic" else size
@@ -195,6 +198,9 @@ def kernel_applies(kernel):
     if kernel == "triton":
       from jax.experimental.pallas import triton as _  # pylint: disable=g-import-not-at-top
       return True
+    if kernel == "tpu":  # compiled by libtpu for a TPU target, interpreted elsewhere
+      from jax.experimental.pallas import tpu as _  # pylint: disable=g-import-not-at-top,reimported
+      return True
     from jax.experimental.pallas import mosaic_gpu as _  # pylint: disable=g-import-not-at-top,reimported
   except ImportError:
     return False
@@ -206,12 +212,18 @@ def kernel_applies(kernel):
 
 
 def choose_kernel(impl=None, interpret=None):
-  """Returns ``(kernel, interpret)``: kernel is "triton", "mosaic" or None (the pure-JAX
-  path). ``impl`` is one of IMPLS (None: the process default, ``_dispatch``); "pallas"
+  """Returns ``(kernel, interpret)``: kernel is "triton", "mosaic", "tpu" or None (the
+  pure-JAX path). ``impl`` is one of IMPLS (None: the process default, ``_dispatch``); "pallas"
   and "auto" take the first of ``platform.CHOICES["velvet_kernel"]`` that applies."""
   impl = _dispatch.get_default_impl() if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f"velvet_update: impl must be one of {IMPLS}, got {impl!r}")
+  on_tpu = platform.current() == "tpu"
+  if impl == "tpu" or (impl in ("auto", "pallas")
+                       and platform.choice("velvet_kernel")[:1] == ("tpu",)):
+    # Mosaic TPU compiles for a TPU target itself (the "pallas" row is about the GPU
+    # kernels); anywhere else it runs in the TPU interpreter
+    return "tpu", (not on_tpu) if interpret is None else bool(interpret)
   if impl in KERNELS:
     interpret = _dispatch.resolve("pallas", interpret)[1]
     if not interpret and not kernel_applies(impl):
@@ -232,6 +244,8 @@ def choose_kernel(impl=None, interpret=None):
 def _check_block_size(kernel, block_size, *, compiled):
   if kernel == "mosaic":
     _velvet_mosaic().check_block_size(block_size, compiled=compiled)
+  elif kernel == "tpu":
+    _velvet_tpu().check_block_size(block_size, compiled=compiled)
   else:
     check_block_size(block_size, compiled=compiled)
 
@@ -239,6 +253,11 @@ def _check_block_size(kernel, block_size, *, compiled):
 def _velvet_mosaic():
   from . import _velvet_mosaic  # pylint: disable=g-import-not-at-top
   return _velvet_mosaic
+
+
+def _velvet_tpu():
+  from . import _velvet_tpu  # pylint: disable=g-import-not-at-top
+  return _velvet_tpu
 
 
 def _update_leaves(p_leaves, g_leaves, m_leaves, v_leaves, s, *, skip_zero_grads,
@@ -249,6 +268,8 @@ def _update_leaves(p_leaves, g_leaves, m_leaves, v_leaves, s, *, skip_zero_grads
   flat = velvet_update_flat
   if kernel == "mosaic":
     flat = _velvet_mosaic().velvet_update_flat
+  elif kernel == "tpu":
+    flat = _velvet_tpu().velvet_update_flat
   out = []
   for idx in chunks:
     n = sum(p_leaves[i].size for i in idx)
@@ -271,7 +292,8 @@ def velvet_update(params, grads, mu, nu, *, lr, b1, b2, eps, weight_decay, count
   replaces ``1 - b1^t`` (the "product" bias correction). Updates follow optax's sign
   convention (add them to params) and have each param's dtype; moments are fp32.
   ``impl``: "auto" | "pallas" | "reference" (see ``_dispatch``) | "triton" | "mosaic"
-  (a kernel by name; "pallas" and "auto" pick one with ``choose_kernel``).
+  | "tpu" (a kernel by name; "pallas" and "auto" pick one with ``choose_kernel``; "tpu"
+  is compiled for a TPU target and interpreted elsewhere).
   ``block_size``: elements per grid step, a power of two >= 128 (compiled for a GPU:
   <= 2^20 for Triton, <= 256 * 128 for Mosaic GPU); default: ``default_block_size``.
   ``max_chunk``: elements per bucket (one kernel call each; None: one bucket), see the

@@ -115,27 +115,39 @@ CHOICES = {
     "pallas": {"cuda": True, "*": False},
     # attention implementations of "auto", first one that applies (_attention.py): cuDNN
     # where it takes the inputs, tokamax (when installed) for the rest (fp32, head_dim
-    # > 128) rather than XLA's [S, S] scores
+    # > 128) rather than XLA's [S, S] scores. TPU (benchmarks/tpu-choices/, small at S
+    # 2048): blocked holds no [S, S] (56 vs 768 MiB of temporaries) and skips the masked
+    # half (60 vs 106 GFLOP fwd+bwd); splash attention (2.4 MiB) is not wired: a Mosaic
+    # kernel needs a shard_map under a mesh
     "attention": {"cuda": ("cudnn", "tokamax", "xla"), "cpu": ("blocked", "reference"),
-                  "*": ("xla",)},
+                  "tpu": ("blocked", "xla"), "*": ("xla",)},
     # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA may take "pallas" once
-    # it is measured on a card
-    "cross_entropy": {"*": "chunked"},
+    # it is measured on a card. TPU: chunked, 0.4 MiB of temporaries where the full
+    # logits take 1 GiB (N 8192, V 32768); tokamax's TPU loss returns no entropy
+    "cross_entropy": {"tpu": "chunked", "*": "chunked"},
     # the chunked forward keeps its logits for the backward: memory is cheap on a host
-    "cross_entropy_keep_logits": {"cpu": True, "*": False},
+    # (on TPU keeping them costs 1.25 GiB at the shapes above)
+    "cross_entropy_keep_logits": {"cpu": True, "tpu": False, "*": False},
     # MoE grouped matmul of impl="auto", first one installed (_grouped_matmul.py):
     # XLA:CPU's and XLA:GPU's ragged_dot do every group's matmul over all rows, while
-    # blocked wastes at most one block per group and tokamax runs grouped GEMM kernels
+    # blocked wastes at most one block per group and tokamax runs grouped GEMM kernels.
+    # TPU (benchmarks/tpu-choices/): XLA:TPU's ragged_dot runs the forward and dx as
+    # Mosaic grouped GEMMs but dw as a dense product over a [G, rows, D] masked copy (G x
+    # its FLOPs: 3.3x in all at 8 experts), blocked is 1.1x (more temporary memory);
+    # tokamax's TPU kernel (1.0x) refuses to be partitioned outside a shard_map
     "grouped_matmul": {"cpu": "blocked", "cuda": ("tokamax", "blocked"),
-                       "*": "ragged_dot"},
-    # tokamax.ragged_dot's implementations, first one it supports on the device
+                       "tpu": "blocked", "*": "ragged_dot"},
+    # tokamax.ragged_dot's implementations, first one it supports on the device; not its
+    # Mosaic TPU kernel: under a mesh it fails ("cannot be automatically partitioned")
     "tokamax_ragged_dot": {"cuda": ("mosaic", "triton", "xla"), "*": ("xla",)},
     # rows_matmul's weight gradient (_rows_matmul.py): XLA:CPU's fast dot wants x.T copied
     "rows_matmul_grad": {"cpu": "transpose_first", "*": "plain"},
     # the fused Velvet kernel's Pallas backend (_velvet_update.py), first one that applies:
     # Triton while jax ships it (sm80 and sm90); Mosaic GPU needs sm90 (TMA). The GPU
-    # acceptance script times both; Hopper moves to Mosaic first if it wins there
-    "velvet_kernel": {"*": ("triton", "mosaic")},
+    # acceptance script times both; Hopper moves to Mosaic first if it wins there. TPU:
+    # the Mosaic TPU kernel (_velvet_tpu.py), which libtpu compiles with the step, so
+    # impl="auto" runs it there although the "pallas" row is off
+    "velvet_kernel": {"tpu": ("tpu",), "*": ("triton", "mosaic")},
 }
 
 

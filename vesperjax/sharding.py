@@ -13,6 +13,10 @@ Mesh axes:
 
 A rule is dropped for a dimension its mesh axes do not divide, so any model runs (with
 less sharding) on any mesh.
+Multi-slice TPU (devices with several `slice_index` values): the data axis spans the
+slices (DCN) and every other axis stays inside one slice (ICI), as
+`mesh_utils.create_hybrid_device_mesh` lays them out; `mesh.data` must then be a
+multiple of the number of slices.
 """
 from __future__ import annotations
 
@@ -79,12 +83,47 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *
     raise ValueError(f"mesh: {shape} = {math.prod(sizes.values())} devices, but "
                      f"{len(devices)} are available")
   shape = tuple(sizes.values())
-  try:  # topology-aware device order on real hardware
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # noqa: BLE001  (CPU, odd shapes): plain order is fine there
-    grid = np.asarray(devices, dtype=object).reshape(shape)
+  slices = slice_count(devices)
+  if slices > 1:
+    grid = _multi_slice_grid(shape, devices, slices)
+  else:
+    try:  # topology-aware device order on real hardware
+      from jax.experimental import mesh_utils
+      grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001  (CPU, odd shapes): plain order is fine there
+      grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices `devices` span (1 for devices without a `slice_index`, and
+  off TPU: a GPU's slice_index, where jax sets one, is no DCN boundary of ours)."""
+  return len({getattr(d, "slice_index", 0) if getattr(d, "platform", "tpu") == "tpu"
+              else 0 for d in devices})
+
+
+def _multi_slice_grid(shape: tuple[int, ...], devices, slices: int) -> np.ndarray:
+  """A device grid of `shape` whose data axis crosses slices (DCN) slice-major and
+  whose other axes stay within a slice (ICI): only the data axis's gradient all-reduce
+  then travels between slices, the slower link."""
+  data = shape[0]
+  if data % slices:
+    raise ValueError(f"mesh.data={data}: the devices span {slices} slices and the data "
+                     f"axis crosses them, so it must be a multiple of {slices}")
+  ici = (data // slices, *shape[1:])
+  try:
+    from jax.experimental import mesh_utils
+    return mesh_utils.create_hybrid_device_mesh(ici, (slices,) + (1,) * (len(shape) - 1),
+                                                devices)
+  except Exception:  # noqa: BLE001  (shapes the topology search refuses): slice-major
+    by_slice: dict[int, list] = {}
+    for d in sorted(devices, key=lambda d: d.id):
+      by_slice.setdefault(getattr(d, "slice_index", 0), []).append(d)
+    if len({len(ds) for ds in by_slice.values()}) != 1:
+      raise ValueError(f"mesh: the {slices} slices hold different numbers of devices "
+                       f"({', '.join(str(len(v)) for v in by_slice.values())})") from None
+    parts = [np.asarray(ds, dtype=object).reshape(ici) for _, ds in sorted(by_slice.items())]
+    return np.concatenate(parts, axis=0)
 
 
 def _mesh_axes(rule) -> tuple[str, ...]:

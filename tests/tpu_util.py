@@ -1,0 +1,152 @@
+"""Helpers for the deviceless TPU compile tests (no TPU needed).
+
+libtpu (the `tpu-compile` extra) compiles for TPU topologies it has never seen:
+`jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name=...)` gives
+compile-only devices (with `process_index` and, for several slices, `slice_index`), and
+a jitted function traced on arguments placed on them compiles with every libtpu pass,
+Pallas Mosaic TPU kernels included (unlike Mosaic GPU, they are compiled here, not on the
+device). `needs_tpu_compile` skips, saying why, where libtpu is missing or refuses.
+
+`steps(run, devices)` builds the real train/eval steps of a run on such devices (the
+mesh from `mesh.*`, hybrid ICI/DCN when the devices span slices); `compile_steps`
+compiles them.
+"""
+import collections
+import contextlib
+import dataclasses
+import functools
+import importlib.metadata
+import os
+import re
+import warnings
+
+# libtpu asks a GCE metadata server for the host's TPU otherwise (a long timeout here),
+# and holds /tmp/libtpu_lockfile, failing any second process that loads it meanwhile
+# (parallel test runs, a benchmark beside them): compile-only use needs no lock
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from vesperjax import sharding  # noqa: E402
+from vesperjax.run_config import RunConfig, default_run_config, model_config  # noqa: E402
+from vesperjax.training.train_step import sharded_steps  # noqa: E402
+
+MOSAIC = "tpu_custom_call"  # a Pallas Mosaic TPU kernel in compiled HLO
+VOCAB = 2048
+# HBM per chip of each generation
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+
+
+def _problem() -> str | None:
+  """Why deviceless TPU compiles cannot run here (None when they can)."""
+  try:
+    version = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return ("libtpu is not installed (pip install 'vesperjax[tpu-compile]'): the TPU "
+            "compile tests need it")
+  try:
+    topology("v5e:2x2")
+  except Exception as e:  # noqa: BLE001  (libtpu of another jax, broken install)
+    return f"libtpu {version} gives no TPU topology here: {type(e).__name__}: {e}"
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def topology(name: str, num_slices: int = 1):
+  """Compile-only TPU devices of `name` (e.g. "v5e:4x4", "v5p:2x2x1") x `num_slices`."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  return topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
+
+
+def devices(name: str, num_slices: int = 1) -> list:
+  return list(topology(name, num_slices).devices)
+
+
+TPU_COMPILE_PROBLEM = _problem()
+needs_tpu_compile = pytest.mark.skipif(TPU_COMPILE_PROBLEM is not None,
+                                       reason=str(TPU_COMPILE_PROBLEM))
+
+
+def run_config(preset="tiny", *, layers=2, seq_len=96, batch=8, **overrides):
+  """A small validated run for train.platform="tpu"; overrides as section__key=value.
+  seq_len 96 is no other dimension of the tiny presets' arrays (128 is: an FSDP half of
+  hidden 256), so a [96, 96] buffer can only be attention's scores."""
+  run = default_run_config(preset)
+  run.model.num_layers = layers
+  run.data.seq_len = seq_len
+  run.train.batch_size = batch
+  run.train.platform = "tpu"
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    run[section][name] = value
+  return RunConfig.from_config_dict(run)
+
+
+def steps(run, devs):
+  """(mesh, ShardedSteps, abstract train batch, abstract eval tokens) of `run` on `devs`."""
+  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(devs))
+  t = run.train
+  built = sharded_steps(model_config(run, VOCAB), mesh, optim=run.optim,
+                        max_steps=t.max_steps, valid_vocab=VOCAB - 48,
+                        fused_loss=t.fused_loss, platform=t.platform)
+  batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, run.data.seq_len + 1),
+                               jnp.int32, sharding=built.batch_sharding)
+  tokens = jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32,
+                                sharding=built.eval_sharding)
+  return mesh, built, batch, tokens
+
+
+@contextlib.contextmanager
+def deviceless():
+  """Compile inside this block: executables for compile-only devices stay out of jax's
+  persistent compilation cache (tests/conftest.py turns it on), since a compile-only
+  client cannot read an entry back (jax would warn and compile again); the lookup's
+  warning is silenced. Private jax API: where it moved, the cache is used as usual."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
+    try:
+      from jax._src import config  # pylint: disable=g-import-not-at-top
+      stack.enter_context(config.enable_compilation_cache(False))
+      stack.enter_context(config.persistent_cache_min_compile_time_secs(1e12))
+    except (ImportError, AttributeError, TypeError):
+      pass
+    yield
+
+
+def compile_for_tpu(fn, *args):
+  """`fn` (jitted) compiled for the TPU devices its arguments' shardings name."""
+  with deviceless():
+    return fn.trace(*args).lower().compile()
+
+
+def compile_steps(run, devs, *, evaluate=True):
+  """The compiled train step (and eval step, or None) of `run` on `devs`."""
+  mesh, built, batch, tokens = steps(run, devs)
+  with jax.set_mesh(mesh):
+    train = compile_for_tpu(built.train_step, built.abstract, batch)
+    ev = compile_for_tpu(built.eval_step, built.abstract, tokens) if evaluate else None
+  return train, ev
+
+
+_CALL = re.compile(r'custom_call_target="([^"]+)"')
+_BUFFER = re.compile(r"\b(?:f32|bf16|f16)\[([\d,]+)\]")
+
+
+def custom_calls(hlo_text: str) -> collections.Counter:
+  """Custom-call targets in compiled HLO text (Mosaic TPU kernels: MOSAIC)."""
+  return collections.Counter(_CALL.findall(hlo_text))
+
+
+def buffer_shapes(hlo_text: str) -> set[tuple[int, ...]]:
+  """Every float array shape that appears in compiled HLO text."""
+  return {tuple(int(d) for d in dims.split(",")) for dims in _BUFFER.findall(hlo_text)}
+
+
+def has_square_buffer(hlo_text: str, seq: int) -> bool:
+  """Whether some float array ends in [seq, seq]: attention scores held whole."""
+  return any(len(s) >= 2 and s[-2:] == (seq, seq) for s in buffer_shapes(hlo_text))

@@ -103,8 +103,8 @@ def main(argv=None) -> None:
     os.environ.update(JAX_COORDINATOR_ADDRESS=a.coordinator,
                       JAX_NUM_PROCESSES=str(a.num_processes),
                       JAX_PROCESS_ID=str(a.process_id))
-  from vesperjax import sharding
-  sharding.maybe_initialize_distributed()
+  from vesperjax import distributed, sharding
+  distributed.maybe_initialize_distributed()
   mesh = sharding.make_mesh(**_mesh_arg(a.mesh))
   losses, _, _ = train(tiny_config(a.moe), mesh, a.steps)
   print(json.dumps({"losses": losses, "process": jax.process_index(),

@@ -16,8 +16,9 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def _slug(heading: str) -> str:
-  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
-  text = re.sub(r"[`*_]", "", heading.strip().lower())
+  """GitHub's anchor for a heading: lower case, punctuation but `_` dropped, spaces to
+  dashes (the `_` of a code span stays: `init_from` gives init_from)."""
+  text = re.sub(r"[`*]", "", heading.strip().lower())
   return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 

@@ -99,6 +99,11 @@ class Checkpointer:
       text = one_line(e)
       found = re.search(r"/(\d+)" + re.escape(_TMP_SUFFIX), text)
       failed = found.group(1) if found else step
+      for manager in (self.latest, self.best):  # writer threads still running would
+        try:                                    # recreate what is removed below
+          manager.wait_until_finished()
+        except Exception:  # noqa: BLE001  (the same failure, reported once above)
+          pass
       removed = self._remove_partial_saves()
       if "No space left on device" in text:
         text = f"no space left on device ({self.latest.directory})"
@@ -177,7 +182,12 @@ class Checkpointer:
         if name.endswith(_TMP_SUFFIX):
           removed.append(os.path.join(os.path.basename(root), name))
           if jax.process_index() == 0:  # no barrier: the others may not have failed
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            path = os.path.join(root, name)
+            for _ in range(3):  # a late write can refill a folder rmtree just emptied
+              shutil.rmtree(path, ignore_errors=True)
+              if not os.path.exists(path):
+                break
+              time.sleep(0.1)
     return removed
 
   def close(self):

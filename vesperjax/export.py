@@ -1,11 +1,13 @@
 """`python -m vesperjax.export --workdir RUN [--step N | --best] [--dtype fp32|bf16]
-[--quantize int8|int4] --out DIR`.
+[--quantize int8|int4] [--format vesperjax|hf] --out DIR`.
 
 Writes a run's model as safetensors beside its config.json and tokenizer.json (the
 layout and names: `vesperjax.inference.pretrained`, docs/export.md), for `vesperjax.load_pretrained`,
 `python -m vesperjax.generate --model DIR` and other tools. Past `--max-shard-size` the
 tensors are split over `model-0000i-of-0000N.safetensors` files with a
-`model.safetensors.index.json`, as Hugging Face does.
+`model.safetensors.index.json`, as Hugging Face does. `--format hf` adds what Hugging
+Face Transformers needs to load the folder (`vesperjax.inference.hf`: the PyTorch model's
+source, Transformers keys in config.json, the tokenizer's configuration).
 
 The checkpoint is restored sharded over every device (FSDP), and each tensor (one layer of
 a stacked variable) is gathered on its own and written straight to its file: no host
@@ -32,6 +34,7 @@ from vesperjax.inference import pretrained as fmt
 from vesperjax.cli import one_line, run_cli, user_errors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's save_pretrained default
+FORMATS = ("vesperjax", "hf")
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
 
 FLAGS = flags.FlagValues()
@@ -53,6 +56,11 @@ _QUANTIZE = flags.DEFINE_enum(
 _MAX_SHARD_SIZE = flags.DEFINE_string(
     "max-shard-size", DEFAULT_MAX_SHARD_SIZE, "Largest safetensors file before splitting "
     "into shards: bytes, or a number with KB/MB/GB (powers of 1000) or KiB/MiB/GiB.",
+    flag_values=FLAGS)
+_FORMAT = flags.DEFINE_enum(
+    "format", "vesperjax", list(FORMATS), "vesperjax: safetensors, config.json and "
+    "tokenizer.json; hf: also the files Hugging Face Transformers loads with "
+    "trust_remote_code (the PyTorch model's source, the tokenizer's configuration).",
     flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.",
                                flag_values=FLAGS)
@@ -98,10 +106,13 @@ def shard_file_names(count: int) -> list[str]:
   return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def safetensors_header(entries: list[fmt.Entry], weights_dtype: str) -> bytes:
+def safetensors_header(entries: list[fmt.Entry], weights_dtype: str,
+                       framework: str = "flax") -> bytes:
   """The file's 8-byte little-endian header length and JSON header (the safetensors
-  format), padded with spaces so the tensor data starts 8-byte aligned."""
-  header = {"__metadata__": {"format": "flax", "vesperjax_format": fmt.FORMAT,
+  format), padded with spaces so the tensor data starts 8-byte aligned. `framework`:
+  the metadata's "format" ("pt" for `--format hf`, whose tensors are the PyTorch
+  model's as they are: Transformers 4 reads "flax" as a Flax checkpoint to convert)."""
+  header = {"__metadata__": {"format": framework, "vesperjax_format": fmt.FORMAT,
                              "vesperjax_format_version": str(fmt.FORMAT_VERSION)}}
   offset = 0
   for e in entries:
@@ -181,14 +192,14 @@ class _Tensors:
 
 
 def _write_shard(path: str | None, entries: list[fmt.Entry], tensors: _Tensors,
-                 weights_dtype: str) -> None:
+                 weights_dtype: str, framework: str) -> None:
   """One safetensors file, tensor by tensor (path None: gather only, another process
   writes)."""
   import numpy as np
   f = open(path, "wb") if path else None
   try:
     if f:
-      f.write(safetensors_header(entries, weights_dtype))
+      f.write(safetensors_header(entries, weights_dtype, framework))
     for e in entries:
       host = tensors(e)
       assert host.shape == e.shape and host.dtype == e.dtype(weights_dtype), e.name
@@ -215,14 +226,15 @@ def _check_out(out: str, workdir: str, overwrite: bool) -> None:
 def export(workdir: str, out: str, *, step: int | None = None, best: bool = False,
            dtype: str = "fp32", quantize: str | None = None,
            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-           mesh=None, log: Callable[[str], None] = lambda line: None,
+           format: str = "vesperjax", mesh=None, log: Callable[[str], None] = lambda line: None,
            note: Callable[[str], None] = lambda line: None) -> dict:
   """Export a run's checkpoint (latest, `step`, or `best`) to the folder `out`.
 
   `dtype`: "fp32" or "bf16" for the parameters. `quantize`: None, or "int8" / "int4" to
   store the weights `vesperjax.inference.quantize.quantized_tensors` names as the codes and fp32
   scales that `quantize_for_inference` gives them (quantized from the checkpoint's fp32
-  values, whatever `dtype`). `mesh`: where the checkpoint is restored
+  values, whatever `dtype`). `format`: "vesperjax", or "hf" to add the files Hugging
+  Face Transformers loads (`vesperjax.inference.hf`). `mesh`: where the checkpoint is restored
   (default: FSDP over every device). `log`: a line per file written; `note`: a line
   when a running trainer rotated the checkpoint out while it was read (the then-newest
   is exported instead). Returns config.json's content plus "files" (the safetensors
@@ -243,6 +255,8 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
                        f"{', '.join(fmt.QUANTIZATION_MODES)}")
     from vesperjax.inference.quantize import require_qwix
     require_qwix()  # before the checkpoint is read: one error line, at once
+  if format not in FORMATS:
+    raise ValueError(f"--format {format}: choose from {', '.join(FORMATS)}")
   limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir}: no such directory")
@@ -252,6 +266,10 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   config = ModelConfig.from_dict(read_json(os.path.join(workdir, "model_config.json")))
   tok_src = os.path.join(workdir, fmt.TOKENIZER_NAME)
   read_json(tok_src)  # present and JSON: a run directory
+  tokenizer = None
+  if format == "hf":  # its special tokens go into the Transformers files
+    from vesperjax.data import Tokenizer
+    tokenizer = Tokenizer.from_file(tok_src)
   kind = "best" if best else "latest" if step is None else "step"
   mesh = mesh or sharding.make_mesh(fsdp=-1)
   step, values = restore_variables(workdir, config, step, best, mesh, log=note)
@@ -263,6 +281,9 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   saved = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
            "model": config.to_dict(), "weights_dtype": weights_dtype,
            "source": {"step": step, "checkpoint": kind}, "quantization": quantize}
+  if format == "hf":
+    from vesperjax.inference import hf
+    saved.update(hf.config_fields(config, tokenizer, weights_dtype))
   main = jax.process_index() == 0
   out = os.path.abspath(out)
   tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp-{os.getpid()}")
@@ -271,7 +292,8 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
   try:
     for name, group in zip(names, shards):
       log(f"writing {name} ({len(group)} tensors)")
-      _write_shard(os.path.join(tmp, name) if main else None, group, tensors, weights_dtype)
+      _write_shard(os.path.join(tmp, name) if main else None, group, tensors, weights_dtype,
+                   "pt" if format == "hf" else "flax")
     total = sum(_nbytes(e, weights_dtype) for e in entries)
     if main:
       if len(names) > 1:
@@ -280,6 +302,8 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
         _write_json(os.path.join(tmp, fmt.INDEX_NAME), index)
       _write_json(os.path.join(tmp, fmt.CONFIG_NAME), saved)
       shutil.copyfile(tok_src, os.path.join(tmp, fmt.TOKENIZER_NAME))
+      if format == "hf":
+        hf.write_files(tmp, config, tokenizer)
       _move_into_place(tmp, out)
   except BaseException:
     if main:
@@ -329,11 +353,11 @@ def run() -> int:
   if _STEP.value is not None and _STEP.value < 0:
     raise ValueError(f"--step {_STEP.value}: must be >= 0")
   limit = parse_size(_MAX_SHARD_SIZE.value)
-  from vesperjax.sharding import maybe_initialize_distributed
+  from vesperjax.distributed import maybe_initialize_distributed
   maybe_initialize_distributed()
   result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, best=_BEST.value,
                   dtype=_DTYPE.value, quantize=_QUANTIZE.value, max_shard_size=limit,
-                  overwrite=_OVERWRITE.value, note=_on_process_0)
+                  overwrite=_OVERWRITE.value, format=_FORMAT.value, note=_on_process_0)
   if jax.process_index() == 0:
     print(f"exported step {result['source']['step']} of {_WORKDIR.value} to {_OUT.value}: "
           f"{len(result['files'])} safetensors file(s), {result['total_size'] / 1e6:.1f} MB "

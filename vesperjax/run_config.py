@@ -104,6 +104,9 @@ class TrainConfig:
   platform: str = "auto"
   fused_loss: bool = True  # chunked linear cross-entropy (never materialises fp32 logits)
   resume: bool = True  # continue from WORKDIR's latest checkpoint when there is one
+  # a fresh run starts from this export's weights (`python -m vesperjax.export`, fp32 or
+  # bf16) with a fresh optimizer state; its model.* and tokenizer must match the export's
+  init_from: str | None = None
   # divergence stops the run (non-zero exit, the last good checkpoint kept as latest):
   max_skipped_steps: int = 5  # this many consecutive non-finite steps (0: never)
   loss_spike_factor: float = 3.0  # a logged loss over this x the last 10's median (0: never)

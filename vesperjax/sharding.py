@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules, state/batch shardings and multi-process start-up.
+"""Device mesh, logical-axis rules and state/batch shardings.
 
 The model names each parameter dimension with a logical axis (`layers.annotated`); this
 module maps those names to the four mesh axes below, so the model never mentions a mesh.
@@ -13,6 +13,7 @@ Mesh axes:
 
 A rule is dropped for a dimension its mesh axes do not divide, so any model runs (with
 less sharding) on any mesh.
+
 Multi-slice TPU (devices with several `slice_index` values): the data axis spans the
 slices (DCN) and every other axis stays inside one slice (ICI), as
 `mesh_utils.create_hybrid_device_mesh` lays them out; `mesh.data` must then be a
@@ -20,9 +21,7 @@ multiple of the number of slices.
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 
@@ -30,7 +29,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -298,72 +296,3 @@ def hlo_collectives(hlo_text: str) -> list[dict]:
     found.append({"kind": m["kind"], "shapes": shapes, "dtypes": [t for t, _ in arrays],
                   "op_name": op[1] if op else ""})
   return found
-
-
-# ---------------------------------------------------------------------------------------
-# Multi-process start-up
-
-_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
-def _distributed_is_initialized() -> bool:
-  try:
-    from jax._src import distributed
-    return distributed.global_state.client is not None
-  except Exception:  # noqa: BLE001  (private API moved): fall back to our own flag
-    return _initialized
-
-
-_initialized = False
-
-
-def _detected_cluster_processes() -> int:
-  """Process count of a cluster JAX auto-detects (SLURM, Open MPI, Cloud TPU, ...).
-
-  1 when none is present or it reports one process: a plain machine never initializes.
-  """
-  try:
-    from jax._src.clusters import ClusterEnv
-  except Exception:  # noqa: BLE001
-    return 1
-  for env in ClusterEnv._cluster_types:  # noqa: SLF001
-    try:
-      if getattr(env, "opt_in_only_method", False) or not env.is_env_present():
-        continue
-      return int(env.get_process_count())
-    except Exception:  # noqa: BLE001  (half-configured environment): not a cluster
-      continue
-  return 1
-
-
-def maybe_initialize_distributed() -> None:
-  """Call jax.distributed.initialize when this is one process of several; idempotent.
-
-  Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (and optionally JAX_LOCAL_DEVICE_IDS="0,1"). Otherwise a cluster JAX
-  detects by itself (SLURM, Open MPI, multi-host Cloud TPU) with more than one process.
-  VESPERJAX_DISTRIBUTED=0 turns this off. Must run before anything touches a device.
-  """
-  global _initialized
-  if _initialized or _distributed_is_initialized():
-    return
-  if os.environ.get("VESPERJAX_DISTRIBUTED", "").lower() in ("0", "false", "off", "no"):
-    return
-  given = [k for k in _ENV if os.environ.get(k)]
-  if given:
-    if len(given) != len(_ENV):
-      missing = sorted(set(_ENV) - set(given))
-      raise ValueError(f"multi-process launch: {', '.join(given)} set but "
-                       f"{', '.join(missing)} missing")
-    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-        local_device_ids=[int(i) for i in local.split(",")] if local else None)
-  elif _detected_cluster_processes() > 1:
-    jax.distributed.initialize()
-  else:
-    return
-  _initialized = True
-  log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -28,13 +28,13 @@ def train(run, workdir: str, require_resume: bool = False) -> int:
   """
   import jax
 
-  from vesperjax import sharding
+  from vesperjax import distributed
   from vesperjax.optim.field import adjusted_values
   from vesperjax.run_config import as_run_config
   from vesperjax.training.trainer import Trainer, exit_status
 
   run = as_run_config(run)
-  sharding.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   for line in adjusted_values(run.optim, run.train.max_steps):
     warn(line)
   trainer = Trainer(run, workdir, require_resume=require_resume)

@@ -18,10 +18,15 @@ Mixtures (`mixture.Mixture`, several caches with weights) replace the one shuffl
 stream by their mixed one; sharding, batching and state are the same.
 
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()` (and
-`grain.checkpoint.CheckpointSave/Restore` under Orbax) resume exactly.
+`grain.checkpoint.CheckpointSave/Restore` under Orbax) resume exactly. Its state counts
+global batches, the same on every process, so a checkpoint continues under another
+process count from the same global batch (`restore_global_position`).
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from typing import TYPE_CHECKING, Iterator
 
 import grain
@@ -99,6 +104,53 @@ def train_iterator(cache: TokenCache | Mixture, seq_len: int, global_batch: int,
                    **kw) -> grain.DatasetIterator:
   """`iter(train_dataset(...))`: checkpointable with get_state()/set_state()."""
   return iter(train_dataset(cache, seq_len, global_batch, **kw))
+
+
+def saved_by_other_process_count(folder: str, process_index: int | None = None,
+                                 process_count: int | None = None) -> bool:
+  """Whether a checkpoint's iterator `folder` (grain's `process_<i>-of-<n>.json` files)
+  was written by another number of processes: grain then finds no file of this
+  process's and refuses it (`restore_global_position` reads it instead)."""
+  pi, pc = _shard(process_index, process_count)
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  mine = f"process_{pi}-of-{pc}.json"
+  return mine not in names and any(_STATE_FILE.fullmatch(n) for n in names)
+
+
+_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def restore_global_position(folder: str, iterator: grain.DatasetIterator) -> str | None:
+  """Move `iterator` to the global batch saved in `folder` by a run with any number of
+  processes; returns a note for the log when that number differs from this run's.
+
+  Every process's state counts global batches (host row m of batch b is global row
+  b * G + p * h + m % h), so the processes of one run save the same state and any of it
+  continues the same global stream under another process count, each process now
+  reading its own 1 / process_count share of every batch. States that differ (not
+  written by this pipeline) raise a one-line DataError: nothing to continue from.
+  """
+  files = sorted(n for n in os.listdir(folder) if _STATE_FILE.fullmatch(n))
+  if not files:
+    raise errors.DataError(f"{folder}: no data iterator state (process_<i>-of-<n>.json)")
+  states = {}
+  for name in files:
+    with open(os.path.join(folder, name)) as f:
+      states[name] = f.read()
+  if len({json.dumps(json.loads(t), sort_keys=True) for t in states.values()}) != 1:
+    raise errors.DataError(
+        f"{folder}: the processes saved different data positions ({', '.join(files)}), "
+        "so none continues the global stream under another process count; resume with "
+        "the process count that wrote it, or start a new --workdir")
+  iterator.set_state(json.loads(states[files[0]]))
+  if hasattr(iterator, "start_prefetch"):  # as grain's own checkpoint handler does
+    iterator.start_prefetch()
+  written = int(_STATE_FILE.fullmatch(files[0])[2])
+  pc = _shard(None, None)[1]
+  if written == pc:
+    return None
+  return (f"the data position was saved by {written} process(es), this run has {pc}: it "
+          "continues from the same global batch, each process reading its own share")
 
 
 def eval_batches(cache: TokenCache | Mixture, batch_size: int, seq_len: int,

@@ -8,6 +8,7 @@ DIR/
   model-00001-of-0000N.safetensors   shards, with
   model.safetensors.index.json       {"metadata": {"total_size"}, "weight_map": {name: file}}
   tokenizer.json                   the run's tokenizer (HF `tokenizers`)
+(`--format hf` adds Transformers' files and config.json keys: `vesperjax.inference.hf`)
 
 Tensor names are the model's variable paths, dotted, with the scanned layer stack split
 per layer: `blocks.attn.qkv_kernel` [L, ...] is stored as `layers.{i}.attn.qkv_kernel`
@@ -70,17 +71,21 @@ class Entry:
 
 def abstract_model(config, quantization: str | None = None):
   """The VesperLM of `config` as shapes only (nothing allocated), quantized as
-  `quantize_for_inference(model, quantization)` quantizes it."""
+  `quantize_for_inference(model, quantization)` quantizes it. Built outside any ambient
+  mesh (a run's `jax.set_mesh`, under which the layer stack's sharding would be
+  resolved against a mesh without its `layers` axis); placement is the caller's."""
+  import jax
   from flax import nnx
 
   from vesperjax import model as vmodel
-  if quantization is None:
-    return vmodel.abstract_model(config)
 
   def create():
     from vesperjax.inference.quantize import quantize_for_inference
     return quantize_for_inference(vmodel.VesperLM(config, rngs=nnx.Rngs(0)), quantization)
-  return nnx.eval_shape(create)
+  with jax.set_mesh(None):
+    if quantization is None:
+      return vmodel.abstract_model(config)
+    return nnx.eval_shape(create)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -143,6 +148,46 @@ def layout(config, quantization: str | None = None) -> list[Entry]:
     else:
       entries.append(Entry(".".join(path), path, None, shape, is_param))
   return sorted(entries, key=lambda e: (e.layer is not None, e.layer or 0, e.name))
+
+
+# ModelConfig fields besides EXECUTION_FIELDS in which a run may differ from the export
+# it starts from (`train.init_from`): how it trains, not what the weights compute
+TRAINING_FIELDS = ("freeze_base", "lora_bias_rate", "moe_aux_weight", "moe_capacity_factor",
+                   "meta_weight", "meta_trunk_grad", "init_std", "max_seq_len")
+
+
+def load_for_init(directory: str, config, tokenizer, mesh):
+  """The model of the export in `directory`, fp32 and placed on `mesh`, for a run of
+  `config` with `tokenizer` that starts from it (`train.init_from`). One-line
+  ExportFormatError when it is quantized (rounded codes do not train), when its model
+  differs from `config` outside EXECUTION_FIELDS and TRAINING_FIELDS, or its tokenizer
+  from `tokenizer`
+  (another vocabulary would give the embedding rows other meanings)."""
+  from vesperjax.config import EXECUTION_FIELDS
+  from vesperjax.data import Tokenizer
+  key = f"train.init_from={directory}"
+  try:
+    saved = read_config(directory)
+    exported = model_config(saved, os.path.join(directory, CONFIG_NAME))
+  except ExportFormatError as e:
+    raise ExportFormatError(f"{key}: {e}") from None
+  if saved.get("quantization"):
+    raise ExportFormatError(f"{key}: the export is quantized ({saved['quantization']}), "
+                            "rounded weights that cannot train; export without --quantize")
+  for name, value in exported.to_dict().items():
+    free = name in EXECUTION_FIELDS or name in TRAINING_FIELDS
+    if not free and getattr(config, name) != value:
+      raise ExportFormatError(f"{key}: this run's model.{name} is {getattr(config, name)!r},"
+                              f" the export's {value!r}; set model.{name}={value}")
+  tok_path = os.path.join(directory, TOKENIZER_NAME)
+  if os.path.isfile(tok_path) and \
+      Tokenizer.from_file(tok_path).content_hash != tokenizer.content_hash:
+    raise ExportFormatError(f"{key}: this run's tokenizer differs from the export's "
+                            f"(another vocabulary or merges); set data.tokenizer={tok_path}")
+  try:
+    return load_pretrained(directory, dtype="float32", mesh=mesh).model
+  except ExportFormatError as e:
+    raise ExportFormatError(f"{key}: {e}") from None
 
 
 class Pretrained(NamedTuple):

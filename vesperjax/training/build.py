@@ -29,6 +29,7 @@ from vesperjax import sharding
 from vesperjax.checkpoint import CHECKPOINTS, Checkpointer, read_json
 from vesperjax.config import EXECUTION_FIELDS, ModelConfig
 from vesperjax.errors import RunError
+from vesperjax.data import pipeline
 from vesperjax.data.mixture import parse_mixture
 from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import DataConfig, RunConfig, as_run_config, model_config
@@ -56,6 +57,12 @@ def checked_mesh(run: RunConfig, batch_size: int, flag: str = "config.train.batc
   if batch_size % shards:
     raise RunError(f"{flag}={batch_size} must be a multiple of the {shards} batch shards "
                    f"of the mesh {dict(mesh.shape)}")
+  processes = jax.process_count()
+  if shards % processes:  # each process feeds only its own devices' rows
+    raise RunError(f"the mesh {dict(mesh.shape)} splits the batch into {shards} shard(s), "
+                   f"which {processes} processes cannot share evenly (each reads its own "
+                   f"1/{processes} of every batch): make mesh.data x mesh.fsdp x "
+                   f"mesh.expert a multiple of {processes}")
   return mesh
 
 
@@ -211,22 +218,67 @@ def _replace(workdir: str, name: str, text: str) -> None:
 
 def restore_or_init(model: Model, ckpt: Checkpointer, data_iter, *, seed: int,
                     resume: bool, require_resume: bool, workdir: str,
-                    log: Callable[[str], None]):
+                    log: Callable[[str], None], init_from: str | None = None,
+                    tokenizer=None):
   """The newest readable checkpoint's state (moving `data_iter` to where it was), or a
-  fresh one from `seed`; `require_resume` makes a missing checkpoint an error."""
+  fresh one from `seed` (with `init_from`, the model of that export and an optimizer
+  state fresh for it: `init_from_export`); `require_resume` makes a missing checkpoint
+  an error."""
   with jax.set_mesh(model.mesh):
-    found = None
+    found, elsewhere = None, False
     if resume or require_resume:
-      found = ckpt.restore_newest(model.steps.abstract, data_iter, log)
+      # grain reads only this process's own file, which a checkpoint written by another
+      # process count lacks: such a checkpoint's position is read here instead
+      newest = ckpt.latest_step()
+      elsewhere = newest is not None and pipeline.saved_by_other_process_count(
+          _data_folder(workdir, newest))
+      found = ckpt.restore_newest(model.steps.abstract, None if elsewhere else data_iter,
+                                  log)
     if require_resume and found is None:
       raise RunError(f"--resume: no checkpoint in {workdir}/{CHECKPOINTS}")
+    if found is None and init_from is not None:
+      return init_from_export(model, seed, init_from, tokenizer, log)
     if found is None:
       return model.steps.init(jax.random.key(seed))
     state, start, kind = found
     log(f"resumed from step {start}" + (
         "" if kind == "latest" else " (the best checkpoint: no intact latest one; "
         "the data order starts over)"))
+    if elsewhere and kind == "latest":
+      note = pipeline.restore_global_position(_data_folder(workdir, start), data_iter)
+      if note:
+        log(note)
     return state
+
+
+def init_from_export(model: Model, seed: int, directory: str, tokenizer, log):
+  """A fresh state from `seed` holding the model variables of the export in `directory`
+  (`train.init_from`, checked against the run's model and `tokenizer` first:
+  `pretrained.load_for_init`) and the optimizer state `tx.init` gives them (some
+  optimizers keep a copy of the params)."""
+  from flax import nnx
+
+  from vesperjax.inference.pretrained import load_for_init, read_config
+  from vesperjax.kernels import platform as platforms
+  exported = load_for_init(directory, model.config, tokenizer, model.mesh)
+  values = dict(nnx.to_flat_state(nnx.state(exported)))
+  state = model.steps.init(jax.random.key(seed))  # the step, RNG and placements
+
+  def take(part):  # each value placed as the fresh state's
+    return nnx.from_flat_state([
+        (path, var.replace(jax.device_put(values[path][...], var[...].sharding)))
+        for path, var in nnx.to_flat_state(part)])
+  params, rest = take(state.params), take(state.rest)
+  opt_init = jax.jit(platforms.traced_for(model.steps.platform, model.steps.tx.init),
+                     out_shardings=model.steps.state_sharding.opt_state)
+  source = read_config(directory)["source"]
+  log(f"initialised from {directory} (step {source['step']} of its run); fresh "
+      "optimizer state")
+  return state.replace(params=params, rest=rest, opt_state=opt_init(params))
+
+
+def _data_folder(workdir: str, step: int) -> str:
+  return os.path.join(workdir, CHECKPOINTS, str(step), "data")
 
 
 @dataclasses.dataclass
@@ -281,7 +333,8 @@ def build_run(run: RunConfig | ConfigDict, workdir: str, *, require_resume: bool
                                      seed=t.seed, num_workers=run.data.num_workers)
     state = restore_or_init(model, ckpt, data_iter, seed=t.seed,
                             resume=t.resume, require_resume=require_resume,
-                            workdir=workdir, log=log)
+                            workdir=workdir, log=log, init_from=t.init_from,
+                            tokenizer=data.tokenizer)
     write_run_files(workdir, run, model.config, data.tokenizer)
   except BaseException:
     _close(ckpt, lock)

@@ -172,7 +172,7 @@ def overrides(corpus, workdir):
     (["--config.data.dataset=/no/such/file.txt"], "/no/such/file.txt"),
     (["--config.model.num_heads=3"], "hidden_size"),
     (["--config=experiments/no_such_preset.py"], "No such file"),
-    (["--config=tests/data/raising_config.py"], "cannot load --config: RuntimeError"),
+    (["--config=tests/fixtures/raising_config.py"], "cannot load --config: RuntimeError"),
     (["--config.train.batch_size=0"], "train.batch_size: must be positive"),
     (["--config.optim.lr=inf"], "optim.lr: must be finite"),
     (["--config.optim.b1=nan"], "optim.b1: must be finite"),

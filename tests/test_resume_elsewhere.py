@@ -231,7 +231,7 @@ def test_iterator_state_continues_under_another_process_count(tmp_path):
   """Two processes' saved positions move a one-process iterator to the same global
   batch (the next global batch equals the two hosts' next rows, stacked); positions
   that differ are refused in one line."""
-  from tests.test_data_pipeline import make_cache
+  from tests.data.test_pipeline import make_cache
   from vesperjax.data import errors, pipeline, train_iterator
   cache = make_cache(tmp_path / "c", 16 * 60 + 5)
   hosts = [train_iterator(cache, 16, 4, seed=2, process_index=p, process_count=2)

@@ -14,7 +14,7 @@ from vesperjax.data.mixture import Mixture, MixtureIndex, parse_mixture, sample_
 from vesperjax.data.prepare import prepare_mixture
 from vesperjax.run_config import RunConfig, default_run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OFFSET = 1_000_000  # source s's token at position p is s * OFFSET + p
 SEQ = 16
 

@@ -219,7 +219,7 @@ def trained_run(tmp_path_factory):
 def bench_module():
   """benchmarks/quantize_bench.py, imported from its path (benchmarks/ is no package)."""
   import importlib.util
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   spec = importlib.util.spec_from_file_location(
       "quantize_bench", os.path.join(root, "benchmarks", "quantize_bench.py"))
   module = importlib.util.module_from_spec(spec)

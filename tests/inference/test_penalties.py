@@ -12,7 +12,7 @@ from vesperjax.inference import sampling
 from vesperjax.inference.penalties import Penalties, TokenHistory, apply_penalties
 from vesperjax.inference.sampling import generate
 
-from tests.test_generate import greedy_by_recompute
+from tests.inference.test_sampling import greedy_by_recompute
 
 VOCAB = 97
 
@@ -77,7 +77,7 @@ def test_prompt_padding_is_not_history():
 
 
 def greedy_penalised_by_recompute(model, prompt, n, **penalties):
-  """The slow reference: test_generate's full recompute per token, the penalties applied
+  """The slow reference: test_sampling.py's full recompute per token, the penalties applied
   in numpy to the last position's logits before the argmax."""
   p = prompt.shape[1]
   return greedy_by_recompute(

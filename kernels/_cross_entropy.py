@@ -255,7 +255,7 @@ def _k_block(d, interpret):
 def pallas_smem_bytes(block_tokens, block_vocab, d, dtype):
   """Upper bound on the compiled forward kernel's shared memory: the h [bn, bk] and
   w [bv, bk] tiles (bk = the D tile), double-buffered (num_stages=2), and reduction
-  scratch. Checked against XLA:GPU compiles for H100 and A100 (tests/test_kernels_gpu.py)."""
+  scratch. Checked against XLA:GPU compiles for H100 and A100 (tests/kernels/test_pallas_gpu.py)."""
   bk, tiles = _k_block(d, False), block_tokens + block_vocab
   return 2 * tiles * bk * jnp.dtype(dtype).itemsize + 8 * tiles
 

@@ -23,7 +23,7 @@ TPU's layout rules shape the kernel:
   the blocks between them.
 
 Unlike Mosaic GPU modules, Mosaic TPU kernels are compiled by libtpu when the program is
-compiled, so a deviceless compile for a TPU topology (tests/test_velvet_tpu.py) checks
+compiled, so a deviceless compile for a TPU topology (tests/kernels/test_velvet_tpu.py) checks
 the layouts, the VMEM budget and the block shapes completely; the numbers are checked in
 Pallas's TPU interpret mode on CPU against the optimizer's reference.
 """

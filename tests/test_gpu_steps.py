@@ -100,7 +100,7 @@ def test_platform_from_environment(monkeypatch):
 def test_moe_step_lowers_a_grouped_gemm_on_gpu():
   # auto on CUDA is tokamax, whose path traced off a GPU (no cross-compile) is XLA's
   # ragged_dot: a grouped GEMM, not the CPU's padded row blocks. Its Mosaic and Triton
-  # kernels are compiled in test_moe_matmul_gpu.py.
+  # kernels are compiled in tests/kernels/test_grouped_matmul_gpu.py.
   train, _ = _lowered(_run("tiny-moe"), jax.devices()[:1])
   _assert_gpu_graph(train)
   assert "ragged_dot" in train
@@ -139,7 +139,8 @@ def _compiled(target, count, run):
 @pytest.mark.parametrize("target,count,preset,mesh", [
     ("h100-80gb", 1, "tiny", {}),
     ("h200", 1, "tiny-moe", {}),
-    # slow: test_moe_matmul_gpu compiles the same expert-parallel step with its kernels
+    # slow: tests/kernels/test_grouped_matmul_gpu.py compiles the same expert-parallel
+    # step with its kernels
     pytest.param("h100-80gb", 8, "tiny-moe", dict(data=2, expert=4), marks=pytest.mark.slow),
     ("h200", 8, "tiny", dict(data=2, fsdp=4)),
 ])

@@ -3,7 +3,7 @@
 Mosaic GPU modules are compiled on the device at run time, so lowering is what a CPU
 host can check: the kernel traces, passes Mosaic GPU's lowering (TMA block limits,
 supported primitives) and lands in the module as its custom call; the numbers are
-checked in Mosaic GPU's interpreter (tests/test_kernels_velvet.py).
+checked in Mosaic GPU's interpreter (tests/kernels/test_velvet_update.py).
 """
 import jax
 import jax.numpy as jnp

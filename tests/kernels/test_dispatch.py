@@ -65,7 +65,7 @@ print(k.era.__module__, k.__file__)
 
 
 def test_package_is_lazy_and_found_from_a_source_checkout(tmp_path):
-  root = pathlib.Path(__file__).resolve().parent.parent
+  root = pathlib.Path(__file__).resolve().parents[2]
   out = subprocess.run([sys.executable, "-c", _SOURCE_CHECKOUT, str(root)], cwd=tmp_path,
                        capture_output=True, text=True, check=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.split()

@@ -128,7 +128,7 @@ def test_moe_layer_with_each_choice_equals_blocked(impl, cf):
   check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(check, got, want)
   if cf is not None:
-    return  # per-device capacity drops differently: test_sharding_moe covers it
+    return  # per-device capacity drops differently: tests/model/test_moe.py covers it
   mesh = sh.make_mesh(data=2, expert=4)
   with jax.set_mesh(mesh):
     placed = jax.device_put(state, sh.state_shardings(state, mesh))

@@ -68,7 +68,7 @@ def test_end_to_end_run_writes_everything(corpus, tmp_path):
   # Velvet's scales through the trainer: the formula's (float64 numpy) for each step's
   # logged loss and entropy with ln V of the run's tokenizer, and not the neutral 1.0
   # that a step handing Velvet no signal would log
-  from tests.test_velvet import np_scales
+  from tests.optim.test_velvet import np_scales
   from vesperjax.data import Tokenizer
   vocab = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).vocab_size
   for r in steps:

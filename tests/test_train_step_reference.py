@@ -3,9 +3,9 @@
 For dense, FlyLoRA and MoE models, one step of the trainer's jitted step
 (`train_step.sharded_steps`, as `Trainer` builds it) is compared with a plain one: the
 model's logits -> optax's cross-entropy (+ the MoE aux loss) -> `jax.grad`, averaged over
-the micro-batches, -> the float64 numpy Velvet of test_velvet.py fed the loss and entropy
-computed here. The loss, the entropy, the gradient norm, Velvet's scales, the new
-parameters, the moments and the gradient-free state must all agree. The data and the
+the micro-batches, -> the float64 numpy Velvet of tests/optim/test_velvet.py fed the loss
+and entropy computed here. The loss, the entropy, the gradient norm, Velvet's scales, the
+new parameters, the moments and the gradient-free state must all agree. The data and the
 embedding's scale are chosen so that both of Velvet's scales sit inside their band (not
 1.0 and not clamped), so a step that stopped handing Velvet its signals, or handed it
 the wrong one, fails here.
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import vesperjax as vj
-from tests.test_velvet import NpVelvet, np_scales
+from tests.optim.test_velvet import NpVelvet, np_scales
 from vesperjax import sharding
 from vesperjax.model import trainable_filter
 from vesperjax.optim.velvet import VelvetState

@@ -7,7 +7,7 @@ import os
 import pytest
 
 pytest.importorskip("starlette")
-from tests.studio_server import FORM, Server, make_data, wait_for  # noqa: E402
+from tests.studio.server import FORM, Server, make_data, wait_for  # noqa: E402
 from vesperjax.studio.app import create_app  # noqa: E402
 
 @pytest.fixture(scope="module")

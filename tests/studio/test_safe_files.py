@@ -11,8 +11,8 @@ import sys
 import pytest
 
 pytest.importorskip("starlette")
-from tests.studio_server import TOY  # noqa: E402
-from tests.test_studio_api import client, tree, write_run  # noqa: E402,F401
+from tests.studio.server import TOY  # noqa: E402
+from tests.studio.test_app import client, tree, write_run  # noqa: E402,F401
 from vesperjax.studio import forms, jobs, paths, runs, safe_files  # noqa: E402
 
 HAS_PROC = os.path.exists("/proc/self/cmdline")

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import gpu_util
-from tests.test_gpu_steps import _run, _steps
+from tests.training.test_train_step_gpu import _run, _steps
 from vesperjax.planning import gpu_targets
 from vesperjax.kernels import grouped_matmul, platform
 from vesperjax.kernels._grouped_matmul import tokamax_ragged_dot
@@ -84,7 +84,8 @@ def test_tokamax_without_a_gpu_takes_its_xla_path_for_cuda():
 
 @gpu_util.needs_gpu_compile
 @pytest.mark.parametrize("moe_matmul,count,mesh,kernel", [
-    # slow: test_gpu_steps compiles auto's tokamax XLA path, which is ragged_dot
+    # slow: tests/training/test_train_step_gpu.py compiles auto's tokamax XLA path,
+    # which is ragged_dot
     pytest.param("ragged_dot", 1, {}, None, marks=pytest.mark.slow),
     # slow: auto's CUDA choice only without tokamax, which the test extra installs
     pytest.param("blocked", 1, {}, None, marks=pytest.mark.slow),

@@ -35,7 +35,7 @@ def np_scales(loss, entropy, *, ea=True, pg=True, vocab=V):
 
 class NpVelvet:
   """Float64 Velvet; one leaf list; sparse rule: exact-zero grad -> untouched.
-  (Also the train step's reference in test_train_step_reference.py.)"""
+  (Also the train step's reference in tests/training/test_train_step.py.)"""
 
   def __init__(self, params, lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, wd=1e-3,
                max_norm=1.0, ea=True, pg=True, sparse=True, vocab=V):

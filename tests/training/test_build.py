@@ -18,7 +18,7 @@ from vesperjax import export as ex
 from vesperjax.run_config import default_run_config
 from vesperjax.training.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = dict(hidden_size=32, num_heads=2, num_layers=2, ffn_size=64, lora_rank=4,
              lora_topk=2)  # the exported model's shape (save_run adds init_std, seq len)
 

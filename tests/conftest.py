@@ -1,7 +1,8 @@
 """Test-wide setup: eight simulated CPU devices (for sharding tests), quiet logs, and a
 persistent compilation cache so identical steps compiled by several tests (and by CLI
-subprocesses) are compiled once; the `fake_original` fixture. Tests run on the CPU backend (JAX_PLATFORMS=cpu); the
-GPU tests compile for GPU targets from it (tests/gpu_util.py)."""
+subprocesses) are compiled once. Tests run on the CPU backend (JAX_PLATFORMS=cpu); the
+GPU tests compile for GPU targets from it (tests/gpu_util.py). Fixtures of one folder's
+tests are in that folder's conftest.py (tests/benchmarks/: `fake_original`)."""
 import os
 import tempfile
 
@@ -27,14 +28,3 @@ def mounted_tmpfs(folder, size: str):
     pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
   yield folder
   subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-@pytest.fixture
-def fake_original(tmp_path):
-  """An empty stand-in for a checkout of the original (python/train.py and
-  python/vesper/model.py), enough for the side-by-side scripts' argument checks."""
-  pkg = tmp_path / "checkout" / "python"
-  (pkg / "vesper").mkdir(parents=True)
-  (pkg / "train.py").write_text("")
-  (pkg / "vesper" / "model.py").write_text("")
-  return pkg.parent

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
 SECTIONS = ("kernels", "bench", "throughput", "timing")
 _spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "decode_vs_original.py"
 _spec = importlib.util.spec_from_file_location("decode_vs_original", SCRIPT)
 dvo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dvo)
 
-# Our tiny preset at vocab 8192 and the original's (tests/test_vs_original.py's counts).
+# Our tiny preset at vocab 8192 and the original's (tests/benchmarks/test_vs_original.py's
+# counts).
 OURS = dict(vocab=8192, hidden=256, layers=6, heads=4, ffn=1024, lora_rank=16, experts=0,
             params=8_611_840)
 ORIGINAL = dict(OURS, params=8_611_840 + 61_632)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "vs_original.py"
 _spec = importlib.util.spec_from_file_location("vs_original", SCRIPT)
 vs = importlib.util.module_from_spec(_spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
     "profile_original", ROOT / "benchmarks" / "profile_original.py")
 po = importlib.util.module_from_spec(_spec)

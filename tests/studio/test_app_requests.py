@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 pytest.importorskip("starlette")
-from tests.studio.test_app import client, tree, write_run  # noqa: E402,F401
+from tests.studio.conftest import client, write_run  # noqa: E402
 from vesperjax.studio import runs  # noqa: E402
 from vesperjax.studio.app import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_app  # noqa: E402
 

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("starlette")
 from tests.studio.server import TOY  # noqa: E402
-from tests.studio.test_app import client, tree, write_run  # noqa: E402,F401
+from tests.studio.conftest import client, write_run  # noqa: E402
 from vesperjax.studio import forms, jobs, paths, runs, safe_files  # noqa: E402
 
 HAS_PROC = os.path.exists("/proc/self/cmdline")

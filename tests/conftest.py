@@ -1,8 +1,11 @@
 """Test-wide setup: eight simulated CPU devices (for sharding tests), quiet logs, and a
 persistent compilation cache so identical steps compiled by several tests (and by CLI
 subprocesses) are compiled once. Tests run on the CPU backend (JAX_PLATFORMS=cpu); the
-GPU tests compile for GPU targets from it (tests/gpu_util.py). Fixtures of one folder's
-tests are in that folder's conftest.py (tests/benchmarks/: `fake_original`)."""
+GPU tests compile for GPU targets from it (tests/gpu_util.py).
+
+The fixtures several folders share: `corpus` (real text to train on), `runs` (saved tiny
+runs to export) and the `mounted_tmpfs` helper (a disk to fill up). A fixture of one
+folder's tests lives in that folder's conftest.py (tests/studio/, tests/benchmarks/)."""
 import os
 import tempfile
 
@@ -28,3 +31,27 @@ def mounted_tmpfs(folder, size: str):
     pytest.skip(f"cannot mount a tmpfs to fill up: {mount.stderr.strip()}")
   yield folder
   subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """~150 KB of real text: a few stdlib modules, blank-line separated documents."""
+  import argparse, email, json as js  # noqa: E401
+  text = "\n\n".join(open(m.__file__).read() for m in (email, js.decoder, argparse))
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """runs(kind): a run directory of `save_run` (tests/test_export.py) for "dense",
+  "flylora" or "moe", saved on first use (test_export.py, test_export_quantize.py)."""
+  from tests.test_export import KINDS, save_run
+  cache = {}
+
+  def get(kind):
+    if kind not in cache:
+      cache[kind] = save_run(tmp_path_factory.mktemp(kind), **KINDS[kind])[0]
+    return cache[kind]
+  return get

@@ -10,7 +10,7 @@ import pytest
 import vesperjax
 from vesperjax.optim.field import adjusted_values, lr_schedule, warmup_steps
 from vesperjax.run_config import OptimConfig
-from tests.test_train import corpus, overrides  # noqa: F401  (corpus: a fixture)
+from tests.test_train import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_KEYS = ["config keys:", "optim: name=velvet lr=0.0005", "train: batch_size=8",

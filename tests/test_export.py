@@ -70,17 +70,6 @@ def save_run(workdir, mesh=None, **model):
   return str(workdir), state
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  cache = {}
-
-  def get(kind):
-    if kind not in cache:
-      cache[kind] = save_run(tmp_path_factory.mktemp(kind), **KINDS[kind])[0]
-    return cache[kind]
-  return get
-
-
 def logits(model, tokens=TOKENS):
   return np.asarray(nnx.jit(lambda m, x: m(x)[0])(model, jnp.asarray(tokens)))
 

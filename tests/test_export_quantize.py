@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import vesperjax as vj
-from tests.test_export import logits, one_error, runs, stored  # noqa: F401  (runs: a fixture)
+from tests.test_export import logits, one_error, stored
 from vesperjax import export as ex
 from vesperjax import generate as gen
 from vesperjax.inference import pretrained as fmt

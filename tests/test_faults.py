@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.conftest import mounted_tmpfs
-from tests.test_train import cli, corpus, losses, overrides, tiny_run  # noqa: F401
+from tests.test_train import cli, losses, overrides, tiny_run
 from vesperjax.checkpoint import CheckpointError
 from vesperjax.train import train
 from vesperjax.training.trainer import Trainer

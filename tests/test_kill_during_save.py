@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from tests.test_train import ROOT, cli, corpus, losses, overrides  # noqa: F401
+from tests.test_train import ROOT, cli, losses, overrides
 
 HOLD = 3  # the step whose save is held open and killed
 TMP = ".orbax-checkpoint-tmp"

@@ -146,15 +146,6 @@ def assert_same_run(got_dir, got_end: dict, want_dir, want_end: dict, steps: int
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  import argparse as ap, email, json as js  # noqa: E401
-  text = "\n\n".join(open(m.__file__).read() for m in (email, js.decoder, ap))
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text(text)
-  return str(path)
-
-
-@pytest.fixture(scope="module")
 def fsdp4_reference(corpus, tmp_path_factory):
   """The dense run uninterrupted: one process, four devices, fsdp=4."""
   workdir = tmp_path_factory.mktemp("reference") / "run"

@@ -47,15 +47,6 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  import argparse, email, json  # noqa: E401
-  text = "\n\n".join(open(m.__file__).read() for m in (email, json.decoder, argparse))
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text(text)
-  return str(path)
-
-
 def train_args(corpus, workdir, max_steps: int) -> list[str]:
   args = [a for a in overrides(corpus, workdir) if not a.startswith("--workdir")]
   return args + [f"--workdir={workdir}", f"--config.train.max_steps={max_steps}",

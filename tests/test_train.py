@@ -18,16 +18,6 @@ from vesperjax.training.trainer import Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """~150 KB of real text: a few stdlib modules, blank-line separated documents."""
-  import argparse, email, json as js  # noqa: E401
-  text = "\n\n".join(open(m.__file__).read() for m in (email, js.decoder, argparse))
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text(text)
-  return str(path)
-
-
 def tiny_run(corpus, **train):
   run = default_run_config("tiny")
   run.model.update(dict(hidden_size=32, num_heads=2, num_layers=1, ffn_size=64,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import mounted_tmpfs
-from tests.test_train import ROOT, cli, corpus, losses, overrides, tiny_run  # noqa: F401
+from tests.test_train import ROOT, cli, losses, overrides, tiny_run
 from vesperjax.data import cache as cache_lib
 from vesperjax.data import errors, prepare_dataset, prepare_train_val, sources
 from vesperjax.data.cache import TokenCache

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train import corpus, tiny_run  # noqa: F401
+from tests.test_train import tiny_run
 from vesperjax.training.divergence import DivergenceGuard
 from vesperjax.run_config import RunConfig
 from vesperjax.training.train_step import all_finite

@@ -12,7 +12,7 @@ from vesperjax.studio import runs
 from vesperjax.training import actions as act
 from vesperjax.training import metrics_log
 from vesperjax.training.trainer import Trainer
-from tests.test_train import corpus, tiny_run  # noqa: F401  (corpus: a fixture)
+from tests.test_train import tiny_run
 
 
 def strict_records(path) -> list[dict]:

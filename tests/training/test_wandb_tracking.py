@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.test_train import ROOT, corpus, losses, overrides, tiny_run  # noqa: F401
+from tests.test_train import ROOT, losses, overrides, tiny_run
 from vesperjax.config import ModelConfig
 from vesperjax.model.size import num_params
 from vesperjax.run_config import RunConfig

@@ -78,7 +78,7 @@ def test_warmup_longer_than_the_run_is_capped_with_a_warning():
   assert float(lr_schedule(long, 50)(49)) == pytest.approx(long.lr)  # the peak is reached
 
 
-def test_train_warns_once_when_it_caps_the_warmup(corpus, tmp_path, capsys):  # noqa: F811
+def test_train_warns_once_when_it_caps_the_warmup(corpus, tmp_path, capsys):
   from vesperjax import train as train_cli
   args = overrides(corpus, tmp_path / "run")
   args[1] = os.path.join(ROOT, args[1])  # experiments/tiny.py from any working directory

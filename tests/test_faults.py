@@ -19,7 +19,7 @@ def _truncate_largest_array(step_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):  # noqa: F811
+def reference(corpus, tmp_path_factory):
   """An uninterrupted 8-step run, and a 6-step one (checkpoints 2, 4, 6) to damage."""
   full = tmp_path_factory.mktemp("full")
   assert train(tiny_run(corpus, max_steps=8, save_every=2, keep_checkpoints=5), str(full)) == 0
@@ -31,7 +31,7 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage", ["truncated array", "garbled json"])
-def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damage,  # noqa: F811
+def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damage,
                                               monkeypatch):
   want, part = reference
   work = tmp_path / "run"
@@ -64,7 +64,7 @@ def test_damaged_newest_checkpoint_falls_back(reference, corpus, tmp_path, damag
   assert len(aside) == 1 and aside[0].startswith("checkpoints-6-")  # kept, not deleted
 
 
-def test_nothing_readable_is_one_error_and_moves_nothing(reference, corpus, tmp_path):  # noqa: F811
+def test_nothing_readable_is_one_error_and_moves_nothing(reference, corpus, tmp_path):
   _, part = reference
   work = tmp_path / "run"
   os.system(f"cp -r {part} {work}")
@@ -81,7 +81,7 @@ def test_nothing_readable_is_one_error_and_moves_nothing(reference, corpus, tmp_
     Trainer(tiny_run(corpus, max_steps=8), str(work))
 
 
-def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path):  # noqa: F811
+def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path):
   _, part = reference
   work = tmp_path / "run"
   os.system(f"cp -r {part} {work}")
@@ -93,7 +93,7 @@ def test_garbled_best_metrics_do_not_block_resume(reference, corpus, tmp_path): 
   trainer.close()
 
 
-def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):  # noqa: F811
+def test_error_in_the_loop_saves_the_last_state_first(corpus, tmp_path):
   """The validation cache vanishes before the first eval: the steps trained so far are
   checkpointed before the error is reported."""
   import shutil
@@ -116,7 +116,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_during_save_is_one_line_and_keeps_the_last_checkpoint(
-    corpus, tmp_path, small_disk):  # noqa: F811
+    corpus, tmp_path, small_disk):
   import subprocess
   work = small_disk / "run"
   run = ["--config.train.max_steps=8", "--config.train.save_every=2",

@@ -38,7 +38,7 @@ runpy.run_module("vesperjax.train", run_name="__main__", alter_sys=True)
 """
 
 
-def _args(corpus, work, cache):  # noqa: F811
+def _args(corpus, work, cache):
   return [*overrides(corpus, work), "--config.train.max_steps=8",
           "--config.train.save_every=1", "--config.train.log_every=1",
           "--config.train.eval_every=100", f"--config.data.cache_dir={cache}"]
@@ -48,7 +48,7 @@ def _complete(work):
   return sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
 
 
-def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):  # noqa: F811
+def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
   work, cache, marker = tmp_path / "run", tmp_path / "cache", tmp_path / "holding"
   env = dict(os.environ, JAX_PLATFORMS="cpu", VJ_TEST_HOLD_STEP=str(HOLD),
              VJ_TEST_HOLD_MARKER=str(marker))

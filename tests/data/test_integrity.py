@@ -53,7 +53,7 @@ def flip_tokens(tokens_bin, in_range, n=1000, seed=0):
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory):  # noqa: F811
+def runs(corpus, tmp_path_factory):
   """An uninterrupted 8-step run, and the same run stopped (and saved) at step 4."""
   full = tmp_path_factory.mktemp("full")
   assert train(tiny_run(corpus), str(full)) == 0
@@ -67,7 +67,7 @@ def runs(corpus, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("split,in_range", [("train", True), ("train", False),
                                             ("val", False)],
                          ids=["train-in-range", "train-out-of-range", "val-out-of-range"])
-def test_damaged_cache_is_rebuilt_before_training(runs, corpus, tmp_path, capsys,  # noqa: F811
+def test_damaged_cache_is_rebuilt_before_training(runs, corpus, tmp_path, capsys,
                                                   split, in_range):
   full, part = runs
   work = tmp_path / "run"
@@ -89,7 +89,7 @@ def test_damaged_cache_is_rebuilt_before_training(runs, corpus, tmp_path, capsys
   assert eval_losses(work)[8] == eval_losses(full)[8]
 
 
-def test_ids_damaged_after_the_open_are_named_not_diverged(corpus, tmp_path):  # noqa: F811
+def test_ids_damaged_after_the_open_are_named_not_diverged(corpus, tmp_path):
   work = tmp_path / "run"
   trainer = Trainer(tiny_run(corpus, max_steps=40, save_every=100, eval_every=100),
                     str(work))
@@ -190,7 +190,7 @@ def test_content_hash_follows_the_ids_not_the_layout(tmp_path):
   assert Tokenizer.from_file(str(tmp_path / "c.json")).content_hash != tok.content_hash
 
 
-def test_resume_with_swapped_tokenizer_ids_is_refused(runs, corpus, tmp_path):  # noqa: F811
+def test_resume_with_swapped_tokenizer_ids_is_refused(runs, corpus, tmp_path):
   _, part = runs
   work = tmp_path / "run"
   shutil.copytree(part, work)
@@ -222,7 +222,7 @@ def tiny_disk(tmp_path):
   yield from mounted_tmpfs(tmp_path / "disk", "64k")
 
 
-def test_disk_full_while_tokenizing_is_one_line(corpus, tmp_path, tiny_disk):  # noqa: F811
+def test_disk_full_while_tokenizing_is_one_line(corpus, tmp_path, tiny_disk):
   name = sources.open_source(corpus, "train").name
   r = cli(*overrides(corpus, tmp_path / "run"), "--config.train.max_steps=2",
           f"--config.data.cache_dir={tiny_disk}")
@@ -238,7 +238,7 @@ def test_disk_full_while_tokenizing_is_one_line(corpus, tmp_path, tiny_disk):  #
   assert os.listdir(tiny_disk) == []
 
 
-def test_disk_full_while_saving_the_tokenizer(corpus, tiny_disk):  # noqa: F811
+def test_disk_full_while_saving_the_tokenizer(corpus, tiny_disk):
   with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk up
     try:
       while f.write(b"\0" * 4096):

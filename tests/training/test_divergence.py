@@ -32,7 +32,7 @@ def test_guard_rules():
   assert DivergenceGuard(0, 0).check(1, 1e9) is None  # both rules off
 
 
-def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
+def test_step_guard_covers_the_new_state(corpus, tmp_path):
   """lr=inf (refused by the CLI, forced here): loss and gradient are finite, the update
   is not; the step is skipped and the state is untouched."""
   cd = tiny_run(corpus, max_steps=4)
@@ -54,7 +54,7 @@ def test_step_guard_covers_the_new_state(corpus, tmp_path):  # noqa: F811
   trainer.close()
 
 
-def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path):  # noqa: F811
+def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(corpus, tmp_path):
   """Steps 1-4 train normally and are checkpointed; the run resumed with lr=1e6 diverges
   and stops non-zero, and checkpoint 4 is still there, the newest, whole and unchanged."""
   good = tiny_run(corpus, max_steps=30, save_every=2, eval_every=100, log_every=1)

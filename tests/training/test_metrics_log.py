@@ -91,7 +91,7 @@ def test_the_reader_skips_a_torn_line_and_reads_old_nan_as_none(tmp_path):
 
 
 def test_a_crashed_run_resumed_from_an_older_checkpoint_logs_each_step_once(
-    corpus, tmp_path, capsys):  # noqa: F811
+    corpus, tmp_path, capsys):
   run = tiny_run(corpus, max_steps=8, save_every=4, eval_every=100)
   first = Trainer(run, str(tmp_path))
   first.train()

@@ -103,11 +103,11 @@ def jsonl(workdir):
   return rows
 
 
-def wandb_run(corpus, **train_keys):  # noqa: F811
+def wandb_run(corpus, **train_keys):
   return tiny_run(corpus, wandb=True, **train_keys)
 
 
-def test_offline_run_logs_what_metrics_jsonl_holds_and_the_config(corpus, tmp_path):  # noqa: F811
+def test_offline_run_logs_what_metrics_jsonl_holds_and_the_config(corpus, tmp_path):
   workdir = tmp_path / "tiny-wb"
   run = wandb_run(corpus, max_steps=3, eval_every=2, save_every=2,
                   wandb_project="vj-test", wandb_tags="fineweb, baseline,")
@@ -129,7 +129,7 @@ def test_offline_run_logs_what_metrics_jsonl_holds_and_the_config(corpus, tmp_pa
   assert resolved.hidden_size == 32 and config["params_trainable"] == num_params(resolved)
 
 
-def test_resumed_training_resumes_the_wandb_run(corpus, tmp_path):  # noqa: F811
+def test_resumed_training_resumes_the_wandb_run(corpus, tmp_path):
   run = wandb_run(corpus, max_steps=3, eval_every=100, save_every=2)
   first = Trainer(run, str(tmp_path))
   first.train(stop_at=2)
@@ -152,7 +152,7 @@ def test_resumed_training_resumes_the_wandb_run(corpus, tmp_path):  # noqa: F811
   assert open(tmp_path / RUN_ID_FILE).read().strip() != run_id
 
 
-def test_sigterm_and_divergence_end_the_wandb_run_with_their_status(corpus, tmp_path):  # noqa: F811
+def test_sigterm_and_divergence_end_the_wandb_run_with_their_status(corpus, tmp_path):
   run = wandb_run(corpus, max_steps=50, eval_every=100, save_every=100)
   trainer = Trainer(run, str(tmp_path / "signal"))
   next_batch = trainer._next_batch  # pylint: disable=protected-access
@@ -178,7 +178,7 @@ def test_sigterm_and_divergence_end_the_wandb_run_with_their_status(corpus, tmp_
   assert exit_code == 2  # the command's status for a diverged run
 
 
-def test_missing_package_is_one_error_before_the_workdir_is_touched(corpus, tmp_path,  # noqa: F811
+def test_missing_package_is_one_error_before_the_workdir_is_touched(corpus, tmp_path,
                                                                     monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
   with pytest.raises(RunError, match=r"pip install 'vesperjax\[wandb\]'"):
@@ -186,7 +186,7 @@ def test_missing_package_is_one_error_before_the_workdir_is_touched(corpus, tmp_
   assert not (tmp_path / "run").exists()
 
 
-def test_online_mode_without_an_api_key_is_one_cli_error(corpus, tmp_path):  # noqa: F811
+def test_online_mode_without_an_api_key_is_one_cli_error(corpus, tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="online")
   env.pop("XLA_FLAGS", None)

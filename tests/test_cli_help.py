@@ -23,6 +23,9 @@ COMMANDS = {  # command line: what its --help must show
                  "--[no]best"],
     "export": ["python -m vesperjax.export --workdir RUN", "--out=STRING", "--step=INT",
                "--dtype=bf16|fp32", "--max-shard-size=STRING"],
+    "eval": ["python -m vesperjax.eval --model DIR --tasks", "--model=STRING",
+             "--tasks=STRINGS", "--include-path=STRING", "--batch-size=STRING",
+             "--limit=INT", "--[no]log-samples"],
     "plan": ["python -m vesperjax.plan --config FILE --target", "--target=STRING",
              "--[no]max-batch", "--devices=INT", *CONFIG_KEYS],
     "benchmark": ["python -m vesperjax.benchmark {optimizers", "--report=STRING",
@@ -56,7 +59,7 @@ def test_help_prints_the_usage_and_the_flags(line):
     assert "--help" in r.stdout and "--version" in r.stdout
 
 
-@pytest.mark.parametrize("line", ["train", "generate", "export", "plan", "benchmark",
+@pytest.mark.parametrize("line", ["train", "generate", "export", "eval", "plan", "benchmark",
                                   "benchmark throughput", "data", "studio"])
 def test_version_prints_the_version(line):
   r = command(line, "--version")

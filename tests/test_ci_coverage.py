@@ -1,7 +1,8 @@
 """In CI the tests that need an optional toolchain must run, not skip. Each skips, saying
 why, where its toolchain is missing (tests/gpu_util.py: the CUDA plugin wheels;
-tests/tpu_util.py: libtpu; tests/test_export_hf.py: torch and transformers; the SLURM
-fixture of tests/test_slurm.py fails by itself); a skip is easy to miss in a passing run.
+tests/tpu_util.py: libtpu; tests/test_export_hf.py: torch and transformers;
+tests/test_lm_eval.py: lm-eval with its hf extra; the SLURM fixture of
+tests/test_slurm.py fails by itself); a skip is easy to miss in a passing run.
 With CI=true (set by .ci/run, and by most CI services) these tests fail instead."""
 import importlib.metadata
 import importlib.util
@@ -39,6 +40,13 @@ def test_tpu_compile_tests_are_not_skipped_in_ci():
 def test_hf_export_tests_are_not_skipped_in_ci():
   missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
   assert not missing, f"CI=true but the hf export tests would skip: no {missing}"
+
+
+@in_ci_only
+def test_lm_eval_tests_are_not_skipped_in_ci():
+  from vesperjax.eval import missing_packages
+  assert not missing_packages(), (
+      f"CI=true but the lm-eval tests would skip: no {missing_packages()}")
 
 
 def test_libtpu_pin_follows_jax():

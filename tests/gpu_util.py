@@ -7,7 +7,6 @@ skips, saying why, where the CUDA plugin wheels are not installed.
 import collections
 import re
 
-import jax
 import pytest
 
 from vesperjax.planning import gpu_targets

@@ -130,6 +130,7 @@ def test_vesperjax_eval_reports_the_metrics_of_vesperjax_log_probs(
       f"acc_norm {want['acc_norm']:.4f} ± {row['acc_norm_stderr,none']:.4f}"]
 
 
+@pytest.mark.slow  # lm-eval start-up twice over; the command above covers the path
 def test_lm_eval_command_on_the_export(export, items, reference, tmp_path):
   """lm-eval's own command line, as docs/export.md gives it (outside the source tree,
   as a user runs it), on the first 5 items."""

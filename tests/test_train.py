@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesperjax.run_config import default_run_config, model_config
+from vesperjax.run_config import default_run_config
 from vesperjax.train import train
 from vesperjax.training.trainer import Trainer
 

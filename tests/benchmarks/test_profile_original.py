@@ -2,7 +2,6 @@
 ops and XLA op kinds, assigned by hand), the grouped sums and the side-by-side table on
 hand-made profiles, and its argument checks (one `error:` line, exit 2)."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 pa = pytest.importorskip("pyarrow")
-import pyarrow.ipc  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import pyarrow.ipc  # noqa: F401  (makes pa.ipc available)
 import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from vesperjax.data import cache as cache_lib  # pylint: disable=g-import-not-at-top
 from vesperjax.data import columnar, errors, prepare_dataset, sources
 from vesperjax.data.__main__ import main as data_main
-from vesperjax.data.tokenizer import byte_tokenizer
 
 
 def texts(n, start=0):

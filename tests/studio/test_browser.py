@@ -15,7 +15,7 @@ if CHROMIUM is None:
   pytest.skip("no Chromium on PATH (Debian's chromium package; .ci/run installs it)",
               allow_module_level=True)
 
-from tests.studio.server import FORM, TOY, Server, make_data, wait_for  # noqa: E402
+from tests.studio.server import FORM, TOY, Server, make_data  # noqa: E402
 from vesperjax.bench.optimizers import ARMS  # noqa: E402
 from vesperjax.studio.app import create_app  # noqa: E402
 

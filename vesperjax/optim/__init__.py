@@ -13,9 +13,9 @@ from vesperjax.optim.velvet import apply_sparse_mask
 from vesperjax.optim.velvet import scale_by_velvet
 from vesperjax.optim.velvet import velvet
 from vesperjax.optim.velvet import velvet_scales
-from vesperjax.optim.velvet import velvet_update_reference
 from vesperjax.optim.velvet import VelvetScales
 from vesperjax.optim.velvet import VelvetState
+from vesperjax.optim.velvet_math import velvet_update_reference
 from vesperjax.optim.velvet_split import scale_by_velvet_learning_rate
 from vesperjax.optim.velvet_split import scale_by_velvet_moments
 from vesperjax.optim.velvet_split import VelvetLearningRateState

@@ -58,8 +58,7 @@ import optax
 
 from vesperjax.optim import clipping
 from vesperjax.optim import velvet_rules as rules_lib
-from vesperjax.optim.velvet_math import (bias_corrections, map_leaves3,  # noqa: F401
-                                         velvet_element, velvet_leaf,
+from vesperjax.optim.velvet_math import (bias_corrections, velvet_element,
                                          velvet_update_reference)
 from vesperjax.optim.velvet_rules import adapted_b1  # noqa: F401  (public here too)
 

@@ -202,6 +202,27 @@ def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, 
   assert json.load(open(path)) == second
 
 
+def test_every_write_of_a_growing_report_keeps_the_earlier_runs(capsys, tmp_path, corpus,
+                                                                monkeypatch):
+  """A rerun that lists an arm already run writes the report after each new run; each
+  write must still hold that arm's runs, or a sweep stopped before it reaches the arm
+  would lose them from the file it grows."""
+  from vesperjax.bench import optimizers as bench_optimizers
+  work = str(tmp_path / "grow")
+  common = ["optimizers", *TOY, "--config.data.tokenizer=byte",
+            f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
+            "--config.train.eval_every=2", "--config.train.eval_batches=1",
+            "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "1",
+            "--lrs", "2e-3", "--steps", "2"]
+  assert run_main(capsys, *common, "--optimizers", "adamw")[0] == 0
+  written, write = [], bench_optimizers.write_report
+  monkeypatch.setattr(bench_optimizers, "write_report", lambda path, report: (
+      written.append(sorted({r["optimizer"] for r in report["runs"]})), write(path, report)))
+  code, _, err = run_main(capsys, *common, "--optimizers", "velvet-entropy,adamw")
+  assert code == 0, err
+  assert written and all(w == ["adamw", "velvet-entropy"] for w in written), written
+
+
 def test_protocol_brackets_each_optimum_then_adds_seeds_at_the_best_lrs(
     capsys, tmp_path, corpus, monkeypatch):
   """--bracket grows the grid past an edge optimum; --top-lrs runs the other seeds at

@@ -148,9 +148,9 @@ def run_optimizers(run: RunConfig, workdir: str, *, seeds: int, lrs: list[float]
       machine=f"{platform.machine()}, {os.cpu_count()} CPUs", jax=jax.__version__,
       started=started or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[])
   commit = source_commit()
-  # An earlier report's other arms, LRs and seeds stay in the report: a sweep can grow.
-  wanted = {(a, float(lr), s) for a in optimizers for lr in lrs for s in range(seeds)}
-  report["runs"] = [r for key, r in done.items() if key not in wanted]
+  # An earlier report's runs all stay in the report, written after every new run: a
+  # sweep can grow, and one stopped before it reaches an arm loses none of its runs.
+  report["runs"] = list(done.values())
   report["optimizers"] = list(dict.fromkeys([a for a, _, _ in done] + list(optimizers)))
   report["seeds"] = max([seeds] + [s + 1 for _, _, s in done])
   report["lrs"] = sorted(set(report["lrs"]) | {lr for _, lr, _ in done})

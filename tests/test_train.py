@@ -273,6 +273,8 @@ def test_load_model_reads_adamw_and_best_checkpoints(corpus, tmp_path):
   assert best.blocks.ffn.gate.deterministic is True  # eval mode
 
 
+@pytest.mark.slow  # the default tier has it through SLURM (tests/test_slurm.py) and
+# explicit JAX_* variables (tests/test_resume_elsewhere.py's two-process run)
 def test_two_processes_match_one_process(corpus, tmp_path):
   """2 processes x 2 CPU devices on 127.0.0.1 train exactly like 1 process x 4 devices:
   same global batches (each host reads its rows), same losses."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling vs_original
 
 from vesperjax.data import cache as cache_lib  # noqa: E402
-from vs_original import machine_info  # noqa: E402
+from vs_original import machine_info, print_report  # noqa: E402
 from vesperjax.data.cache import TokenCache  # noqa: E402
 
 PIECE_TOKENS = 4 << 20  # ids per piece: 8 MiB of uint16, one write per piece
@@ -135,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--dir", default=None, help="scratch folder (default: the system's)")
   p.add_argument("--json", default=None, help="write the report here too")
   args = p.parse_args(argv)
-  report = run(args, argv)
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      f.write(text + "\n")
+  print_report(run(args, argv), args.json)
   return 0
 
 

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling vs_original
 
-from vs_original import machine_info  # noqa: E402
+from vs_original import machine_info, print_report  # noqa: E402
 
 
 def commit() -> str | None:
@@ -119,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
   if not os.path.exists(os.path.join(ROOT, "experiments", f"{args.preset}.py")):
     print(f"error: --preset {args.preset}: no experiments/{args.preset}.py", file=sys.stderr)
     return 2
-  report = run(args, argv)
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      f.write(text + "\n")
+  print_report(run(args, argv), args.json)
   return 0
 
 

@@ -288,6 +288,16 @@ def _git(path: Path) -> str | None:
   return git("describe", "--always", "--dirty")
 
 
+def print_report(report: dict, json_path: str | None) -> None:
+  """The report on stdout, and in `json_path` too when given (its folder made)."""
+  text = json.dumps(report, indent=1)
+  print(text)
+  if json_path:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+      f.write(text + "\n")
+
+
 def machine_info() -> dict:
   cpu = platform.processor() or "unknown"
   try:

@@ -169,13 +169,18 @@ def test_clip_exits_reads_where_most_steps_leave_or_reach_a_clip():
   assert not any(k.startswith("perplexity") for k in clip_exits([run], window=1))
 
 
+def _two_step_arms(corpus, work):
+  """`benchmark optimizers` arguments for two-step runs at one LR and seed."""
+  return ["optimizers", *TOY, "--config.data.tokenizer=byte",
+          f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
+          "--config.train.eval_every=2", "--config.train.eval_batches=1",
+          "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "1",
+          "--lrs", "2e-3", "--steps", "2"]
+
+
 def test_arms_run_their_rules_and_a_rerun_keeps_finished_runs(capsys, tmp_path, corpus):
   work = str(tmp_path / "arms")
-  common = ["optimizers", *TOY, "--config.data.tokenizer=byte",
-            f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
-            "--config.train.eval_every=2", "--config.train.eval_batches=1",
-            "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "1",
-            "--lrs", "2e-3", "--steps", "2"]
+  common = _two_step_arms(corpus, work)
   code, _, err = run_main(capsys, *common, "--optimizers",
                           "adamw-clipped-b1,velvet-entropy")
   assert code == 0, err
@@ -209,11 +214,7 @@ def test_every_write_of_a_growing_report_keeps_the_earlier_runs(capsys, tmp_path
   would lose them from the file it grows."""
   from vesperjax.bench import optimizers as bench_optimizers
   work = str(tmp_path / "grow")
-  common = ["optimizers", *TOY, "--config.data.tokenizer=byte",
-            f"--config.data.dataset={corpus}", "--config.data.val_percent=20",
-            "--config.train.eval_every=2", "--config.train.eval_batches=1",
-            "--config.optim.warmup_steps=1", "--workdir", work, "--seeds", "1",
-            "--lrs", "2e-3", "--steps", "2"]
+  common = _two_step_arms(corpus, work)
   assert run_main(capsys, *common, "--optimizers", "adamw")[0] == 0
   written, write = [], bench_optimizers.write_report
   monkeypatch.setattr(bench_optimizers, "write_report", lambda path, report: (

@@ -23,6 +23,8 @@ import importlib.resources
 import os
 import re
 
+from vesperjax.planning.compile_only import no_compilation_cache
+
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 TARGETS = ("h100-80gb", "h200", "a100-80gb")
@@ -134,18 +136,6 @@ def target_cudnn(name: str):
 def deviceless(name: str):
   """Trace, lower and compile for target `name` inside this block: cuDNN attention
   traces (`target_cudnn`), and the executables stay out of jax's persistent compilation
-  cache (a compile-only client cannot read an entry back: jax would warn and compile
-  again). A process already using the cache still looks keys up: that warning is
-  silenced, and nothing is written (min compile time)."""
-  import warnings  # pylint: disable=g-import-not-at-top
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(target_cudnn(name))
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
-    try:
-      from jax._src import config  # pylint: disable=g-import-not-at-top
-      stack.enter_context(config.enable_compilation_cache(False))
-      stack.enter_context(config.persistent_cache_min_compile_time_secs(1e12))
-    except (ImportError, AttributeError, TypeError):  # private API moved: cache as usual
-      pass
+  cache (`compile_only.no_compilation_cache`)."""
+  with target_cudnn(name), no_compilation_cache():
     yield

@@ -22,42 +22,27 @@ beside the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling plan_tables
 
 from vesperjax.planning import gpu_targets  # noqa: E402  first: lets the CUDA plugin register
+from plan_tables import GiB, MEM_FRACTION, VOCAB, load, log, save  # noqa: E402
+import plan_tables  # noqa: E402
 
 PRESETS_1 = ("tiny", "small", "tiny-moe", "medium", "medium-moe", "large", "xlarge",
              "large-moe")
 PRESETS_8 = ("large", "xlarge", "large-moe")
 SEQS = (2048, 512)
 POLICIES = ("none", "full", "dots", "dots_no_batch")
-VOCAB = 32768
-MEM_FRACTION = 0.75
-GiB = 2**30
-
-
-def log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def run_config(preset: str, devices: int, seq: int, remat: str = "none"):
-  """The RunConfig of one cell: default_run_config(preset) with the table's settings."""
-  from vesperjax.run_config import RunConfig, default_run_config
-  run = default_run_config(preset)
-  run.model.vocab_size = VOCAB
-  run.optim.name = "velvet"
-  run.data.seq_len = seq
-  run.train.grad_accum = 1
-  run.model.remat = remat
-  run.model.dtype = "auto"
-  if devices > 1:
-    run.mesh.data, run.mesh.fsdp = 1, devices
-  return RunConfig.from_config_dict(run)
+  """The RunConfig of one cell (`plan_tables.run_config`: FSDP over several devices)."""
+  return plan_tables.run_config(preset, seq, remat, fsdp=devices)
 
 
 def cells(only=None):
@@ -68,21 +53,6 @@ def cells(only=None):
 
 def key(preset, devices, seq, remat) -> str:
   return f"{preset}|{devices}|{seq}|{remat}"
-
-
-def load(path: str) -> dict:
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  return {}
-
-
-def save(path: str, data: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def line_at(points, batch: int) -> float | None:

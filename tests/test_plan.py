@@ -1,8 +1,8 @@
-"""vesperjax.plan: deviceless XLA:GPU plans of the real train step (memory, fits, max
-batch), the Chinchilla auto-scale, and one-line errors for bad input.
+"""vesperjax.plan: deviceless XLA:GPU and libtpu plans of the real train step (memory,
+fits, max batch), the Chinchilla auto-scale, and one-line errors for bad input.
 
 The compile tests use tiny shrunk to 2 layers at seq 64 and skip, saying why, without the
-CUDA plugin wheels (tests/gpu_util.py).
+CUDA plugin wheels (tests/gpu_util.py) or libtpu (tests/tpu_util.py).
 """
 import json
 import os
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from tests.gpu_util import needs_gpu_compile
+from tests.tpu_util import TPU_COMPILE_PROBLEM, needs_tpu_compile
+from vesperjax.kernels import platform
 from vesperjax.planning import gpu_targets, program, search
+from vesperjax.training.train_step import flops_per_token
 from vesperjax.model.size import num_params
 from vesperjax.data import cache as token_cache
 from vesperjax.run_config import RunConfig, default_run_config, model_config
@@ -97,6 +100,74 @@ def test_max_batch_finds_the_boundary(tiny_plan):
   assert at["per_device_bytes"]["total"] <= total < above["per_device_bytes"]["total"]
   assert at["per_device_bytes"]["total"] == found["per_device_bytes"]
   assert not above["fits"]
+
+
+# -- TPU targets: libtpu compiles for a v5e slice ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_tpu_plan():
+  return program.plan_step(_run(data=2, fsdp=2), target="v5e", topology="2x2")
+
+
+@needs_tpu_compile
+def test_tpu_plan_keys_and_values(tiny_tpu_plan):
+  """tiny (2 layers, seq 64, batch 8) on v5e 2x2, data=2 x fsdp=2: the state is the fp32
+  parameters and Velvet's m and v, halved by FSDP; 16 GiB a chip, 75% of it the budget."""
+  p = tiny_tpu_plan
+  assert KEYS <= set(p), KEYS - set(p)
+  json.dumps(p)
+  assert (p["kind"], p["target"], p["topology"], p["devices"], p["hosts"]) == (
+      "tpu", "v5e", "2x2", 4, 1)
+  assert p["device_kind"] == "TPU v5 lite" and p["mesh"]["fsdp"] == 2
+  config = model_config(_run(), search.DEFAULT_VOCAB)
+  assert p["params_trainable"] == num_params(config)
+  mem = p["per_device_bytes"]
+  batch_bytes = 8 * 65 * 4 // 4  # the token batch, split over data x fsdp
+  assert mem["arguments"] >= 12 * p["params_trainable"] // 2 + batch_bytes
+  assert mem["arguments"] < 13 * p["params_total"] // 2 + batch_bytes
+  assert mem["arguments"] - batch_bytes - 1024 < mem["aliased"] <= mem["outputs"]
+  # libtpu's peak: the live buffers, the resident state included
+  assert mem["total"] == mem["xla_peak"] and mem["total"] > mem["arguments"]
+  assert mem["code"] > 0 and p["compiler_refused"] is None
+  assert p["device_memory_bytes"] == 16 * 2**30
+  assert p["budget_bytes"] == int(0.75 * 16 * 2**30) and p["fits"] is True
+  assert "all-gather" in p["collectives"], p["collectives"]  # FSDP's weight gathers
+  assert p["choices"]["attention"] == platform.CHOICES["attention"]["tpu"]
+  tokens = 8 * 64
+  assert p["model_flops"] == flops_per_token(config, 64) * tokens
+  assert 6 * p["params_trainable"] * tokens < p["model_flops"] < 7 * p["params_total"] * tokens
+  assert p["xla_flops"] > 0
+
+
+@needs_tpu_compile
+def test_tpu_plan_of_an_absurd_batch_does_not_fit():
+  """200,000 sequences: libtpu refuses the compile for HBM; its figure is the total."""
+  run = _run(data=2, fsdp=2).replace(train=dict(batch_size=200_000))
+  p = program.plan_step(run, target="v5e", topology="2x2")
+  refused = p["compiler_refused"]
+  assert p["fits"] is False and refused is not None
+  assert refused["available_bytes"] == int(15.75 * 2**30)  # v5e's 16 GiB less libtpu's
+  assert p["per_device_bytes"]["total"] == refused["required_bytes"] > 16 * 2**30
+
+
+@needs_tpu_compile
+@pytest.mark.slow  # ~5 libtpu compiles
+def test_tpu_max_batch_finds_the_boundary(tiny_tpu_plan):
+  """A budget of the batch-8 figure: the largest fitting batch fits when recompiled, and
+  one batch split (4) more does not."""
+  total = tiny_tpu_plan["per_device_bytes"]["total"]
+  fraction = (total + 0.5) / tiny_tpu_plan["device_memory_bytes"]
+  run = _run(data=2, fsdp=2)
+  found = program.max_batch(run, target="v5e", topology="2x2", mem_fraction=fraction)
+  b, d = found["max_batch"], found["divisor"]
+  assert d == 4 and b >= 8 and found["budget_bytes"] == total, found
+  plan = lambda batch: program.plan_step(run.replace(train=dict(batch_size=batch)),
+                                         target="v5e", topology="2x2",
+                                         mem_fraction=fraction)
+  at = tiny_tpu_plan if b == 8 else plan(b)
+  above = plan(b + d)
+  assert at["per_device_bytes"]["total"] == found["per_device_bytes"] <= total
+  assert not above["fits"] and above["per_device_bytes"]["total"] > total
 
 
 def test_search_on_a_known_curve():
@@ -195,6 +266,14 @@ def _fake_plugin(tmp):
   return {"PYTHONPATH": f"{tmp}{os.pathsep}{ROOT}"}
 
 
+def _fake_libtpu(tmp):
+  """A path entry where libtpu reports version 0.0.1 (not the one jax pins)."""
+  dist = tmp / "libtpu-0.0.1.dist-info"
+  dist.mkdir(parents=True)
+  (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: libtpu\nVersion: 0.0.1\n")
+  return {"PYTHONPATH": f"{tmp}{os.pathsep}{ROOT}"}
+
+
 BAD = {
     "unknown-target": (["--target", "h100"], "unknown --target"),
     "bad-tokens": (["--tokens", "12xyz"], "not a token count"),
@@ -204,8 +283,18 @@ BAD = {
                          "--config.mesh.fsdp=2"], "mesh"),
     "batch-not-divisible": (["--target", "h100-80gb", "--devices", "8",
                              "--config.train.batch_size=12"], "not a positive multiple of 8"),
+    "unknown-tpu": (["--target", "v7"], "unknown --target 'v7'"),
+    "tpu-topology-shape": (["--target", "v4", "--topology", "2x2"], "3-D"),
+    "tpu-devices": (["--target", "v5e", "--devices", "8"], "--devices is for GPU targets"),
+    "gpu-topology": (["--target", "h200", "--topology", "2x2"], "--topology is for TPU"),
+    "libtpu-mismatch": (["--target", "v5e"], "vesperjax[tpu-compile]"),
+    "tpu-topology-refused": (["--target", "v5e", "--topology", "3x3"], "libtpu refuses"),
+    "tpu-mesh-too-big": (["--target", "v5e", "--topology", "2x2",
+                          "--config.mesh.fsdp=8"], "mesh"),
 }
 NEEDS_PLUGIN = {"impossible-mesh", "batch-not-divisible"}
+NEEDS_LIBTPU = {"tpu-topology-refused", "tpu-mesh-too-big"}
+FAKES = {"plugin-mismatch": _fake_plugin, "libtpu-mismatch": _fake_libtpu}
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +302,10 @@ def bad_runs(tmp_path_factory):
   """All the bad-input subprocesses, started together (they are mostly start-up time)."""
   procs = {}
   for name, (args, _) in BAD.items():
-    if name in NEEDS_PLUGIN and gpu_targets.plugin_problem():
+    if ((name in NEEDS_PLUGIN and gpu_targets.plugin_problem())
+        or (name in NEEDS_LIBTPU and TPU_COMPILE_PROBLEM)):
       continue
-    env = _fake_plugin(tmp_path_factory.mktemp(name)) if name == "plugin-mismatch" else None
+    env = FAKES[name](tmp_path_factory.mktemp(name)) if name in FAKES else None
     procs[name] = _plan_cli("--config", "experiments/tiny.py", *args, env=env)
   done = {}
   for name, p in procs.items():
@@ -227,7 +317,8 @@ def bad_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_is_one_error_line(bad_runs, name):
   if name not in bad_runs:
-    pytest.skip(f"needs the CUDA plugin: {gpu_targets.plugin_problem()}")
+    pytest.skip(f"needs the CUDA plugin or libtpu: {gpu_targets.plugin_problem()} / "
+                f"{TPU_COMPILE_PROBLEM}")
   code, out, err = bad_runs[name]
   lines = [l for l in err.strip().splitlines() if l.strip()]
   assert code == 2, err

@@ -12,32 +12,30 @@ mesh from `mesh.*`, hybrid ICI/DCN when the devices span slices); `compile_steps
 compiles them.
 """
 import collections
-import contextlib
 import dataclasses
 import functools
 import importlib.metadata
-import os
 import re
-import warnings
 
-# libtpu asks a GCE metadata server for the host's TPU otherwise (a long timeout here),
-# and holds /tmp/libtpu_lockfile, failing any second process that loads it meanwhile
-# (parallel test runs, a benchmark beside them): compile-only use needs no lock
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# first: TPU_SKIP_MDS_QUERY (libtpu asks a GCE metadata server for the host's TPU
+# otherwise, a long timeout here) and ALLOW_MULTIPLE_LIBTPU_LOAD (libtpu holds
+# /tmp/libtpu_lockfile otherwise, failing any second process that loads it meanwhile:
+# parallel test runs, a benchmark beside them)
+from vesperjax.planning import tpu_targets
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 from vesperjax import sharding  # noqa: E402
+from vesperjax.planning.compile_only import no_compilation_cache  # noqa: E402
 from vesperjax.run_config import RunConfig, default_run_config, model_config  # noqa: E402
 from vesperjax.training.train_step import sharded_steps  # noqa: E402
 
 MOSAIC = "tpu_custom_call"  # a Pallas Mosaic TPU kernel in compiled HLO
 VOCAB = 2048
 # HBM per chip of each generation
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+HBM_BYTES = {name: g.hbm_bytes for name, g in tpu_targets.GENERATIONS.items()}
 
 
 def _problem() -> str | None:
@@ -100,27 +98,9 @@ def steps(run, devs):
   return mesh, built, batch, tokens
 
 
-@contextlib.contextmanager
-def deviceless():
-  """Compile inside this block: executables for compile-only devices stay out of jax's
-  persistent compilation cache (tests/conftest.py turns it on), since a compile-only
-  client cannot read an entry back (jax would warn and compile again); the lookup's
-  warning is silenced. Private jax API: where it moved, the cache is used as usual."""
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
-    try:
-      from jax._src import config  # pylint: disable=g-import-not-at-top
-      stack.enter_context(config.enable_compilation_cache(False))
-      stack.enter_context(config.persistent_cache_min_compile_time_secs(1e12))
-    except (ImportError, AttributeError, TypeError):
-      pass
-    yield
-
-
 def compile_for_tpu(fn, *args):
   """`fn` (jitted) compiled for the TPU devices its arguments' shardings name."""
-  with deviceless():
+  with no_compilation_cache():  # tests/conftest.py turns the cache on
     return fn.trace(*args).lower().compile()
 
 

@@ -21,16 +21,16 @@ device at run time (cuDNN attention compiles with a zero-byte workspace here; Mo
 kernels likewise), so leave some headroom.
 
 On a TPU the sum does not hold: libtpu's `temp_size` is not the live figure (0 for a
-small step whose peak holds 135 MiB of temporaries; 16.0 GiB at a batch whose peak is
-13.0 GiB), while its `peak_memory_in_bytes` counts the live buffers at the step's high
-point, arguments and unaliased outputs included (checked on toy programs: a donated
+small step whose peak holds 129 MiB beyond its arguments; 16.0 GiB at a batch whose peak
+is 13.0 GiB), while its `peak_memory_in_bytes` counts the live buffers at the step's
+high point, arguments and unaliased outputs included (checked on toy programs: a donated
 update peaks at its argument, a sort at argument + scratch). libtpu judges a program by
 that peak: it compiled a v5e step with temp + arguments over the chip's 15.75 GiB
-available and a peak of 13.0 GiB, and refuses a program whose peak is over (its
-out-of-memory error names the peak as "memory required"). So on a TPU `total` is the
-peak; `code`, the compiled program (held in HBM), is listed beside it. A batch far over
-the chip ends in that error, whose figure stands for the total (`compiler_refused`).
-The same `mem_fraction` rule decides `fits` (a TPU has no 75% preallocation: there the
+available and a peak of 13.0 GiB, and refuses a program whose peak is over (its out-of-
+memory error names the peak as "memory required"). So on a TPU `total` is the peak;
+`code`, the compiled program (held in HBM), is listed beside it. A batch far over the
+chip ends in that error, whose figure stands for the total (`compiler_refused`). The
+same `mem_fraction` rule decides `fits` (a TPU has no 75% preallocation: there the
 fraction is headroom).
 
 `--max-batch`: memory is close to affine in the batch. Per remat policy it compiles two

@@ -110,10 +110,11 @@ def markdown(data: dict) -> str:
 
 
 def missing(data: dict, max_batch: bool) -> list[str]:
-  out = [k for k in map(lambda c: key(*c), cells()) if k not in data["plans"]]
+  keys = [key(*c) for c in cells()]
+  out = [k for k in keys if k not in data["plans"]]
   if max_batch:
-    out += [f"{k} (max batch)" for k, p in data["plans"].items()
-            if p["fits"] and k not in data["max_batch"]]
+    out += [f"{k} (max batch)" for k in keys if k in data["plans"]
+            and data["plans"][k]["fits"] and k not in data["max_batch"]]
   return out
 
 

@@ -87,5 +87,16 @@ def test_the_readme_velvet_figure_equals_the_long_benchmark():
   assert figure == f"{summary['vs_adamw_pct']['velvet']:+.1f}% (worse)"
 
 
+@pytest.mark.parametrize("start,arm,word", [
+    ("Velvet (corrected rules) vs tuned AdamW", "velvet-corrected", "worse"),
+    ("Muon (optax.contrib) vs tuned AdamW", "muon", "better")])
+def test_the_readme_study_figures_equal_the_study_report(start, arm, word):
+  from vesperjax.bench.optimizers import read_report, summarize
+  figure, report = _row(start)
+  summary = summarize(read_report(report))
+  assert summary["best"][arm]["seeds"] >= 3 and summary["best"]["adamw"]["seeds"] >= 3
+  assert figure == f"{summary['vs_adamw_pct'][arm]:+.1f}% ({word})"
+
+
 def test_the_figures_table_is_read():
-  assert len(_figures()) == 4
+  assert len(_figures()) == 6

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling plan_tables
 
 from vesperjax.planning import gpu_targets  # noqa: E402  first: lets the CUDA plugin register
-from plan_tables import GiB, MEM_FRACTION, VOCAB, load, log, save  # noqa: E402
+from plan_tables import (GiB, MEM_FRACTION, VOCAB, load, log, save,  # noqa: E402
+                         write_markdown)
 import plan_tables  # noqa: E402
 
 PRESETS_1 = ("tiny", "small", "tiny-moe", "medium", "medium-moe", "large", "xlarge",
@@ -291,9 +292,7 @@ def main() -> int:
       "", "</details>", "", "The original's published memory rows beside the plan:", "",
       original_markdown(load(rows_path))])
   print(command)
-  print(text)
-  with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  write_markdown(args.out, text)
   return 0
 
 

@@ -70,3 +70,10 @@ def header(command: str, **versions) -> dict:
                   "%Y-%m-%d %H:%M UTC"),
               machine=dict(machine_info(), nice=os.nice(0)), jax=jax.__version__,
               **versions)
+
+
+def write_markdown(report_path: str, text: str) -> None:
+  """Print a table's markdown and write it beside its report (REPORT.md)."""
+  print(text)
+  with open(os.path.splitext(report_path)[0] + ".md", "w", encoding="utf-8") as f:
+    f.write(text + "\n")

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling pl
 
 # first: libtpu's environment before anything loads it
 from vesperjax.planning import tpu_targets  # noqa: E402
-from plan_tables import GiB, MEM_FRACTION, VOCAB, header, load, log, save  # noqa: E402
+from plan_tables import (GiB, MEM_FRACTION, VOCAB, header, load, log, save,  # noqa: E402
+                         write_markdown)
 import plan_tables  # noqa: E402
 
 PRESETS = ("tiny", "small", "tiny-moe", "medium", "medium-moe", "large", "xlarge",
@@ -173,10 +174,7 @@ def main() -> int:
   left = missing(data, not args.no_max_batch)
   if left:
     lines += ["", "Not computed yet: " + ", ".join(left) + "."]
-  text = "\n".join(lines)
-  print(text)
-  with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  write_markdown(args.out, "\n".join(lines))
   return 0
 
 

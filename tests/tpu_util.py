@@ -7,12 +7,11 @@ a jitted function traced on arguments placed on them compiles with every libtpu 
 Pallas Mosaic TPU kernels included (unlike Mosaic GPU, they are compiled here, not on the
 device). `needs_tpu_compile` skips, saying why, where libtpu is missing or refuses.
 
-`steps(run, devices)` builds the real train/eval steps of a run on such devices (the
+`abstract_steps(run, devices)` (tests/abstract_steps.py) builds the real train/eval steps of a run on such devices (the
 mesh from `mesh.*`, hybrid ICI/DCN when the devices span slices); `compile_steps`
 compiles them.
 """
 import collections
-import dataclasses
 import functools
 import importlib.metadata
 import re
@@ -24,16 +23,13 @@ import re
 from vesperjax.planning import tpu_targets
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-from vesperjax import sharding  # noqa: E402
 from vesperjax.planning.compile_only import no_compilation_cache  # noqa: E402
-from vesperjax.run_config import RunConfig, default_run_config, model_config  # noqa: E402
-from vesperjax.training.train_step import sharded_steps  # noqa: E402
+from vesperjax.run_config import RunConfig, default_run_config  # noqa: E402
+from tests.abstract_steps import abstract_steps  # noqa: E402
 
 MOSAIC = "tpu_custom_call"  # a Pallas Mosaic TPU kernel in compiled HLO
-VOCAB = 2048
 # HBM per chip of each generation
 HBM_BYTES = {name: g.hbm_bytes for name, g in tpu_targets.GENERATIONS.items()}
 
@@ -84,20 +80,6 @@ def run_config(preset="tiny", *, layers=2, seq_len=96, batch=8, **overrides):
   return RunConfig.from_config_dict(run)
 
 
-def steps(run, devs):
-  """(mesh, ShardedSteps, abstract train batch, abstract eval tokens) of `run` on `devs`."""
-  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(devs))
-  t = run.train
-  built = sharded_steps(model_config(run, VOCAB), mesh, optim=run.optim,
-                        max_steps=t.max_steps, valid_vocab=VOCAB - 48,
-                        fused_loss=t.fused_loss, platform=t.platform)
-  batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, run.data.seq_len + 1),
-                               jnp.int32, sharding=built.batch_sharding)
-  tokens = jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32,
-                                sharding=built.eval_sharding)
-  return mesh, built, batch, tokens
-
-
 def compile_for_tpu(fn, *args):
   """`fn` (jitted) compiled for the TPU devices its arguments' shardings name."""
   with no_compilation_cache():  # tests/conftest.py turns the cache on
@@ -106,7 +88,7 @@ def compile_for_tpu(fn, *args):
 
 def compile_steps(run, devs, *, evaluate=True):
   """The compiled train step (and eval step, or None) of `run` on `devs`."""
-  mesh, built, batch, tokens = steps(run, devs)
+  mesh, built, batch, tokens = abstract_steps(run, devs)
   with jax.set_mesh(mesh):
     train = compile_for_tpu(built.train_step, built.abstract, batch)
     ev = compile_for_tpu(built.eval_step, built.abstract, tokens) if evaluate else None

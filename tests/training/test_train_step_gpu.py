@@ -4,19 +4,16 @@ Lowering tests run anywhere (StableHLO lowered for cuda from the CPU devices); c
 tests run XLA:GPU itself for H100-80GB and H200 targets on 1 and 8 compile-only devices
 (they skip, saying why, without the CUDA plugin wheels).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from tests import gpu_util
+from tests.abstract_steps import abstract_steps
 from vesperjax import kernels, sharding
 from vesperjax.planning import gpu_targets
-from vesperjax.run_config import RunConfig, default_run_config, model_config
-from vesperjax.training.train_step import sharded_steps
-
-VOCAB = 2048
+from vesperjax.run_config import RunConfig, default_run_config
 
 
 def _run(preset="tiny", platform="cuda", **overrides):
@@ -30,21 +27,8 @@ def _run(preset="tiny", platform="cuda", **overrides):
   return RunConfig.from_config_dict(run)
 
 
-def _steps(run, devices):
-  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(devices))
-  t = run.train
-  steps = sharded_steps(model_config(run, VOCAB), mesh, optim=run.optim,
-                        max_steps=t.max_steps, valid_vocab=VOCAB - 48,
-                        fused_loss=t.fused_loss, platform=t.platform)
-  batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, run.data.seq_len + 1),
-                               jnp.int32, sharding=steps.batch_sharding)
-  tokens = jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32,
-                                sharding=steps.eval_sharding)
-  return mesh, steps, batch, tokens
-
-
 def _lowered(run, devices):
-  mesh, steps, batch, tokens = _steps(run, devices)
+  mesh, steps, batch, tokens = abstract_steps(run, devices)
   with jax.set_mesh(mesh):
     train = gpu_util.lowered_for_cuda(steps.train_step, steps.abstract, batch)
     evaluate = gpu_util.lowered_for_cuda(steps.eval_step, steps.abstract, tokens)
@@ -81,7 +65,7 @@ def test_dense_step_lowers_to_the_gpu_graph():
 
 def test_same_step_for_cpu_keeps_the_cpu_graph():
   """The control: the same run for the cpu platform has none of the GPU choices."""
-  mesh, steps, batch, _ = _steps(_run(platform="cpu"), jax.devices()[:1])
+  mesh, steps, batch, _ = abstract_steps(_run(platform="cpu"), jax.devices()[:1])
   with jax.set_mesh(mesh):
     text = steps.train_step.trace(steps.abstract, batch).lower().as_text()
   assert not set(CUDNN) & set(gpu_util.custom_calls(text))
@@ -90,10 +74,10 @@ def test_same_step_for_cpu_keeps_the_cpu_graph():
 
 def test_platform_from_environment(monkeypatch):
   monkeypatch.setenv("VESPERJAX_PLATFORM", "cuda")
-  _, steps, _, _ = _steps(_run(platform="auto"), jax.devices()[:1])
+  _, steps, _, _ = abstract_steps(_run(platform="auto"), jax.devices()[:1])
   assert steps.platform == "cuda"
   monkeypatch.delenv("VESPERJAX_PLATFORM")
-  _, steps, _, _ = _steps(_run(platform="auto"), jax.devices()[:1])
+  _, steps, _, _ = abstract_steps(_run(platform="auto"), jax.devices()[:1])
   assert steps.platform == "cpu"  # the mesh's devices
 
 
@@ -130,7 +114,7 @@ def test_eight_device_meshes_lower_for_gpu(mesh):
 
 
 def _compiled(target, count, run):
-  mesh, steps, batch, _ = _steps(run, gpu_util.target_devices(target, count))
+  mesh, steps, batch, _ = abstract_steps(run, gpu_util.target_devices(target, count))
   with jax.set_mesh(mesh):
     return gpu_util.compile_for(target, steps.train_step, steps.abstract, batch)
 

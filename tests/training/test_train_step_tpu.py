@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from tests import tpu_util
+from tests.abstract_steps import abstract_steps
 from vesperjax import sharding
 from vesperjax.kernels import platform
 
@@ -62,7 +63,7 @@ def test_two_slices_moe_with_the_data_axis_across_them():
   all-reduce (libtpu's DCN transfers). The eval step compiles too."""
   run = tpu_util.run_config("tiny-moe", mesh__data=2, mesh__expert=4, optim__fused=True)
   devs = tpu_util.devices("v5e:2x2", num_slices=2)
-  mesh, built, _, _ = tpu_util.steps(run, devs)
+  mesh, built, _, _ = abstract_steps(run, devs)
   rows = [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)]
   assert rows == [{0}, {1}], rows
   assert built.platform == "tpu"

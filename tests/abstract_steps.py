@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from vesperjax import sharding
-from vesperjax.run_config import model_config
+from vesperjax.run_config import RunConfig, default_run_config, model_config
 from vesperjax.training.train_step import sharded_steps
 
 VOCAB = 2048  # padded; the last 48 ids are padding, as a BPE vocabulary's would be
@@ -25,3 +25,18 @@ def abstract_steps(run, devices):
   tokens = jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32,
                                 sharding=built.eval_sharding)
   return mesh, built, batch, tokens
+
+
+def small_run(preset="tiny", platform="cuda", *, layers=2, seq_len=128, batch=None,
+              **overrides):
+  """A small validated run of `preset` for `platform`; overrides as section__key=value."""
+  run = default_run_config(preset)
+  run.model.num_layers = layers
+  run.data.seq_len = seq_len
+  if batch is not None:
+    run.train.batch_size = batch
+  run.train.platform = platform
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    run[section][name] = value
+  return RunConfig.from_config_dict(run)

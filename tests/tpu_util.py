@@ -26,8 +26,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from vesperjax.planning.compile_only import no_compilation_cache  # noqa: E402
-from vesperjax.run_config import RunConfig, default_run_config  # noqa: E402
-from tests.abstract_steps import abstract_steps  # noqa: E402
+from tests.abstract_steps import abstract_steps, small_run  # noqa: E402
 
 MOSAIC = "tpu_custom_call"  # a Pallas Mosaic TPU kernel in compiled HLO
 # HBM per chip of each generation
@@ -69,15 +68,8 @@ def run_config(preset="tiny", *, layers=2, seq_len=96, batch=8, **overrides):
   """A small validated run for train.platform="tpu"; overrides as section__key=value.
   seq_len 96 is no other dimension of the tiny presets' arrays (128 is: an FSDP half of
   hidden 256), so a [96, 96] buffer can only be attention's scores."""
-  run = default_run_config(preset)
-  run.model.num_layers = layers
-  run.data.seq_len = seq_len
-  run.train.batch_size = batch
-  run.train.platform = "tpu"
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    run[section][name] = value
-  return RunConfig.from_config_dict(run)
+  return small_run(preset, "tpu", layers=layers, seq_len=seq_len, batch=batch,
+                   **overrides)
 
 
 def compile_for_tpu(fn, *args):

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import gpu_util
-from tests.training.test_train_step_gpu import _run, _steps
+from tests.abstract_steps import abstract_steps, small_run
 from vesperjax.planning import gpu_targets
 from vesperjax.kernels import grouped_matmul, platform
 from vesperjax.kernels._grouped_matmul import tokamax_ragged_dot
@@ -95,9 +95,9 @@ def test_tokamax_without_a_gpu_takes_its_xla_path_for_cuda():
 ], ids=["ragged_dot", "blocked", "tokamax", "tokamax-expert-parallel"])
 def test_moe_train_step_compiles_for_h100_with_each_choice(moe_matmul, count, mesh, kernel):
   overrides = {f"mesh__{k}": v for k, v in mesh.items()}
-  run = _run("tiny-moe", model__moe_matmul=moe_matmul, **overrides)
+  run = small_run("tiny-moe", model__moe_matmul=moe_matmul, **overrides)
   devices = gpu_util.target_devices(TARGET, count)
-  mesh_, steps, batch, _ = _steps(run, devices)
+  mesh_, steps, batch, _ = abstract_steps(run, devices)
   context = tokamax_kernels_for(devices[0]) if kernel else contextlib.nullcontext()
   with jax.set_mesh(mesh_), context, gpu_targets.deviceless(TARGET):
     traced = steps.train_step.trace(steps.abstract, batch)

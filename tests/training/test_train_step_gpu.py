@@ -10,21 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from tests import gpu_util
-from tests.abstract_steps import abstract_steps
+from tests.abstract_steps import abstract_steps, small_run
 from vesperjax import kernels, sharding
 from vesperjax.planning import gpu_targets
-from vesperjax.run_config import RunConfig, default_run_config
-
-
-def _run(preset="tiny", platform="cuda", **overrides):
-  run = default_run_config(preset)
-  run.model.num_layers = 2
-  run.data.seq_len = 128
-  run.train.platform = platform
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    run[section][name] = value
-  return RunConfig.from_config_dict(run)
 
 
 def _lowered(run, devices):
@@ -57,7 +45,7 @@ def _assert_gpu_graph(text, *, training=True, partitioned=False):
 
 
 def test_dense_step_lowers_to_the_gpu_graph():
-  train, evaluate = _lowered(_run(), jax.devices()[:1])
+  train, evaluate = _lowered(small_run(), jax.devices()[:1])
   _assert_gpu_graph(train)
   _assert_gpu_graph(evaluate, training=False)
   assert TRITON not in gpu_util.custom_calls(train)  # nothing asked for Pallas
@@ -65,7 +53,7 @@ def test_dense_step_lowers_to_the_gpu_graph():
 
 def test_same_step_for_cpu_keeps_the_cpu_graph():
   """The control: the same run for the cpu platform has none of the GPU choices."""
-  mesh, steps, batch, _ = abstract_steps(_run(platform="cpu"), jax.devices()[:1])
+  mesh, steps, batch, _ = abstract_steps(small_run(platform="cpu"), jax.devices()[:1])
   with jax.set_mesh(mesh):
     text = steps.train_step.trace(steps.abstract, batch).lower().as_text()
   assert not set(CUDNN) & set(gpu_util.custom_calls(text))
@@ -74,10 +62,10 @@ def test_same_step_for_cpu_keeps_the_cpu_graph():
 
 def test_platform_from_environment(monkeypatch):
   monkeypatch.setenv("VESPERJAX_PLATFORM", "cuda")
-  _, steps, _, _ = abstract_steps(_run(platform="auto"), jax.devices()[:1])
+  _, steps, _, _ = abstract_steps(small_run(platform="auto"), jax.devices()[:1])
   assert steps.platform == "cuda"
   monkeypatch.delenv("VESPERJAX_PLATFORM")
-  _, steps, _, _ = abstract_steps(_run(platform="auto"), jax.devices()[:1])
+  _, steps, _, _ = abstract_steps(small_run(platform="auto"), jax.devices()[:1])
   assert steps.platform == "cpu"  # the mesh's devices
 
 
@@ -85,7 +73,7 @@ def test_moe_step_lowers_a_grouped_gemm_on_gpu():
   # auto on CUDA is tokamax, whose path traced off a GPU (no cross-compile) is XLA's
   # ragged_dot: a grouped GEMM, not the CPU's padded row blocks. Its Mosaic and Triton
   # kernels are compiled in tests/kernels/test_grouped_matmul_gpu.py.
-  train, _ = _lowered(_run("tiny-moe"), jax.devices()[:1])
+  train, _ = _lowered(small_run("tiny-moe"), jax.devices()[:1])
   _assert_gpu_graph(train)
   assert "ragged_dot" in train
 
@@ -93,7 +81,7 @@ def test_moe_step_lowers_a_grouped_gemm_on_gpu():
 def test_pallas_everywhere_lowers_to_triton():
   kernels.set_default_impl("pallas")
   try:
-    train, _ = _lowered(_run("tiny-moe", optim__fused=True), jax.devices()[:1])
+    train, _ = _lowered(small_run("tiny-moe", optim__fused=True), jax.devices()[:1])
   finally:
     kernels.set_default_impl(None)
   calls = gpu_util.custom_calls(train)
@@ -106,7 +94,7 @@ def test_pallas_everywhere_lowers_to_triton():
                          ids=["fsdp", "expert"])
 def test_eight_device_meshes_lower_for_gpu(mesh):
   overrides = {f"mesh__{k}": v for k, v in mesh.items()}
-  train, _ = _lowered(_run("tiny-moe", optim__fused=True, **overrides), jax.devices()[:8])
+  train, _ = _lowered(small_run("tiny-moe", optim__fused=True, **overrides), jax.devices()[:8])
   _assert_gpu_graph(train, partitioned=True)
   assert TRITON in gpu_util.custom_calls(train)
   if "expert" in mesh:
@@ -130,7 +118,7 @@ def _compiled(target, count, run):
 ])
 def test_train_step_compiles_for_gpu_targets(target, count, preset, mesh):
   overrides = {f"mesh__{k}": v for k, v in mesh.items()}
-  compiled = _compiled(target, count, _run(preset, platform="auto", **overrides))
+  compiled = _compiled(target, count, small_run(preset, platform="auto", **overrides))
   text = compiled.as_text()
   calls = gpu_util.custom_calls(text)
   assert calls[CUDNN[0]] >= 1 and calls[CUDNN[1]] >= 1, calls

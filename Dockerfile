@@ -1,13 +1,17 @@
-# vesperjax for NVIDIA GPUs: `python -m vesperjax.train` as the entry point.
+# vesperjax for NVIDIA GPUs (the default) or Cloud TPU: `python -m vesperjax.train` as
+# the entry point.
 #
 #   docker build -t vesperjax .
+#   docker build -t vesperjax-tpu --build-arg BASE_IMAGE=ubuntu:24.04 --build-arg EXTRA=tpu .
 #   docker run --gpus all --shm-size=16g -v "$PWD/runs:/app/runs" vesperjax \
 #       --config experiments/small.py --workdir runs/small
 #
 # Not built or run in this repository's CI (no container engine there): hadolint lints it
 # (tests/test_launch_recipes.py). jax[cuda12] brings its own CUDA and cuDNN wheels, so
 # the base image supplies the system libraries and the driver hook-up, not the toolkit.
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
+ARG EXTRA=gpu
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -30,7 +34,7 @@ COPY vesperjax vesperjax
 COPY kernels kernels
 # the package itself is not pinned: its dependencies' bounds are pyproject.toml's
 # hadolint ignore=DL3013
-RUN pip install '.[gpu]'
+RUN pip install ".[${EXTRA}]"
 # the experiment configs, which --config names by path
 COPY experiments experiments
 

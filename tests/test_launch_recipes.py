@@ -4,9 +4,11 @@ agree with each other and pass `check_launch_env`), the shell scripts (bash -n).
 SLURM recipe runs for real in tests/test_slurm.py."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -46,13 +48,16 @@ def test_hadolint_fails_a_bad_dockerfile(tmp_path):
   assert r.returncode != 0 and "DL3006" in r.stdout, r.stdout
 
 
-def test_dockerfile_installs_the_gpu_extra_and_runs_the_trainer():
+def test_dockerfile_installs_the_gpu_or_tpu_extra_and_runs_the_trainer():
   text = open(os.path.join(ROOT, "Dockerfile")).read()
-  assert re.search(r"^FROM nvidia/cuda:[\w.]+-runtime-", text, re.M)
-  assert "pip install '.[gpu]'" in text
+  assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:[\w.]+-runtime-", text, re.M)
+  assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+  assert re.search(r"^ARG EXTRA=gpu$", text, re.M)  # --build-arg EXTRA=tpu for TPU
+  assert 'pip install ".[${EXTRA}]"' in text
   assert 'ENTRYPOINT ["python", "-m", "vesperjax.train"]' in text
-  assert re.search(r'^gpu = \[.*"jax\[cuda12\]', open(os.path.join(ROOT, "pyproject.toml"))
-                   .read(), re.M)
+  pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+  assert re.search(r'^gpu = \[.*"jax\[cuda12\]', pyproject, re.M)
+  assert re.search(r'^tpu = \[.*"jax\[tpu\]', pyproject, re.M)
   # every path the image copies exists and is not excluded by .dockerignore
   ignored = [line.strip() for line in open(os.path.join(ROOT, ".dockerignore"))
              if line.strip() and not line.startswith("#")]
@@ -113,6 +118,64 @@ def test_skypilot_task_exports_the_launch_variables():
   assert (got["JAX_NUM_PROCESSES"], got["JAX_PROCESS_ID"]) == ("2", "1")
   assert got["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3,4,5,6,7"
   check_launch_env(got)
+
+
+def _jobset():
+  (jobset,) = _yaml_documents("tpu/jobset.yaml")
+  (replicated,) = jobset["spec"]["replicatedJobs"]
+  job = replicated["template"]["spec"]
+  pod = job["template"]["spec"]
+  return jobset, replicated["replicas"], job, pod
+
+
+def test_tpu_jobset_hosts_chips_and_mesh_agree():
+  """Slices x hosts per slice x chips per host = the chips the mesh divides, the hosts
+  of a slice = its topology's chips / chips per host, the data axis crosses slices."""
+  from vesperjax.planning import tpu_targets
+  jobset, slices, job, pod = _jobset()
+  assert jobset["kind"] == "JobSet" and job["backoffLimit"] == 0
+  assert jobset["metadata"]["annotations"][
+      "alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
+  assert job["parallelism"] == job["completions"]
+  (container,) = pod["containers"]
+  chips_per_host = container["resources"]["limits"]["google.com/tpu"]
+  topology = pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+  assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == \
+      "tpu-v5-lite-podslice"  # GKE's name for v5e
+  assert tpu_targets.chips(topology) == job["parallelism"] * chips_per_host
+  assert "env" not in container  # JAX finds the hosts through GKE's and JobSet's variables
+  args = container["args"]
+  mesh = {k: int(v) for k, v in re.findall(r"--config\.mesh\.(\w+)=(\d+)", " ".join(args))}
+  assert mesh["data"] % slices == 0
+  assert mesh["data"] * mesh["fsdp"] == slices * tpu_targets.chips(topology)
+  assert os.path.exists(os.path.join(ROOT, args[args.index("--config") + 1]))
+
+
+def test_tpu_jobset_mesh_builds_on_its_topology():
+  """The manifest's run config builds its mesh on compile-only devices of the same
+  slices, data across them (the multi-slice mesh of tests/training/test_train_step_tpu)."""
+  from tests import tpu_util
+  if tpu_util.TPU_COMPILE_PROBLEM is not None:
+    pytest.skip(str(tpu_util.TPU_COMPILE_PROBLEM))
+  from vesperjax import sharding
+  from vesperjax.run_config import RunConfig
+  _, slices, _, pod = _jobset()
+  args = pod["containers"][0]["args"]
+  config = runpy.run_path(os.path.join(ROOT, args[args.index("--config") + 1]))["get_config"]()
+  for key, value in re.findall(r"--config\.(\S+)=(\S+)", " ".join(args)):
+    section, name = key.split(".")
+    config[section][name] = int(value)
+  run = RunConfig.from_config_dict(config)
+  devices = tpu_util.devices(f"v5e:{pod['nodeSelector']['cloud.google.com/gke-tpu-topology']}",
+                             num_slices=slices)
+  mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=devices)
+  assert sharding.slice_count(devices) == slices
+  grid = mesh.devices.reshape(mesh.devices.shape[0], -1)  # data x the rest
+  # each data row lies within one slice; the slices split the data axis in halves
+  for row in grid:
+    assert len({d.slice_index for d in row}) == 1
+  assert {d.slice_index for d in grid[: len(grid) // slices].flat} == {0}
+  assert run.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
 
 
 @pytest.mark.parametrize("script", ["slurm/train.sbatch", "tpu/train.sh"])

@@ -23,8 +23,7 @@ over; a failure or timeout is recorded, the rest still run, and the exit status 
 """
 from __future__ import annotations
 
-import argparse, contextlib, io, json, math, os, resource, shutil, signal  # noqa: E401
-import subprocess, sys, tempfile, time, zipfile  # noqa: E401
+import argparse, contextlib, io, math, os, shutil, subprocess, sys, zipfile  # noqa: E401
 from pathlib import Path
 
 import jax  # importing starts no backend: the parent never touches the GPU
@@ -33,11 +32,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling *_checks
-from gpu_kernel_checks import (BF16, F32, THRESHOLDS, _err, check_ce, check_era,  # noqa: E402,F401
-                               rel_err, section_kernels)
+from kernel_checks import (BF16, F32, THRESHOLDS, check_ce, check_era,  # noqa: E402,F401
+                           error_text, rel_err, section_kernels)
 from checkout import mount_kernels  # noqa: E402
-from gpu_throughput_checks import (MEM_FRACTION, MODELS, VOCAB, model_run,  # noqa: E402,F401
-                                   plan_figure, section_throughput, throughput_one)
+from acceptance_runner import Acceptance, add_arguments, child_main, dump, run  # noqa: E402
+from throughput_checks import (MEM_FRACTION, MODELS, VOCAB, model_run,  # noqa: E402,F401
+                               plan_figure, section_throughput, throughput_one)
 # kernels/bench.py at half its "full" shapes: every operand still >> the 50 MB L2 and each
 # call >> launch overhead, without the 1.3B-parameter tree and N=16k CE eating the box.
 BENCH_ACCEPTANCE = dict(hidden=1024, layers=12, ffn=4096, vocab=32768, era_tokens=16384,
@@ -51,20 +51,6 @@ def _use_deps(deps):
   if (Path(deps) / "site").is_dir():
     sys.path.append(str(Path(deps) / "site"))  # after the installed packages: theirs win
   mount_kernels(ROOT)  # from a checkout with nothing installed: kernels/ as vesperjax.kernels
-
-
-def _clean(x):  # strict JSON: NaN / inf -> null
-  if isinstance(x, dict):
-    return {str(k): _clean(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
-  return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _dump(obj, path):
-  with open(f"{path}.tmp", "w") as f:
-    json.dump(_clean(obj), f, indent=1, allow_nan=False, default=str)
-  os.replace(f"{path}.tmp", path)
 
 
 # -------------------------------------------------------------------- 2. roofline bench
@@ -118,31 +104,13 @@ def section_timing(ctx, res, save):
       row = dict(group=group, name=name, ms=1e3 * bench.median_seconds(
           fn, *args, reps=10 if ctx.big else 2))
     except Exception as e:  # noqa: BLE001
-      row = dict(group=group, name=name, ms=None, error=_err(e, 300))
+      row = dict(group=group, name=name, ms=None, error=error_text(e, 300))
     res["rows"].append(row)
     save()
   for group in ("attention", "cross_entropy"):
     ok = [r for r in res["rows"] if r["group"] == group and r["ms"] and "bwd" in r["name"]]
     if ok:
       res["fastest"][group] = min(ok, key=lambda r: r["ms"])["name"].split("impl=")[1]
-
-
-def child_main(args):
-  _use_deps(args.deps)
-  res, save = {"done": False}, lambda: _dump(res, args.result)
-  if args.inject_crash == args.child:
-    os._exit(3)  # tests: a section that dies must not stop the others
-  ctx = argparse.Namespace(args=args, reduced=args.reduced, big=not args.reduced,
-                           gpu=jax.default_backend() == "gpu")
-  ctx.interpret, dev = not ctx.gpu, jax.devices()[0]
-  res["device"] = ctx.device = dict(kind=dev.device_kind, backend=jax.default_backend(),
-                                    jax=jax.__version__)
-  save()
-  if not ctx.gpu and not ctx.reduced:
-    raise SystemExit("jax sees no GPU: use --reduced (CPU shapes, Pallas interpreted)")
-  globals()[f"section_{args.child}"](ctx, res, save)
-  res["done"] = True
-  save()
 
 
 # ----------------------------------------------------------------------- the parent
@@ -155,77 +123,6 @@ def gpu_visible():
     out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
     return out.returncode == 0 and "GPU" in out.stdout
   return False
-
-
-def run_job(args, section, models, box, tmp, log):
-  result, start = Path(tmp) / f"{section}-{models.replace(',', '_')}.json", time.perf_counter()
-  cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, "--models",
-         models, "--result", str(result), "--deps", str(args.deps), "--bench-size",
-         args.bench_size, "--inject-crash", args.inject_crash] + ["--reduced"] * args.reduced
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(MEM_FRACTION))
-  if args.reduced and not args.gpu:
-    env.setdefault("JAX_PLATFORMS", "cpu")
-  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-  with open(Path(tmp) / "child.log", "w+") as out:
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
-    try:
-      rc, status = proc.wait(timeout=box), None
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)  # the child and its compilers (ptxas)
-      rc, status = proc.wait(), f"timeout after {box:.0f} s (partial results kept)"
-    out.seek(0)
-    text = out.read()
-  log.write(f"===== {section} {models} rc={rc}\n{text[-200_000:]}\n")
-  res = json.loads(result.read_text()) if result.exists() else {}
-  used = resource.getrusage(resource.RUSAGE_CHILDREN)
-  res.update(status=status or ("ok" if rc == 0 and res.get("done") else f"crashed (rc={rc})"),
-             wall_s=round(time.perf_counter() - start, 1), box_s=round(box),
-             cpu_s=round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, 1))
-  if res["status"] != "ok":
-    res["log_tail"] = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(
-        ("WARNING: All log messages", "I0000", "W0000"))][-3:]  # absl start-up noise
-  if section == "throughput" and not res.get("models"):  # died before its first row
-    res["models"] = [dict(preset=m, status=res["status"], error=" / ".join(res["log_tail"]))
-                     for m in models.split(",")]
-  return res
-
-
-def markdown(report):
-  s, g = report["sections"], lambda x, f, k=1.0: "-" if x is None else format(x * k, f)
-  dev = next((v["device"] for v in s.values() if v.get("device")), {})
-  rows = [("run", report["mode"], "FAIL" if report["failed"] else "PASS",
-           f"{report['wall_s']:.0f} s", f"{dev.get('kind', '?')}, jax {dev.get('jax', '?')}")]
-  rows += [(k, "(section)", "FAIL", v["status"], " / ".join(v.get("log_tail", [])))
-           for k, v in s.items() if v["status"] != "ok"]
-  rows += [("kernels", c["name"], "SKIP" if c.get("skipped") else "PASS" if c["passed"]
-            else "FAIL", f"{g(c.get('error'), '.1e')} (thr {g(c.get('threshold'), '.0e')})",
-            c.get("exception") or c.get("note") or ", ".join(
-                f"{k} {g(e['error'], '.1e')}" for k, e in c["errors"].items()))
-           for c in s.get("kernels", {}).get("checks", [])]
-  rows += [("bench", r["name"], "ERR" if r["note"] else "ok", ", ".join(
-      [f"{g(r['ms'], '.3f')} ms"] + [f"{r[k]:{f}} {u}" for k, f, u in (
-          ("gb_s", ".0f", "GB/s"), ("tflop_s", ".1f", "TFLOP/s"), ("roof_pct", ".0f", "% roof"))
-                                     if r[k] is not None]), r["note"])
-           for r in s.get("bench", {}).get("rows", [])]
-  for m in s.get("throughput", {}).get("models", []):
-    item = f"{m['preset']} B={m.get('batch')} S={m.get('seq_len')} {m.get('dtype', '')}"
-    rows.append(("throughput", item, "FAIL", m["status"], m.get("error")) if m["status"] != "ok"
-                else ("throughput", item, "ok", f"{1e3 * m['step_s_median']:.1f} ms/step, "
-                      f"{m['tokens_per_s']:,.0f} tok/s, MFU {g(m['mfu'], '.1%')}",
-                      "GiB measured / compiler / plan: " + " / ".join(g(x, ".2f", 2**-30) for x in (
-                          m["measured_peak_bytes"], m["compiler_bytes"]["total"],
-                          m.get("plan_bytes")))))
-  t = s.get("timing", {})
-  rows += [("timing", f"{r['group']} {r['name']}", "ERR" if r["ms"] is None else "ok",
-            f"{g(r['ms'], '.3f')} ms", "fastest" if "bwd" in r["name"] and t["fastest"].get(
-                r["group"]) == r["name"].split("impl=")[1] else r.get("error"))
-           for r in t.get("rows", [])]
-  cell = lambda x: str(x or "").replace("|", "/").replace("\n", " ")[:200]  # noqa: E731
-  return "\n".join(["| section | item | result | figures | note |", "|---|---|---|---|---|"]
-                   + ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows])
 
 
 # GPU-only packages of the acceptance run, missing from the device's image
@@ -275,66 +172,35 @@ def prepare(dest):
             total=total, fits=got.get("fits"), jax=jax.__version__)
         print(f"plan {preset} B={batch} {target}: {total / 2**30:.2f} GiB", flush=True)
   except Exception as e:  # noqa: BLE001  (absent, or no CUDA plugin here)
-    plans["note"] = _err(e, 300)
+    plans["note"] = error_text(e, 300)
     print(f"deviceless plans skipped: {plans['note']}")
-  _dump(plans, dest / "plans.json")
+  dump(plans, dest / "plans.json")
   print(f"prepared {dest}: carry it with the run (carry=[{os.path.relpath(dest, ROOT)!r}])")
+
+
+SPEC = Acceptance(
+    title="GPU", script=Path(__file__).resolve(), jobs=JOBS, reduced_jobs=REDUCED_JOBS,
+    backend="gpu",
+    child_flags=lambda args: ["--deps", str(args.deps), "--bench-size", args.bench_size],
+    child_env=lambda args: {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get(
+        "XLA_PYTHON_CLIENT_MEM_FRACTION", str(MEM_FRACTION))})
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", help="folder for acceptance.json / .md / .log")
-  ap.add_argument("--reduced", action="store_true", help="CPU smoke shapes (auto w/o GPU)")
+  add_arguments(ap)
   ap.add_argument("--prepare", metavar="DIR", help="fetch what the device lacks into DIR")
   ap.add_argument("--deps", default=str(ROOT / "build" / "gpu_acceptance_deps"),
                   help="the --prepare folder (default %(default)s)")
-  ap.add_argument("--budget", type=float, default=450.0, help="seconds for all sections")
-  ap.add_argument("--only", help="comma-separated: kernels,bench,throughput,timing")
   ap.add_argument("--bench-size", default="acceptance", choices=("acceptance", "full"))
-  for hidden in ("--child", "--models", "--result", "--inject-crash"):
-    ap.add_argument(hidden, default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
-  if args.child:
-    return child_main(args)
   _use_deps(args.deps)
+  if args.child:
+    return child_main(args, "gpu", {name[8:]: fn for name, fn in globals().items()
+                                    if name.startswith("section_")})
   if args.prepare:
     return prepare(args.prepare)
-  if not args.out:
-    ap.error("--out is required")
-  args.gpu = gpu_visible()
-  args.reduced = args.reduced or not args.gpu
-  start, out = time.perf_counter(), Path(args.out)
-  jobs = [j for j in (REDUCED_JOBS if args.reduced else JOBS)
-          if not args.only or j[0] in args.only.split(",")]
-  out.mkdir(parents=True, exist_ok=True)
-  report = dict(command=" ".join(["python3", *sys.argv]), budget_s=args.budget, sections={},
-                mode="reduced" if args.reduced else "full")
-  with tempfile.TemporaryDirectory() as tmp, open(out / "acceptance.log", "w") as log:
-    for i, (section, models, weight) in enumerate(jobs):
-      left = args.budget - (time.perf_counter() - start)
-      box = max(10.0, left * weight / sum(w for _, _, w in jobs[i:]))
-      label = f"[{section}{' ' + models if models else ''}]"
-      print(f"{label} time box {box:.0f} s ...", flush=True)
-      res = run_job(args, section, models, box, tmp, log)
-      print(f"{label} {res['status']} in {res['wall_s']} s ({res['cpu_s']} s CPU)", flush=True)
-      prev = report["sections"].setdefault(section, res)
-      if prev is not res:  # throughput: one process per model, one section
-        prev["models"] += res["models"]
-        prev["wall_s"], prev["cpu_s"] = (round(prev[k] + res[k], 1) for k in ("wall_s", "cpu_s"))
-        prev["status"] = res["status"] if prev["status"] == "ok" else prev["status"]
-        prev.setdefault("log_tail", res.get("log_tail") or [])
-  s, report["wall_s"] = report["sections"], round(time.perf_counter() - start, 1)
-  report["failed"] = ([k for k, v in s.items() if v["status"] != "ok"]
-                      + [c["name"] for c in s.get("kernels", {}).get("checks", [])
-                         if c["passed"] is False]
-                      + [m["preset"] for m in s.get("throughput", {}).get("models", [])
-                         if m["status"] != "ok"])
-  table = markdown(report)
-  _dump(report, out / "acceptance.json")
-  (out / "acceptance.md").write_text(f"# GPU acceptance ({report['mode']})\n\n{table}\n")
-  print(f"\nacceptance: {'FAIL: ' + ', '.join(report['failed']) if report['failed'] else 'PASS'}"
-        f" ({report['wall_s']:.0f} s; {out}/acceptance.json)\n\n{table}", flush=True)
-  return 1 if report["failed"] else 0
+  return run(SPEC, args, on_device=gpu_visible())
 
 
 if __name__ == "__main__":

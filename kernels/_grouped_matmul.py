@@ -18,7 +18,7 @@ Implementations (`IMPLEMENTATIONS`, the model's `moe_matmul`):
 Rows are laid out once per MoE layer, not once per matmul. "auto" takes the first
 available entry of the "grouped_matmul" row of `platform.CHOICES`; the CPU timings are in
 docs/benchmarks.md (`benchmarks/cpu_matmul_forms.py`), the GPU ones come from
-`benchmarks/gpu_kernel_checks.py`.
+`benchmarks/kernel_checks.py`.
 
 Shape suffixes: M rows in input order (sorted by group, padding rows last), R laid-out
 rows, G groups, D input features, F output features; blocked layout: J blocks of S rows

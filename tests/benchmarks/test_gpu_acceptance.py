@@ -75,9 +75,9 @@ def test_kernel_checks_ran_interpreted_and_passed(reduced):
                "velvet_update kernel=mosaic skip_zero_grads=True float32",
                "velvet_update kernel=mosaic skip_zero_grads=True bfloat16",
                "era fwd+bwd float32",
-               "era fwd+bwd bfloat16", "linear_ce fwd+bwd+entropy float32",
-               "linear_ce fwd+bwd+entropy bfloat16", "impl=auto", "impl=tokamax", "impl=xla",
-               "impl=blocked"):
+               "era fwd+bwd bfloat16", "linear_ce impl=pallas fwd+bwd+entropy float32",
+               "linear_ce impl=pallas fwd+bwd+entropy bfloat16", "impl=auto", "impl=tokamax",
+               "impl=xla", "impl=blocked"):
     assert any(part in name for name in checks), part
   for name, c in checks.items():
     if c.get("skipped"):

@@ -175,3 +175,14 @@ def test_step_loop_runs_each_hook_at_its_cadence_and_at_the_last_step():
   loop.run(7)
   assert [s for k, s in calls if k == "3"] == [3, 6, 7]
   assert [s for k, s in calls if k == "every"] == list(range(1, 8))
+
+
+def test_peak_flops_of_each_tpu_generation_and_gpu():
+  """Each TPU generation's chip, named as jax names it (tpu_targets), gets its own spec
+  sheet's bf16 peak: v5p ("TPU v5") is not read as v5e ("TPU v5 lite") or the reverse."""
+  from vesperjax.planning import tpu_targets
+  from vesperjax.training.actions import peak_flops
+  spec = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+  assert {n: peak_flops(g.device_kind) for n, g in tpu_targets.GENERATIONS.items()} == spec
+  assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert peak_flops("cpu") is None

@@ -36,16 +36,20 @@ from vesperjax.training.divergence import DivergenceGuard
 from vesperjax.training.loop import StepInfo
 
 # Dense bf16 peak FLOP/s by device kind, for MFU; unknown devices (CPUs) report none.
+# bf16 dense peak per chip; matched in order as a substring of jax's device_kind, so "TPU
+# v5 lite" (v5e) comes before "TPU v5" (v5p, whose chips jax names "TPU v5")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The peak bf16 FLOP/s of one chip of `device_kind`, None when unknown."""
+  return next((peak for name, peak in PEAK_FLOPS.items()
+               if name.lower() in device_kind.lower()), None)
 
 
 def device_peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak
-  return None
+  return peak_flops(jax.devices()[0].device_kind)
 
 
 class ThroughputWindow:

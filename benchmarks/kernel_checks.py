@@ -1,5 +1,6 @@
-"""Section 1 of the GPU acceptance run (benchmarks/gpu_acceptance.py): every kernel,
-compiled (interpreted on CPU), against its pure-JAX reference on fresh random inputs.
+"""Section 1 of the acceptance runs (benchmarks/gpu_acceptance.py, tpu_acceptance.py):
+every kernel, compiled (interpreted on CPU), against its pure-JAX reference on fresh
+random inputs.
 
 A check passes when each output's relative error ``||out - ref|| / ||ref||`` (float64)
 is finite and under its dtype's threshold; references run in fp32 on upcast inputs with
@@ -18,7 +19,7 @@ BF16, F32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
 THRESHOLDS = {"float32": 1e-4, "bfloat16": 1e-2}  # ||out-ref|| / ||ref||
 
 
-def _err(e, n=400):
+def error_text(e, n=400):
   return f"{type(e).__name__}: {str(e)[:n]}"
 
 
@@ -29,6 +30,10 @@ def rel_err(out, ref):
     return None
   n, d = np.linalg.norm(r), np.linalg.norm(o - r)
   return float(d / n) if n else float(d)
+
+
+def _accelerator(ctx) -> bool:
+  return ctx.gpu or getattr(ctx, "tpu", False)
 
 
 def _entry(name, outs, refs, kinds, **meta):
@@ -120,8 +125,10 @@ def check_era(ctx, rng, dt):
                  [dt.name] * 3, dtype=dt.name)]
 
 
-def check_ce(ctx, rng, dt):
+def check_ce(ctx, rng, arg):
+  """`arg` is a dtype (the Pallas kernel) or (dtype, impl)."""
   from vesperjax.kernels import _cross_entropy as ce
+  dt, impl = arg if isinstance(arg, tuple) else (arg, "pallas")
   fp32, hi = dt == F32, jax.lax.Precision.HIGHEST
   n, v, d = {(True, True): (1000, 4000, 256), (True, False): (2048, 8192, 512),
              (False, True): (100, 300, 32), (False, False): (128, 256, 32)}[(ctx.big, fp32)]
@@ -134,13 +141,13 @@ def check_ce(ctx, rng, dt):
             (rng.standard_normal(n, F32), rng.standard_normal(n, F32)))
   got, want = _run_pair(
       make, lambda h, w, lab, cot: _fwd_bwd(lambda h, w: ce.linear_cross_entropy(
-          h, w, lab, valid_vocab=v - 10, precision=hi if fp32 else None, impl="pallas",
+          h, w, lab, valid_vocab=v - 10, precision=hi if fp32 else None, impl=impl,
           interpret=ctx.interpret), (h, w), cot),
       lambda h, w, lab, cot: _fwd_bwd(lambda h, w: ce.linear_cross_entropy_reference(
           h, w, lab, valid_vocab=v - 10, precision=hi), (h, w), cot), rng)
   # fp32 with precision=HIGHEST: the Pallas forward's Triton dots are IEEE, not TF32
   kind = "float32" if fp32 else "bfloat16"
-  return [_entry(f"linear_ce fwd+bwd+entropy {dt.name} N={n} V={v} D={d}",
+  return [_entry(f"linear_ce impl={impl} fwd+bwd+entropy {dt.name} N={n} V={v} D={d}",
                  dict(zip(("loss", "entropy", "dh", "dw"), got)), want, [kind] * 4,
                  dtype=dt.name)]
 
@@ -152,9 +159,9 @@ def check_attention(ctx, rng, impl):
   shape = (2, 1024, 8, 128) if ctx.big else (1, 64, 2, 32)
   name = f"attention impl={impl} bf16 causal fwd+bwd S={shape[1]} D={shape[3]}"
   impl, _, kernel = impl.partition(":")
-  if (impl == "cudnn" or kernel) and not ctx.gpu:
-    return [dict(name=name, passed=None, skipped=True,
-                 note=f"{kernel or impl} needs a CUDA GPU")]
+  if (impl == "cudnn" and not ctx.gpu) or (kernel and not _accelerator(ctx)):
+    needs = "a CUDA GPU" if impl == "cudnn" else "a GPU or TPU"
+    return [dict(name=name, passed=None, skipped=True, note=f"{kernel or impl} needs {needs}")]
   if impl == "tokamax" and not att.tokamax_available():
     return [dict(name=name, passed=None, skipped=True, note="tokamax is not installed")]
   extra = {"tokamax_order": (kernel,)} if kernel else {}
@@ -179,8 +186,8 @@ def check_grouped_matmul(ctx, rng, impl):
   g, d, f, m = (8, 1024, 2816, 16384) if ctx.big else (4, 32, 48, 100)
   name = f"grouped_matmul impl={impl} bf16 fwd+bwd M={m} D={d} F={f} G={g}"
   impl, _, kernel = impl.partition(":")
-  if kernel and not ctx.gpu:
-    return [dict(name=name, passed=None, skipped=True, note=f"{kernel} needs a CUDA GPU")]
+  if kernel and not _accelerator(ctx):
+    return [dict(name=name, passed=None, skipped=True, note=f"{kernel} needs a GPU or TPU")]
   if impl == "tokamax" and not gm._tokamax_installed():  # pylint: disable=protected-access
     return [dict(name=name, passed=None, skipped=True, note="tokamax is not installed")]
 
@@ -216,15 +223,8 @@ def check_grouped_matmul(ctx, rng, impl):
                  dtype="bfloat16", **meta)]
 
 
-def section_kernels(ctx, res, save):
-  from vesperjax.kernels import _attention as att
-  checks = [(check_velvet, (k, s)) for k in ("triton", "mosaic")
-            for s in ((False, True) if ctx.big else (True,))]
-  checks += [(c, dt) for c in (check_era, check_ce) for dt in (F32, BF16)]
-  checks += [(check_attention, i) for i in att.IMPLEMENTATIONS if i != "reference"]
-  checks += [(check_attention, f"tokamax:{k}") for k in ("mosaic", "triton")]
-  checks += [(check_grouped_matmul, i) for i in ("auto", "blocked", "ragged_dot", "tokamax",
-                                                 "tokamax:mosaic", "tokamax:triton")]
+def run_checks(ctx, res, save, checks):
+  """Each (check, arg) of `checks` on fresh inputs, recorded in res["checks"] as it ends."""
   seed = int(time.time())  # fresh inputs every run
   res.update(checks=[], interpret=ctx.interpret, thresholds=THRESHOLDS, seed=seed)
   for i, (fn, arg) in enumerate(checks):
@@ -233,8 +233,22 @@ def section_kernels(ctx, res, save):
       out = fn(ctx, np.random.default_rng([seed, i]), arg)
     except Exception as e:  # noqa: BLE001  (recorded; the next check still runs)
       out = [dict(name=f"{fn.__name__[6:]} {getattr(arg, 'name', arg)}", passed=False,
-                  error=None, exception=_err(e))]
+                  error=None, exception=error_text(e))]
     for o in out:
       o["seconds"] = round(time.perf_counter() - start, 2)
     res["checks"] += out
     save()
+
+
+def section_kernels(ctx, res, save):
+  """The GPU kernels: Velvet's Triton and Mosaic GPU updates, ERA, the Pallas linear
+  cross-entropy, every attention and grouped-matmul candidate."""
+  from vesperjax.kernels import _attention as att
+  checks = [(check_velvet, (k, s)) for k in ("triton", "mosaic")
+            for s in ((False, True) if ctx.big else (True,))]
+  checks += [(c, dt) for c in (check_era, check_ce) for dt in (F32, BF16)]
+  checks += [(check_attention, i) for i in att.IMPLEMENTATIONS if i != "reference"]
+  checks += [(check_attention, f"tokamax:{k}") for k in ("mosaic", "triton")]
+  checks += [(check_grouped_matmul, i) for i in ("auto", "blocked", "ragged_dot", "tokamax",
+                                                 "tokamax:mosaic", "tokamax:triton")]
+  run_checks(ctx, res, save, checks)

@@ -1,6 +1,8 @@
-"""Section 3 of benchmarks/gpu_acceptance.py: bf16 train-step throughput, MFU and memory
-of small / medium / xlarge on one GPU (tiny stand-ins, fp32, in --reduced mode on a CPU),
-each row beside its deviceless memory plan. docs/gpu-acceptance.md says what is measured.
+"""The throughput section of the acceptance runs: bf16 train-step throughput, MFU and
+memory of small / medium / xlarge on one GPU (benchmarks/gpu_acceptance.py) or on every
+chip of one TPU host, FSDP over them (tpu_acceptance.py); tiny stand-ins, fp32, in
+--reduced mode on a CPU; each row beside its deviceless memory plan.
+docs/gpu-acceptance.md and docs/tpu.md say what is measured.
 """
 from __future__ import annotations
 
@@ -10,43 +12,44 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpu_kernel_checks import _err
+from kernel_checks import error_text
 
 VOCAB = 32768
 MEM_FRACTION = 0.95  # XLA's share of the card, children's default: xlarge B=8 on 80 GB
 # preset: (batch, seq_len), each fitting an 80 GB card by its deviceless compile
 # (`python -m vesperjax.plan`, docs/gpu.md).
 MODELS = {"small": (32, 2048), "medium": (32, 2048), "xlarge": (8, 2048)}
+# TPU: one sequence of 2048 per chip, the plan table's column (docs/tpu.md)
+TPU_MODELS = {"small": (1, 2048), "medium": (1, 2048), "xlarge": (1, 2048)}
 REDUCED_HIDDEN = {"small": 64, "medium": 96, "xlarge": 128}  # 2 layers, vocab 512, 2 x 32
 
 
-def model_run(preset, reduced):
-  """(RunConfig, batch, seq_len) of one throughput row."""
+def model_run(preset, reduced, devices=1, models=None):
+  """(RunConfig, batch, seq_len) of one throughput row; `models` (per device batch,
+  seq_len) by preset (default MODELS), FSDP over `devices`."""
   from vesperjax.run_config import RunConfig, default_run_config
   run, h = default_run_config(preset), REDUCED_HIDDEN[preset]
-  batch, seq = (2, 32) if reduced else MODELS[preset]
+  per_device, seq = (2, 32) if reduced else (models or MODELS)[preset]
+  batch = per_device * devices
   run.model.update(dict(hidden_size=h, num_heads=2, ffn_size=2 * h, num_layers=2,
                         vocab_size=512) if reduced else dict(vocab_size=VOCAB))
   run.data.seq_len, run.train.batch_size, run.train.grad_accum = seq, batch, 1
   run.model.dtype = "auto" if reduced else "bfloat16"  # auto: fp32 on the CPU
-  run.optim.name, run.mesh.data = "velvet", 1
+  run.optim.name, run.mesh.data, run.mesh.fsdp = "velvet", 1, devices
   return RunConfig.from_config_dict(run), batch, seq
-
-
-def _peak_flops(kind):
-  # vesperjax.training.actions, not the trainer: the trainer imports grain, absent on the device
-  from vesperjax.training.actions import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
-  return next((p for k, p in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
 def throughput_one(ctx, preset):
   from vesperjax import sharding
   from vesperjax.run_config import model_config
   from vesperjax.training.train_step import flops_per_token, sharded_steps
-  run, batch, seq = model_run(preset, ctx.reduced)
+  tpu = ctx.backend == "tpu"  # the TPU script: every chip of the host (1 CPU when reduced)
+  devices = jax.local_devices() if tpu else jax.devices()[:1]
+  run, batch, seq = model_run(preset, ctx.reduced, len(devices),
+                              TPU_MODELS if tpu else MODELS)
   config, rng = model_config(run), np.random.default_rng(0)
   warmup, n = (1, 3) if ctx.reduced else (2, 10)
-  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(data=1, fsdp=len(devices), devices=devices)
   t = run.train
   steps = sharded_steps(config, mesh, optim=run.optim, max_steps=t.max_steps,
                         valid_vocab=config.vocab_size, fused_loss=t.fused_loss,
@@ -69,11 +72,14 @@ def throughput_one(ctx, preset):
              alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes)
   mem["total"] = mem["arguments"] + mem["outputs"] - mem["alias"] + mem["temp"]
   step_s, tokens, fpt = float(np.median(times[warmup:])), batch * seq, flops_per_token(config, seq)
-  peak, loss = _peak_flops(ctx.device["kind"]), float(metrics["loss"])
+  # vesperjax.training.actions, not the trainer: the trainer imports grain, absent on the device
+  from vesperjax.training.actions import peak_flops  # pylint: disable=g-import-not-at-top
+  peak, loss = peak_flops(ctx.device["kind"]), float(metrics["loss"])
+  peak = peak and peak * len(devices)
   return dict(
       preset=preset, status="ok" if math.isfinite(loss) else "non-finite loss",
       hidden=config.hidden_size, layers=config.num_layers, vocab=config.vocab_size,
-      batch=batch, seq_len=seq, dtype=np.dtype(config.compute_dtype()).name,
+      batch=batch, seq_len=seq, devices=len(devices), dtype=np.dtype(config.compute_dtype()).name,
       optimizer="velvet", params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
       compile_s=round(compile_s, 2), warmup=warmup, steps=n, step_s_median=step_s,
       step_s_min=min(times[warmup:]), step_s_max=max(times[warmup:]), tokens_per_step=tokens,
@@ -85,8 +91,32 @@ def throughput_one(ctx, preset):
       compiler_bytes=mem, plan_bytes=None)
 
 
+def tpu_plan_figure(ctx, row, run):
+  """The plan's total for this host's slice (`vesperjax.plan --target GEN`), compiled
+  here for compile-only devices of the same generation and chip count."""
+  if ctx.reduced:
+    return dict(plan_note="reduced mode: no deviceless plan")
+  from vesperjax.planning import tpu_targets  # pylint: disable=g-import-not-at-top
+  from vesperjax.planning.program import plan_step  # pylint: disable=g-import-not-at-top
+  target = next((name for name, g in tpu_targets.GENERATIONS.items()
+                 if g.device_kind == ctx.device["kind"]), None)
+  if target is None:
+    return dict(plan_note=f"no plan target for {ctx.device['kind']}")
+  topology = tpu_targets.GENERATIONS[target].default_topology
+  if tpu_targets.chips(topology) != row["devices"]:
+    return dict(plan_note=f"no plan for {row['devices']} chips (the target's {topology})")
+  try:
+    out = plan_step(run, target=target, topology=topology)
+    return dict(plan_bytes=out["per_device_bytes"]["total"], plan_target=target,
+                plan_topology=topology, plan_fits=out.get("fits"))
+  except Exception as e:  # noqa: BLE001
+    return dict(plan_note=error_text(e, 200))
+
+
 def plan_figure(ctx, row, run):
   """The deviceless plan's total: prepared by --prepare, else vesperjax.plan here."""
+  if getattr(ctx, "backend", "gpu") == "tpu":
+    return tpu_plan_figure(ctx, row, run)
   target = "h200" if "h200" in ctx.device["kind"].lower() else "h100-80gb"
   key = f"{row['preset']}:b{row['batch']}:s{row['seq_len']}:{row['dtype']}:{target}"
   path = Path(ctx.args.deps) / "plans.json"
@@ -102,7 +132,7 @@ def plan_figure(ctx, row, run):
     return dict(plan_bytes=out["per_device_bytes"]["total"], plan_target=target,
                 plan_fits=out.get("fits"))
   except Exception as e:  # noqa: BLE001  (absent, or its CUDA plugin is not installed)
-    return dict(plan_note=_err(e, 200))
+    return dict(plan_note=error_text(e, 200))
 
 
 def section_throughput(ctx, res, save):
@@ -111,8 +141,10 @@ def section_throughput(ctx, res, save):
     try:
       res["models"].append(throughput_one(ctx, preset))
       save()  # before the plan: a time box ending in a plan's compile keeps the row
-      res["models"][-1].update(plan_figure(ctx, res["models"][-1],
-                                           model_run(preset, ctx.reduced)[0]))
+      row = res["models"][-1]
+      row.update(plan_figure(ctx, row, model_run(
+          preset, ctx.reduced, row["devices"],
+          TPU_MODELS if ctx.backend == "tpu" else MODELS)[0]))
     except Exception as e:  # noqa: BLE001
-      res["models"].append(dict(preset=preset, status="error", error=_err(e)))
+      res["models"].append(dict(preset=preset, status="error", error=error_text(e)))
     save()

@@ -83,7 +83,8 @@ class OptimConfig:
   velvet_rules: str = "original"
   entropy_lr: bool = False  # non-Velvet optimizers: Velvet's entropy rule as an LR factor
   fused: bool = False  # Velvet's Pallas kernel (GPU; interpret mode elsewhere)
-  # which fused kernel: auto (kernels/platform.py's velvet_kernel row), triton or mosaic
+  # which fused kernel: auto (kernels/platform.py's velvet_kernel row), triton, mosaic
+  # (GPU) or tpu (Mosaic TPU)
   fused_kernel: str = "auto"
 
 
@@ -275,8 +276,8 @@ def validate(run: RunConfig) -> RunConfig:
     resolve_rules(o.velvet_rules)
   except ValueError as e:
     need(False, "optim.velvet_rules", str(e).removeprefix("Velvet: "))
-  need(o.fused_kernel in ("auto", "triton", "mosaic"), "optim.fused_kernel",
-       f"{o.fused_kernel!r} is not auto, triton or mosaic")
+  need(o.fused_kernel in ("auto", "triton", "mosaic", "tpu"), "optim.fused_kernel",
+       f"{o.fused_kernel!r} is not auto, triton, mosaic or tpu")
   for key in ("lr", "b1", "b2", "eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
     value = getattr(o, key)
     need(math.isfinite(value), f"optim.{key}", f"must be finite, got {value}")

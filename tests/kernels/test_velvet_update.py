@@ -441,9 +441,9 @@ def test_mosaic_block_size_validation(block_size, match):
                      interpret=False, block_size=block_size, **HP)
 
 
-@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "tpu"])
 def test_velvet_fused_names_its_kernel(kernel):
-  """velvet(fused="triton" | "mosaic") (config optim.fused_kernel) runs that kernel,
+  """velvet(fused="triton" | "mosaic" | "tpu") (config optim.fused_kernel) runs that kernel,
   interpreted on CPU, and equals the unfused optimizer."""
   from vesperjax import optim
   key = jax.random.key(11)

@@ -169,7 +169,7 @@ def prepare_grads(grads, sparse_mask, sparse_aware):
 
 def _load_fused_kernel(kernel: bool | str) -> Callable[..., Any]:
   """The Pallas kernel, imported only when ``fused`` is asked for: True or "auto" (the
-  platform table's choice), "triton" or "mosaic"."""
+  platform table's choice), "triton", "mosaic" (GPU) or "tpu" (Mosaic TPU)."""
   try:
     from vesperjax.kernels import velvet_update  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -177,9 +177,9 @@ def _load_fused_kernel(kernel: bool | str) -> Callable[..., Any]:
                       f"({e}); fused=False is the reference jnp path.") from e
   if kernel is True or kernel == "auto":
     return velvet_update
-  if kernel not in ("triton", "mosaic"):
-    raise ValueError(f"Velvet fused={kernel!r}: expected a bool, 'auto', 'triton' or "
-                     "'mosaic'")
+  if kernel not in ("triton", "mosaic", "tpu"):
+    raise ValueError(f"Velvet fused={kernel!r}: expected a bool, 'auto', 'triton', "
+                     "'mosaic' or 'tpu'")
   return functools.partial(velvet_update, impl=kernel)
 
 

@@ -94,30 +94,13 @@ def _row(name, fn, args, on, square=None):
   return row
 
 
-def _splash(q, k, v):
-  """jax's splash attention (causal), [B, S, H, D] in and out: what tokamax's Mosaic TPU
-  attention wraps (its own copy of the kernel)."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
-  _, s, h, d = q.shape
-  mask = sa.MultiHeadMask([sa.CausalMask((s, s)) for _ in range(h)])
-  blocks = sa.BlockSizes(block_q=512, block_kv=512, block_kv_compute=512,
-                         block_q_dkv=512, block_kv_dkv=512, block_kv_dkv_compute=512,
-                         block_q_dq=512, block_kv_dq=512)
-  kernel = sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1)
-  heads = lambda x: jnp.swapaxes(x, 1, 2)
-  out = jax.vmap(kernel)(heads(q * d ** -0.5), heads(k), heads(v))
-  return heads(out)
-
-
 def attention_rows(config, batch, seq, on):
   key = jax.random.key(0)
   shape = (batch, seq, config.num_heads, config.head_dim)
   qkv = [jax.random.normal(k, shape, jnp.bfloat16) for k in jax.random.split(key, 3)]
-  rows = [_row(f"attention:{impl}", lambda q, k, v, impl=impl: attention(
+  return [_row(f"attention:{impl}", lambda q, k, v, impl=impl: attention(
       q, k, v, causal=True, implementation=impl), qkv, on, square=seq)
-          for impl in ("xla", "blocked")]
-  rows.append(_row("attention:splash (not wired)", _splash, qkv, on, square=seq))
-  return rows
+          for impl in ("xla", "blocked", "splash")]
 
 
 def grouped_rows(preset, config, tokens, on):
@@ -174,12 +157,11 @@ NOTES = {
     "ragged_dot": "XLA:TPU runs ragged_dot's forward and dx as Mosaic grouped GEMMs "
                   "(ragged-dot custom calls, 1x each) but its weight gradient as a "
                   "convolution over a [G, rows, D] masked broadcast: G x that matmul",
-    "not wired": "splash attention, megablox and tokamax's Mosaic TPU ragged_dot compile "
-                 "here on one chip, but a Mosaic kernel cannot be partitioned by XLA: "
-                 "under a mesh it needs a shard_map in kernels/_attention.py / "
-                 "_grouped_matmul.py (tokamax's TPU ragged_dot also fails jax's vma "
-                 "check inside one, and its TPU attention refuses ragged lengths); the "
-                 "train steps fail to compile with them chosen as they are called now",
+    "per shard": "a Mosaic kernel cannot be partitioned by XLA: splash attention runs "
+                 "inside a shard_map over the batch / head axes (vesperjax/model/"
+                 "attention.py); megablox and tokamax's Mosaic TPU ragged_dot compile "
+                 "here on one chip but are not wired (tokamax's TPU ragged_dot fails "
+                 "jax's vma check inside the expert shard_map)",
 }
 
 

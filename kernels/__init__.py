@@ -31,6 +31,7 @@ _EXPORTS = {
     "linear_cross_entropy_reference": "_cross_entropy",
     "attention": "_attention",
     "attention_reference": "_attention",
+    "attention_implementation": "_attention",
     "GroupLayout": "_grouped_matmul",
     "grouped_matmul": "_grouped_matmul",
     "rows_matmul": "_rows_matmul",

@@ -11,6 +11,9 @@
   CUDA on a host without a GPU (a deviceless compile), tokamax's hardware checks are off
   (``cross_compile``) so its Triton kernel lowers; its Mosaic kernel asks the host's
   device for sm_90 and is skipped there.
+* ``"splash"``: jax's splash attention (``_splash_attention.py``), a Mosaic TPU flash
+  kernel; S a multiple of 128; interpreted off TPU. Under a mesh it runs per shard
+  (``platform.PER_SHARD_ATTENTION``).
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` (any backend).
 * ``"blocked"``: causal attention by query blocks, each against only the keys it may
   see (about half the work of the full [S, S] at many blocks); einsum + softmax, for CPU.
@@ -32,9 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from . import _dispatch
+from . import _splash_attention as splash
 from . import platform
 
-IMPLEMENTATIONS = ("auto", "cudnn", "tokamax", "xla", "blocked", "reference")
+IMPLEMENTATIONS = ("auto", "cudnn", "tokamax", "splash", "xla", "blocked", "reference")
+PER_SHARD = platform.PER_SHARD_ATTENTION
 # tokamax's candidates in order; it runs the first that does not raise NotImplementedError
 TOKAMAX_ORDER = ("mosaic", "triton", "cudnn", "xla")
 
@@ -191,6 +196,8 @@ def _applies(impl, q, k, v):
     return cudnn_supported(q, k, v)
   if impl == "tokamax":
     return tokamax_available()
+  if impl == "splash":
+    return splash.applies(q, k, v)
   if impl == "blocked":
     return q.shape[1] == k.shape[1] and q.shape[1] > 64
   return True
@@ -209,6 +216,19 @@ def _choose(q, k, v, interpret=None):
   return next(impl for impl in platform.choice("attention") if _applies(impl, q, k, v))
 
 
+def attention_implementation(q, k, v, implementation=None, *, causal=True, ragged=False):
+  """The implementation `attention` runs for these inputs: "auto" resolved (`_choose`),
+  blocked read as the reference where it has nothing to skip or lengths to honour."""
+  impl = implementation or "auto"
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  if impl == "auto":
+    impl = _choose(q, k, v)
+  if impl == "blocked" and (not causal or ragged):
+    impl = "reference"  # nothing to skip / no lengths
+  return impl
+
+
 def attention(q, k, v, causal=True, implementation=None, *, scale=None, query_lengths=None,
               key_lengths=None, tokamax_order=TOKAMAX_ORDER):
   """softmax(q k^T * scale [+ causal mask]) v for [B, S, H, D] inputs.
@@ -217,14 +237,8 @@ def attention(q, k, v, causal=True, implementation=None, *, scale=None, query_le
   ``key_lengths``: [B] valid lengths (module docstring). ``tokamax_order``: the
   implementations tokamax tries, first that applies (default ``TOKAMAX_ORDER``).
   """
-  impl = implementation or "auto"
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
-  if impl == "auto":
-    impl = _choose(q, k, v)
   ragged = query_lengths is not None or key_lengths is not None
-  if impl == "blocked" and (not causal or ragged):
-    impl = "reference"  # nothing to skip / no lengths
+  impl = attention_implementation(q, k, v, implementation, causal=causal, ragged=ragged)
   lengths = dict(query_lengths=query_lengths, key_lengths=key_lengths)
   if impl == "blocked":
     return attention_blocked(q, k, v, scale=scale)
@@ -232,6 +246,9 @@ def attention(q, k, v, causal=True, implementation=None, *, scale=None, query_le
     return attention_reference(q, k, v, causal=causal, scale=scale, **lengths)
   if impl == "tokamax":
     return attention_tokamax(q, k, v, causal, scale, order=tokamax_order, **lengths)
+  if impl == "splash":
+    return splash.attention_splash(q, k, v, causal, scale, interpret=platform.current() != "tpu",
+                                   **lengths)
   out = jax.nn.dot_product_attention(
       q, k, v, scale=scale, is_causal=causal, query_seq_lengths=_int32(query_lengths),
       key_value_seq_lengths=_int32(key_lengths), implementation=impl)

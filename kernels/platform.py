@@ -116,11 +116,12 @@ CHOICES = {
     # attention implementations of "auto", first one that applies (_attention.py): cuDNN
     # where it takes the inputs, tokamax (when installed) for the rest (fp32, head_dim
     # > 128) rather than XLA's [S, S] scores. TPU (benchmarks/tpu-choices/, small at S
-    # 2048): blocked holds no [S, S] (56 vs 768 MiB of temporaries) and skips the masked
-    # half (60 vs 106 GFLOP fwd+bwd); splash attention (2.4 MiB) is not wired: a Mosaic
-    # kernel needs a shard_map under a mesh
+    # 2048): splash attention holds 2.4 MiB of temporaries where blocked holds 56 and
+    # XLA 768 (the [S, S] scores); splash and blocked both skip the masked half (XLA's
+    # cost analysis cannot count a Mosaic kernel's FLOPs). Splash needs S a multiple of
+    # 128 and runs per shard under a mesh (PER_SHARD_ATTENTION); blocked covers the rest
     "attention": {"cuda": ("cudnn", "tokamax", "xla"), "cpu": ("blocked", "reference"),
-                  "tpu": ("blocked", "xla"), "*": ("xla",)},
+                  "tpu": ("splash", "blocked", "xla"), "*": ("xla",)},
     # linear cross-entropy of impl="auto" (_cross_entropy.py); CUDA may take "pallas" once
     # it is measured on a card. TPU: chunked, 0.4 MiB of temporaries where the full
     # logits take 1 GiB (N 8192, V 32768); tokamax's TPU loss returns no entropy
@@ -149,6 +150,11 @@ CHOICES = {
     # impl="auto" runs it there although the "pallas" row is off
     "velvet_kernel": {"tpu": ("tpu",), "*": ("triton", "mosaic")},
 }
+
+
+# attention implementations that are Mosaic kernels XLA cannot partition: under a mesh
+# the model runs them per shard (vesperjax/model/attention.py)
+PER_SHARD_ATTENTION = ("splash",)
 
 
 def choice(concept: str):

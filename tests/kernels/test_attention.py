@@ -1,4 +1,5 @@
-"""Attention dispatch: XLA, blocked and tokamax (its XLA path on CPU) vs naive attention."""
+"""Attention dispatch: XLA, blocked, tokamax (its XLA path on CPU) and splash (the Mosaic
+TPU kernel in Pallas's interpreter on CPU) vs naive attention."""
 import subprocess
 import sys
 
@@ -102,6 +103,50 @@ def test_ragged_lengths_match_truncated_attention(causal, q_len, k_len):
                                                                     **lengths), q, k, v, cot)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_splash_matches_reference_values_and_grads(causal, dtype):
+  """jax's splash attention kernel (interpreted here; compiled by libtpu in the TPU step
+  tests) against the naive reference: output, dq, dk, dv; S = 256 runs two 128 blocks."""
+  q, k, v = _qkv((2, 256, 2, 32), dtype)
+  cot = jax.random.normal(jax.random.key(5), q.shape)
+  tol = TOLERANCES[dtype]
+  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, causal, "splash"), q, k, v, cot)
+  want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, causal), q, k, v, cot)
+  np.testing.assert_allclose(got[0], want[0], rtol=tol["rtol"], atol=tol["atol"])
+  for name, a, b in zip(("dq", "dk", "dv"), got[1:], want[1:]):
+    np.testing.assert_allclose(a, b, rtol=tol["grad_rtol"], atol=tol["grad_atol"], err_msg=name)
+
+
+def test_splash_honours_ragged_lengths():
+  """Per-row lengths as segment ids: each row equals attention over its own prefix, rows
+  past the length are zero, and keys past it get no gradient, as the reference."""
+  q, k, v = _qkv((3, 128, 2, 16))
+  lengths = dict(query_lengths=jnp.array([128, 77, 1]), key_lengths=jnp.array([128, 77, 1]))
+  cot = jax.random.normal(jax.random.key(9), q.shape)
+  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, True, "splash", **lengths),
+                         q, k, v, cot)
+  want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, True, **lengths),
+                          q, k, v, cot)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+  assert not got[0][1, 77:].any() and not got[2][2, 1:].any()
+
+
+def test_splash_is_the_tpu_choice_where_its_blocks_fit():
+  """TPU: splash for self-attention whose length is a multiple of 128, blocked for the
+  rest (S = 96), XLA for cross-attention; splash asked for at S = 96 is one error."""
+  spec = lambda s: jax.ShapeDtypeStruct((1, s, 2, 64), jnp.bfloat16)
+  with platform.use("tpu"):
+    assert att.attention_implementation(spec(2048), spec(2048), spec(2048)) == "splash"
+    assert att.attention_implementation(spec(384), spec(384), spec(384)) == "splash"
+    assert att.attention_implementation(spec(96), spec(96), spec(96)) == "blocked"
+    assert att.attention_implementation(spec(256), spec(128), spec(128)) == "xla"
+  q = jnp.zeros((1, 96, 2, 16))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    att.attention(q, q, q, True, "splash")
 
 
 @pytest.mark.parametrize("seq,block", [(100, 64), (256, None), (48, 16)])

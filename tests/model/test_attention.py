@@ -89,3 +89,26 @@ def test_attention_module_matches_numpy(impl, seq):
   np.testing.assert_allclose(np.asarray(got[:, 0], np.float64),
                              np.einsum("bhk,hke->be", v0, w["out_kernel"]) + w["out_bias"],
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, tensor=2), dict(data=8)],
+                         ids=["data2-fsdp2-tensor2", "data8"])
+def test_splash_runs_per_shard_under_a_mesh(mesh_shape):
+  """A Mosaic kernel XLA cannot partition (splash) runs inside a shard_map over the batch
+  axes (and tensor over heads) of the ambient mesh: values and gradients equal the
+  reference attention over the whole batch; without a mesh no shard_map is traced."""
+  from vesperjax import sharding
+  from vesperjax.kernels import attention_reference
+  from vesperjax.model.attention import causal_attention
+  ks = jax.random.split(jax.random.key(2), 4)
+  q, k, v, cot = (jax.random.normal(key, (8, 128, 4, 16)) for key in ks)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)  # noqa: E731
+  splash = lambda q, k, v: causal_attention(q, k, v, "splash")  # noqa: E731
+  reference = lambda q, k, v: attention_reference(q, k, v, True)  # noqa: E731
+  want = [reference(q, k, v), *jax.grad(loss(reference), (0, 1, 2))(q, k, v)]
+  assert "shard_map" not in str(jax.make_jaxpr(splash)(q, k, v))
+  with jax.set_mesh(sharding.make_mesh(**mesh_shape)):
+    assert "shard_map" in str(jax.make_jaxpr(splash)(q, k, v))
+    got = [jax.jit(splash)(q, k, v), *jax.jit(jax.grad(loss(splash), (0, 1, 2)))(q, k, v)]
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)

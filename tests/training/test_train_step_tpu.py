@@ -20,7 +20,8 @@ from tests.abstract_steps import abstract_steps
 from vesperjax import sharding
 from vesperjax.kernels import platform
 
-SEQ = 96  # tpu_util.run_config's
+SEQ = 96  # tpu_util.run_config's: no 128 block divides it, so attention is blocked
+SPLASH_SEQ = 384  # 3 x 128 (splash attention), no other dimension of the tiny presets
 _DCN = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 
 
@@ -28,7 +29,7 @@ def _kinds(text):
   return collections.Counter(c["kind"] for c in sharding.hlo_collectives(text))
 
 
-def _check_tpu_program(compiled, *, generation, fused_velvet, seq=SEQ):
+def _check_tpu_program(compiled, *, generation, fused_velvet, seq=SEQ, training=True):
   """What every TPU step must show; returns the HLO text."""
   text = compiled.as_text()
   assert "bf16[" in text  # auto compute dtype: bf16 on an accelerator
@@ -37,9 +38,12 @@ def _check_tpu_program(compiled, *, generation, fused_velvet, seq=SEQ):
   assert kernel == fused_velvet
   if fused_velvet:
     assert tpu_util.custom_calls(text)[tpu_util.MOSAIC] >= 1
-  # attention's [S, S] scores: held whole by XLA's attention, never by a flash kernel
-  xla_attention = platform.CHOICES["attention"]["tpu"][0] == "xla"
-  assert tpu_util.has_square_buffer(text, seq) == xla_attention
+  # attention: splash (Mosaic, run per shard) where S is a multiple of 128, else blocked;
+  # neither holds XLA attention's [S, S] scores
+  assert platform.CHOICES["attention"]["tpu"][:2] == ("splash", "blocked")
+  assert ("splash_mha_fwd" in text) == (seq % 128 == 0)
+  assert ("splash_mha_dkv" in text) == (seq % 128 == 0 and training)
+  assert not tpu_util.has_square_buffer(text, seq)
   m = compiled.memory_analysis()
   assert 0 < m.argument_size_in_bytes
   assert m.argument_size_in_bytes + m.temp_size_in_bytes < tpu_util.HBM_BYTES[generation]
@@ -57,23 +61,26 @@ def _check_moe(text):
 
 @tpu_util.needs_tpu_compile
 def test_two_slices_moe_with_the_data_axis_across_them():
-  """tiny-moe on v5e:2x2 x 2 slices, data=2 x expert=4, fused Velvet: each data row is
-  one slice (DCN), the expert axis stays inside it (ICI); the compiled program is one
-  slice's SPMD program whose cross-slice traffic is the data-parallel gradient
-  all-reduce (libtpu's DCN transfers). The eval step compiles too."""
-  run = tpu_util.run_config("tiny-moe", mesh__data=2, mesh__expert=4, optim__fused=True)
+  """tiny-moe on v5e:2x2 x 2 slices, data=2 x expert=4, fused Velvet, S = 384 (splash
+  attention, per shard): each data row is one slice (DCN), the expert axis stays inside
+  it (ICI); the compiled program is one slice's SPMD program whose cross-slice traffic
+  is the data-parallel gradient all-reduce (libtpu's DCN transfers). The eval step
+  compiles too."""
+  run = tpu_util.run_config("tiny-moe", seq_len=SPLASH_SEQ, mesh__data=2, mesh__expert=4,
+                            optim__fused=True)
   devs = tpu_util.devices("v5e:2x2", num_slices=2)
   mesh, built, _, _ = abstract_steps(run, devs)
   rows = [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)]
   assert rows == [{0}, {1}], rows
   assert built.platform == "tpu"
   train, evaluate = tpu_util.compile_steps(run, devs)
-  text = _check_tpu_program(train, generation="v5e", fused_velvet=True)
+  text = _check_tpu_program(train, generation="v5e", fused_velvet=True, seq=SPLASH_SEQ)
   assert "num_partitions=4" in text  # one slice's 4 chips; the other slice runs its twin
   _check_moe(text)
   dcn = collections.Counter(_DCN.findall(text))
   assert dcn["ALL_REDUCE"] > 0 and dcn["ALL_REDUCE"] > dcn["ALL_GATHER"], dcn
-  _check_tpu_program(evaluate, generation="v5e", fused_velvet=False)
+  _check_tpu_program(evaluate, generation="v5e", fused_velvet=False, seq=SPLASH_SEQ,
+                     training=False)
 
 
 @pytest.mark.slow
@@ -123,7 +130,7 @@ def test_dense_fsdp_on_one_v5e_host():
   train, evaluate = tpu_util.compile_steps(run, tpu_util.devices("v5e:2x2"))
   text = _check_tpu_program(train, generation="v5e", fused_velvet=True)
   assert "num_partitions=4" in text and _kinds(text)["all-gather"] > 0
-  _check_tpu_program(evaluate, generation="v5e", fused_velvet=False)
+  _check_tpu_program(evaluate, generation="v5e", fused_velvet=False, training=False)
 
 
 @pytest.mark.slow
@@ -148,28 +155,32 @@ def test_moe_data_and_expert_over_two_v5p_hosts():
   train, evaluate = tpu_util.compile_steps(run, devs)
   text = _check_tpu_program(train, generation="v5p", fused_velvet=True)
   _check_moe(text)
-  _check_tpu_program(evaluate, generation="v5p", fused_velvet=False)
+  _check_tpu_program(evaluate, generation="v5p", fused_velvet=False, training=False)
 
 
 @tpu_util.needs_tpu_compile
 def test_attention_choice_has_no_square_scores_on_tpu():
   """The detector and the attention row on one v5e chip: XLA's attention holds the
-  [S, S] scores, the TPU row's choice (blocked) does not."""
+  [S, S] scores; the TPU row's choices do not: splash (3 Mosaic kernels: forward, dq,
+  dkv) at S = 384, blocked at S = 96, where no 128 block divides S."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from vesperjax.kernels import attention
   on = NamedSharding(Mesh(tpu_util.devices("v5e:2x2")[:1], ("x",)), P())
-  qkv = [jax.ShapeDtypeStruct((2, SEQ, 4, 64), jax.numpy.bfloat16, sharding=on)] * 3
 
-  def square(impl):
+  def compiled(impl, seq):
+    qkv = [jax.ShapeDtypeStruct((2, seq, 4, 64), jax.numpy.bfloat16, sharding=on)] * 3
     grad = jax.jit(jax.grad(lambda q, k, v: attention(
         q, k, v, implementation=impl).astype(jax.numpy.float32).sum(), argnums=(0, 1, 2)))
     with platform.use("tpu"):
-      text = tpu_util.compile_for_tpu(grad, *qkv).as_text()
-    return tpu_util.has_square_buffer(text, SEQ)
+      return tpu_util.compile_for_tpu(grad, *qkv).as_text()
 
-  assert square("xla")
-  assert platform.CHOICES["attention"]["tpu"][0] == "blocked"
-  assert not square(None)  # auto: the row's choice
+  assert tpu_util.has_square_buffer(compiled("xla", SEQ), SEQ)
+  assert platform.CHOICES["attention"]["tpu"][:2] == ("splash", "blocked")
+  text = compiled(None, SEQ)  # auto: blocked at 96
+  assert not tpu_util.has_square_buffer(text, SEQ) and tpu_util.MOSAIC not in text
+  text = compiled(None, SPLASH_SEQ)  # auto: splash
+  assert not tpu_util.has_square_buffer(text, SPLASH_SEQ)
+  assert tpu_util.custom_calls(text)[tpu_util.MOSAIC] == 3 and "splash_mha_dkv" in text
 
 
 # -- the multi-slice mesh (vesperjax.sharding.make_mesh) --------------------------------

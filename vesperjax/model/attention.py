@@ -6,10 +6,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from vesperjax.config import ModelConfig
-from vesperjax.kernels import attention
+from vesperjax.kernels import attention, attention_implementation
+from vesperjax.kernels.platform import PER_SHARD_ATTENTION
 from vesperjax.model.layers import flat_tokens, param
+from vesperjax.sharding import ambient_mesh, batch_axes
 
 
 class KVCache(NamedTuple):
@@ -66,11 +69,30 @@ class Attention(nnx.Module):
     q = rope(q, positions, self.config.rope_theta)
     k = rope(k, positions, self.config.rope_theta)
     if cache is None:
-      out = attention(q, k, v, causal=True, implementation=self.config.attention_impl)
+      out = causal_attention(q, k, v, self.config.attention_impl)
     else:
       cache, out = _attend_with_cache(q, k, v, positions, cache)
     y = jnp.einsum("nhk,hkd->nd", out.reshape(b * s, h, dh), self.out_kernel[...].astype(dt))
     return (y + self.out_bias[...].astype(dt)).reshape(x.shape), cache
+
+
+def causal_attention(q, k, v, implementation):
+  """Causal attention of [B, S, H, D] q, k, v. A Mosaic kernel (splash on TPU), which XLA
+  cannot partition, runs per shard under the ambient mesh: `jax.shard_map` over the batch
+  axes and, where it divides the heads, the tensor axis (attention is independent per
+  sequence and per head, so no communication)."""
+  impl = attention_implementation(q, k, v, implementation)
+  mesh = ambient_mesh()
+  if impl not in PER_SHARD_ATTENTION or mesh is None or mesh.size == 1:
+    return attention(q, k, v, causal=True, implementation=impl)
+  sizes, heads = dict(mesh.shape), q.shape[2]
+  tp = "tensor" if sizes.get("tensor", 1) > 1 and heads % sizes["tensor"] == 0 else None
+  spec = P(batch_axes(mesh) or None, None, tp, None)
+  per_shard = jax.shard_map(
+      lambda q, k, v: attention(q, k, v, causal=True, implementation=impl),
+      mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+      check_vma=False)  # splash's pallas_call declares no varying mesh axes
+  return per_shard(q, k, v)
 
 
 def _attend_with_cache(q, k, v, positions, cache: LayerCacheView):

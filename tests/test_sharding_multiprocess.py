@@ -38,8 +38,10 @@ def _launch(port: int, process_id: int, moe: bool, mesh: str) -> subprocess.Pope
                           stderr=subprocess.PIPE, text=True)
 
 
+# slow: the default tier trains two processes against one through SLURM
+# (tests/test_slurm.py) and explicit JAX_* variables (tests/test_resume_elsewhere.py)
 @pytest.mark.parametrize("moe,mesh", [
-    (False, "data=2,fsdp=2"),
+    pytest.param(False, "data=2,fsdp=2", marks=pytest.mark.slow),
     pytest.param(True, "data=2,expert=2", marks=pytest.mark.slow)])
 def test_two_processes_match_one_process_with_four_devices(moe, mesh):
   port = _free_port()

@@ -12,7 +12,8 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "auto", "cudnn", "tokamax", "xla", "blocked", "reference")
+# vesperjax.kernels.attention implementations (tests/test_config.py: the same list)
+ATTENTION_IMPLS = (None, "auto", "cudnn", "tokamax", "splash", "xla", "blocked", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # vesperjax.kernels.grouped_matmul implementations (the MoE expert matmuls)
 MOE_MATMULS = ("auto", "blocked", "ragged_dot", "tokamax")

@@ -12,9 +12,6 @@ from vesperjax.kernels import _attention as att
 from vesperjax.kernels import _dispatch
 from vesperjax.kernels import platform
 
-needs_tokamax = pytest.mark.skipif(not att.tokamax_available(),
-                                   reason="tokamax not installed (the gpu extra)")
-
 
 def _qkv(shape, dtype=jnp.float32):
   ks = jax.random.split(jax.random.key(sum(shape)), 3)
@@ -65,15 +62,22 @@ TOLERANCES = {jnp.float32: dict(rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=
               jnp.bfloat16: dict(rtol=1e-2, atol=2e-2, grad_rtol=1e-2, grad_atol=2e-2)}
 
 
-@needs_tokamax
+# tokamax: its XLA path on CPU; splash: the Mosaic TPU kernel in Pallas's interpreter
+# (compiled by libtpu in the TPU step tests), S = 256 as two 128 blocks
+KERNEL_SHAPES = {"tokamax": (2, 32, 2, 16), "splash": (2, 256, 2, 32)}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tokamax_matches_reference_values_and_grads(causal, dtype):
-  """tokamax on CPU (its XLA path) against the naive reference: output, dq, dk, dv."""
-  q, k, v = _qkv((2, 32, 2, 16), dtype)
+@pytest.mark.parametrize("impl", ["tokamax", "splash"])
+def test_kernel_matches_reference_values_and_grads(impl, causal, dtype):
+  """tokamax and splash against the naive reference: output, dq, dk, dv."""
+  if impl == "tokamax" and not att.tokamax_available():
+    pytest.skip("tokamax not installed (the gpu extra)")
+  q, k, v = _qkv(KERNEL_SHAPES[impl], dtype)
   cot = jax.random.normal(jax.random.key(7), q.shape)
   tol = TOLERANCES[dtype]
-  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, causal, "tokamax"), q, k, v, cot)
+  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, causal, impl), q, k, v, cot)
   want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, causal), q, k, v, cot)
   np.testing.assert_allclose(got[0], want[0], rtol=tol["rtol"], atol=tol["atol"])
   for name, a, b in zip(("dq", "dk", "dv"), got[1:], want[1:]):
@@ -103,21 +107,6 @@ def test_ragged_lengths_match_truncated_attention(causal, q_len, k_len):
                                                                     **lengths), q, k, v, cot)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{impl} {name}")
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_splash_matches_reference_values_and_grads(causal, dtype):
-  """jax's splash attention kernel (interpreted here; compiled by libtpu in the TPU step
-  tests) against the naive reference: output, dq, dk, dv; S = 256 runs two 128 blocks."""
-  q, k, v = _qkv((2, 256, 2, 32), dtype)
-  cot = jax.random.normal(jax.random.key(5), q.shape)
-  tol = TOLERANCES[dtype]
-  got = _value_and_grads(lambda q, k, v: att.attention(q, k, v, causal, "splash"), q, k, v, cot)
-  want = _value_and_grads(lambda q, k, v: att.attention_reference(q, k, v, causal), q, k, v, cot)
-  np.testing.assert_allclose(got[0], want[0], rtol=tol["rtol"], atol=tol["atol"])
-  for name, a, b in zip(("dq", "dk", "dv"), got[1:], want[1:]):
-    np.testing.assert_allclose(a, b, rtol=tol["grad_rtol"], atol=tol["grad_atol"], err_msg=name)
 
 
 def test_splash_honours_ragged_lengths():

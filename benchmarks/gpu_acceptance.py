@@ -98,7 +98,7 @@ def section_timing(ctx, res, save):
   cases += [("attention", f"fwd+bwd impl={i}", jax.jit(jax.grad(
       lambda q, k, v, i=i: jnp.sum(att.attention(q, k, v, True, i).astype(jnp.float32)),
       argnums=(0, 1, 2))), (q, k, vv)) for i in att.IMPLEMENTATIONS
-            if i != "auto" and (i != "cudnn" or ctx.gpu)]
+            if i not in ("auto", "splash") and (i != "cudnn" or ctx.gpu)]
   for group, name, fn, args in cases:
     try:
       row = dict(group=group, name=name, ms=1e3 * bench.median_seconds(

@@ -36,11 +36,11 @@ REDUCED_JOBS = JOBS[:1] + [("throughput", "small,medium,xlarge", 205)]
 
 def section_kernels(ctx, res, save):
   """What runs on a TPU: Velvet's Mosaic TPU update, the chunked linear cross-entropy,
-  the attention and grouped-matmul candidates of the `tpu` rows, and tokamax's Mosaic
-  TPU kernels on their own (on a TPU only)."""
+  the attention (splash among them) and grouped-matmul candidates of the `tpu` rows, and
+  tokamax's Mosaic TPU kernels on their own (on a TPU only)."""
   checks = [(check_velvet, ("tpu", s)) for s in ((False, True) if ctx.big else (True,))]
   checks += [(check_ce, (dt, "chunked")) for dt in (F32, BF16)]
-  checks += [(check_attention, i) for i in ("auto", "blocked", "xla", "tokamax",
+  checks += [(check_attention, i) for i in ("auto", "splash", "blocked", "xla", "tokamax",
                                             "tokamax:mosaic")]
   checks += [(check_grouped_matmul, i) for i in ("auto", "blocked", "ragged_dot", "tokamax",
                                                  "tokamax:mosaic")]

@@ -56,6 +56,31 @@ def test_expert_parallel_layer_equals_single_device(axes):
                jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, got))
 
 
+def test_batch_mesh_routes_each_devices_tokens_without_gathering_them():
+  """No expert axis, the batch split 8 ways: each device routes its own tokens to all the
+  experts inside a shard_map (no dispatch all_to_all): equal to the single-device layer, values,
+  aux, gradients and routing biases, and less temporary memory than routing every
+  device's tokens at once (expert_parallel=False), whose sort XLA cannot split."""
+  graphdef, state = nnx.split(_moe())
+  want = _run(graphdef, state, X)
+  mesh = sh.make_mesh(data=2, fsdp=4)
+  big = jax.random.normal(jax.random.key(3), (64, 32, 32))
+  temp = {}
+  with jax.set_mesh(mesh):
+    placed = jax.device_put(state, sh.state_shardings(state, mesh))
+    got = _run(graphdef, placed, jax.device_put(X, sh.batch_sharding(mesh, ndim=3)))
+    for ep in (True, False):
+      g, st = nnx.split(_moe(expert_parallel=ep))
+      f = jax.jit(lambda s, x, g=g: nnx.merge(g, s)(x)[0])
+      args = (jax.device_put(st, sh.state_shardings(st, mesh)),
+              jax.device_put(big, sh.batch_sharding(mesh, ndim=3)))
+      assert ("shard_map" in str(jax.make_jaxpr(f)(*args))) == ep
+      temp[ep] = f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, got))
+  assert temp[True] < 0.5 * temp[False], temp
+
+
 def test_expert_parallel_off_keeps_the_local_path_under_an_expert_mesh():
   want, _ = _moe()(X)
   mesh = sh.make_mesh(data=2, expert=4)

@@ -8,13 +8,14 @@ gather puts the rows back in order. Every expert is the
 same GLU FFN with FlyLoRA gate/up projections as the dense layer (`layers.flylora_matmul`).
 
 Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis of size
-> 1, the layer runs inside `jax.shard_map`. Each device routes its own tokens, packs the
+> 1, or axes that split the batch (then every device holds every expert: an expert axis
+of 1), the layer runs inside `jax.shard_map`. Each device routes its own tokens, packs the
 rows for each expert-device into a fixed-size buffer, exchanges them with one
 `all_to_all` over `expert`, runs its local experts with grouped matmuls (FFN width split over
 `tensor` when present, partial sums psum-ed), and sends the results back with a second
 all_to_all. Buffers are sized for the worst case (dropless: tokens * k rows per
-destination) or by `moe_capacity_factor`. Without such a mesh, or with
-`expert_parallel=False`, nothing changes.
+destination) or by `moe_capacity_factor` (a capacity per device). Without such a mesh,
+or with `expert_parallel=False`, the layer routes all tokens at once.
 
 Shape suffixes: T tokens (on this device), D hidden size, F FFN width, E experts, K
 experts per token, N = T * K assignments, S rows sorted by expert in a grouped-matmul
@@ -111,11 +112,18 @@ def position_in_expert(expert_N, num_experts: int):
   return order_N, sorted_e_N, jnp.arange(expert_N.shape[0]) - starts_E[sorted_e_N], counts_E
 
 
-def expert_mesh(num_experts: int):
-  """The ambient (abstract) mesh when it has an `expert` axis > 1 dividing the experts."""
+def per_shard_mesh(num_experts: int):
+  """The ambient (abstract) mesh the layer runs per shard under: one with an `expert`
+  axis > 1 dividing the experts, or one that splits the batch (each device then routes
+  its own tokens to all the experts; routed globally, XLA would gather every device's
+  assignments for the sort, memory growing with the global batch). None otherwise."""
   mesh = ambient_mesh()
-  ep = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
-  return mesh if ep > 1 and num_experts % ep == 0 else None
+  if mesh is None:
+    return None
+  ep = dict(mesh.shape).get("expert", 1)
+  if ep > 1:
+    return mesh if num_experts % ep == 0 else None
+  return mesh if _batch_devices(mesh) > 1 else None
 
 
 class MoE(nnx.Module):
@@ -140,7 +148,7 @@ class MoE(nnx.Module):
     to each expert, before any drop), "dropped_tokens" [] (assignments over capacity).
     """
     x_TxD = x.reshape(-1, x.shape[-1])
-    mesh = expert_mesh(self.config.num_experts)
+    mesh = per_shard_mesh(self.config.num_experts)
     if (self.expert_parallel and mesh is not None
         and x_TxD.shape[0] % _batch_devices(mesh) == 0):
       y_TxD, aux = self._expert_parallel(x_TxD, mesh)
@@ -186,23 +194,24 @@ class MoE(nnx.Module):
                    "dropped_tokens": dropped}
 
   def _expert_parallel(self, x_TxD, mesh):
-    """Tokens split over the batch axes, experts over `expert`: all_to_all dispatch."""
+    """Tokens split over the batch axes, experts over `expert` (all_to_all dispatch), or
+    all experts on every device where the mesh has no expert axis."""
     c = self.config
     sizes = dict(mesh.shape)
     baxes = batch_axes(mesh)
     f = c.ffn_size
     tp = "tensor" if sizes.get("tensor", 1) > 1 and f % sizes["tensor"] == 0 else None
     gate, up = self.gate.weights(), self.up.weights()
-    wspec = {"kernel": P("expert", None, tp), "bias": P("expert", tp),
-             "lora_a": P("expert"), "lora_b": P("expert", None, tp),
-             "routing_bias": P("expert")}
+    ex = "expert" if sizes.get("expert", 1) > 1 else None  # else every device: all experts
+    wspec = {"kernel": P(ex, None, tp), "bias": P(ex, tp), "lora_a": P(ex),
+             "lora_b": P(ex, None, tp), "routing_bias": P(ex)}
     lin_spec = {n: wspec[n] for n in gate}
     tok = P(baxes)
-    counts_spec = P("expert") if c.lora_rank else None
-    body = _ep_body(c, sizes["expert"], baxes, tp)
+    counts_spec = P(ex) if c.lora_rank else None
+    body = _ep_body(c, sizes.get("expert", 1), baxes, tp)
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(tok, P(), lin_spec, lin_spec, P("expert", tp), P("expert")),
+        in_specs=(tok, P(), lin_spec, lin_spec, P(ex, tp), P(ex)),
         out_specs=(tok, {"load_balance_loss": P(), "expert_load": P(),
                          "dropped_tokens": P()}, counts_spec, counts_spec))
     y_TxD, aux, gate_counts, up_counts = fn(x_TxD, self.router[...], gate, up,
@@ -222,6 +231,9 @@ def _ep_body(c: ModelConfig, ep: int, baxes: tuple[str, ...], tp: str | None):
   e, k = c.num_experts, c.top_k
   local_e = e // ep
   replica_axes = tuple(a for a in baxes if a != "expert")  # same experts, other tokens
+  # rows to their experts' devices and back; one expert device: they are here already
+  exchange = ((lambda x: jax.lax.all_to_all(x, "expert", 0, 0, tiled=True)) if ep > 1
+              else (lambda x: x))
 
   def body(x_TxD, router_DxE, gate, up, down_LxFxD, down_bias_LxD):
     dt = x_TxD.dtype
@@ -245,11 +257,10 @@ def _ep_body(c: ModelConfig, ep: int, baxes: tuple[str, ...], tp: str | None):
     send_e_PC = jnp.full((ep * buf,), local_e, jnp.int32).at[index_N].set(
         sorted_e_N - dest_N * local_e, mode="drop")
 
-    recv_PCxD = jax.lax.all_to_all(send_PCxD, "expert", 0, 0, tiled=True)
-    recv_e_PC = jax.lax.all_to_all(send_e_PC, "expert", 0, 0, tiled=True)
+    recv_PCxD, recv_e_PC = exchange(send_PCxD), exchange(send_e_PC)
     out_PCxD, gate_counts, up_counts = _local_experts(
         c, recv_PCxD, recv_e_PC, local_e, gate, up, down_LxFxD, down_bias_LxD, tp)
-    back_PCxD = jax.lax.all_to_all(out_PCxD, "expert", 0, 0, tiled=True)
+    back_PCxD = exchange(out_PCxD)
 
     rows_NxD = jnp.where(keep_N[:, None], back_PCxD[jnp.minimum(index_N, ep * buf - 1)], 0)
     out_TxKxD = rows_NxD[jnp.argsort(order_N)].reshape(tokens, k, d)

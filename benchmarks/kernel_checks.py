@@ -67,7 +67,7 @@ def _fwd_bwd(fn, primals, cot):
 
 
 def check_velvet(ctx, rng, arg):
-  """`arg` is (kernel, skip_zero_grads), kernel "triton" | "mosaic" (impl= of
+  """`arg` is (kernel, skip_zero_grads), kernel "triton" | "mosaic" | "tpu" (impl= of
   velvet_update). On a GPU each entry also holds the kernel's median step time and
   that of XLA's per-leaf update (the reference, jitted): what settles
   platform.CHOICES["velvet_kernel"]."""

@@ -40,6 +40,7 @@ def model_run(preset, reduced, devices=1, models=None):
 
 
 def throughput_one(ctx, preset):
+  """(the row of `preset`, its RunConfig)."""
   from vesperjax import sharding
   from vesperjax.run_config import model_config
   from vesperjax.training.train_step import flops_per_token, sharded_steps
@@ -88,7 +89,7 @@ def throughput_one(ctx, preset):
       measured_peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
       measured_note=("peak_bytes_in_use of a fresh process running this model only"
                      if "peak_bytes_in_use" in stats else "no allocator stats (CPU)"),
-      compiler_bytes=mem, plan_bytes=None)
+      compiler_bytes=mem, plan_bytes=None), run
 
 
 def tpu_plan_figure(ctx, row, run):
@@ -139,12 +140,10 @@ def section_throughput(ctx, res, save):
   res["models"] = []
   for preset in ctx.args.models.split(","):
     try:
-      res["models"].append(throughput_one(ctx, preset))
+      row, run = throughput_one(ctx, preset)
+      res["models"].append(row)
       save()  # before the plan: a time box ending in a plan's compile keeps the row
-      row = res["models"][-1]
-      row.update(plan_figure(ctx, row, model_run(
-          preset, ctx.reduced, row["devices"],
-          TPU_MODELS if ctx.backend == "tpu" else MODELS)[0]))
+      row.update(plan_figure(ctx, row, run))
     except Exception as e:  # noqa: BLE001
       res["models"].append(dict(preset=preset, status="error", error=error_text(e)))
     save()

@@ -60,7 +60,7 @@ def attention_splash(q, k, v, causal=True, scale=None, *, query_lengths=None,
   scale = d ** -0.5 if scale is None else scale
   kernel = _kernel(s, h, bool(causal), bool(interpret))
   heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, S, D]: the kernel's layout
-  qh = heads((q * jnp.asarray(scale, q.dtype)).astype(q.dtype))
+  qh = heads(q * jnp.asarray(scale, q.dtype))
   if query_lengths is None and key_lengths is None:
     out = jax.vmap(kernel)(qh, heads(k), heads(v))
   else:
